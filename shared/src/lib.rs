@@ -1,0 +1,12 @@
+//! What the four trackmesh services share: config, telemetry, serving, health, shutdown, geo math.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod geo;
+pub mod grpc;
+pub mod ids;
+pub mod metrics;
+pub mod redis;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;

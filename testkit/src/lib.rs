@@ -1,0 +1,258 @@
+//! Test support: the shared backends `scripts/test` started, private backend processes a test
+//! may stop and restart, and services run in-process on port 0.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+/// The value of a variable `scripts/test` exports, with a hint when it is missing.
+pub fn env(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests with scripts/test, which starts the backends")
+    })
+}
+
+/// `host:port` of the shared Redis.
+pub fn redis_addr() -> String {
+    env("TEST_REDIS_ADDR")
+}
+
+/// Seed nodes of the shared 3-node Redis Cluster.
+pub fn redis_cluster_nodes() -> Vec<String> {
+    env("TEST_REDIS_CLUSTER_NODES")
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `http://host:port` of the shared ClickHouse.
+pub fn clickhouse_url() -> String {
+    env("TEST_CLICKHOUSE_URL")
+}
+
+/// `host:port` of the shared Kafka-protocol broker.
+pub fn kafka_brokers() -> String {
+    env("TEST_KAFKA_BROKERS")
+}
+
+/// A name no other test uses, for tenants, databases and topics.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}_{}_{n}_{nanos:x}", std::process::id())
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Which server a [`Backend`] runs (via `scripts/backend run`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Redis,
+    ClickHouse,
+    Tansu,
+}
+
+/// A backend server of this test only, so the test may stop and restart it.
+/// Killed when dropped.
+pub struct Backend {
+    kind: Kind,
+    dir: PathBuf,
+    ports: Vec<u16>,
+    child: Option<Child>,
+}
+
+impl Backend {
+    pub fn start(kind: Kind) -> Self {
+        let dir = std::env::temp_dir().join(unique(&format!("{kind:?}").to_lowercase()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports = match kind {
+            Kind::ClickHouse => vec![free_port(), free_port()],
+            Kind::Redis | Kind::Tansu => vec![free_port()],
+        };
+        let mut backend = Self {
+            kind,
+            dir,
+            ports,
+            child: None,
+        };
+        backend.restart();
+        backend
+    }
+
+    /// `host:port` (Redis, Tansu) or `http://host:port` (ClickHouse).
+    pub fn addr(&self) -> String {
+        match self.kind {
+            Kind::ClickHouse => format!("http://127.0.0.1:{}", self.ports[0]),
+            Kind::Redis | Kind::Tansu => format!("127.0.0.1:{}", self.ports[0]),
+        }
+    }
+
+    /// Kills the server (SIGKILL: as abrupt as a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and waits until it answers.
+    pub fn restart(&mut self) {
+        self.stop();
+        let script = backend_script();
+        let name = match self.kind {
+            Kind::Redis => "redis",
+            Kind::ClickHouse => "clickhouse",
+            Kind::Tansu => "tansu",
+        };
+        let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        let log = std::fs::File::create(self.dir.join("server.log")).unwrap();
+        let child = Command::new(&script)
+            .arg("run")
+            .arg(name)
+            .arg(&self.dir)
+            .args(&ports)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot run {}: {err}", script.display()));
+        let pid = child.id().to_string();
+        self.child = Some(child);
+        let status = Command::new(&script)
+            .args(["wait", name, &ports[0], &pid])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "{name} did not start; see {}",
+            self.dir.join("server.log").display()
+        );
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn backend_script() -> PathBuf {
+    std::env::var_os("TM_BACKEND").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/backend"),
+        PathBuf::from,
+    )
+}
+
+/// A service running in-process on a free port; stopped (gracefully) when dropped.
+pub struct Service {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Service {
+    /// Binds `127.0.0.1:0` and spawns `run(listener, shutdown)`.
+    pub async fn spawn<F, Fut, E>(run: F) -> Self
+    where
+        F: FnOnce(TcpListener, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Debug,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        let fut = run(listener, shutdown);
+        let task = tokio::spawn(async move { fut.await.map_err(|err| format!("{err:?}")) });
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Asks the service to shut down and waits for `run` to return.
+    pub async fn shutdown(mut self) -> Result<(), String> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().unwrap().await.unwrap()
+    }
+
+    /// Polls `GET /ready` until it answers `status` (200 or 503), or panics after `timeout`.
+    pub async fn wait_ready(&self, status: u16, timeout: Duration) {
+        wait_http_status(self.addr, "/ready", status, timeout).await;
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The HTTP status of `GET path` on `addr`, or `None` when nothing answers.
+pub async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    http_get(addr, path).await.map(|(status, _)| status)
+}
+
+/// `GET path` over plain HTTP/1.1: status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Polls `GET path` until it answers `status`, or panics after `timeout`.
+pub async fn wait_http_status(addr: SocketAddr, path: &str, status: u16, timeout: Duration) {
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < timeout {
+        last = http_status(addr, path).await;
+        if last == Some(status) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("GET {path} on {addr} answered {last:?}, not {status}, within {timeout:?}");
+}
