@@ -1,0 +1,520 @@
+//! refinement-api against real Redis (standalone and a 3-node Cluster) started by scripts/test.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use refinement::{Config, run};
+use testkit::{Backend, Kind, Service};
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use trackmesh_proto::v1::{
+    Fix, GetDeviceStateRequest, RefineRequest, RefineResponse, RefinedFix, ResetDeviceRequest,
+    Verdict, refinement_client::RefinementClient,
+};
+use trackmesh_shared::{config::Duration as ConfigDuration, redis::RedisConfig};
+
+const T0: i64 = 1_750_000_000_000;
+
+fn standalone() -> RedisConfig {
+    RedisConfig {
+        redis_addr: testkit::redis_addr(),
+        ..RedisConfig::default()
+    }
+}
+
+fn cluster() -> RedisConfig {
+    RedisConfig {
+        redis_cluster_nodes: testkit::redis_cluster_nodes(),
+        ..RedisConfig::default()
+    }
+}
+
+fn config(redis: RedisConfig) -> Config {
+    let mut config = Config::for_redis(redis);
+    config.common.readiness_interval = ConfigDuration::from_millis(100);
+    config
+}
+
+async fn start(config: Config) -> (Service, RefinementClient<Channel>) {
+    let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
+    let client = RefinementClient::connect(service.url()).await.unwrap();
+    (service, client)
+}
+
+/// A vessel moving ~10 m every 10 s from a start point.
+fn track(device: &str, n: usize, start_ms: i64) -> Vec<Fix> {
+    (0..n)
+        .map(|i| Fix {
+            device_id: device.into(),
+            time_ms: start_ms + i as i64 * 10_000,
+            lat: 40.6 + i as f64 * 0.0001,
+            lon: -74.0,
+            ..Fix::default()
+        })
+        .collect()
+}
+
+async fn refine(
+    client: &mut RefinementClient<Channel>,
+    tenant: &str,
+    fixes: &[Fix],
+) -> RefineResponse {
+    client
+        .refine(RefineRequest {
+            tenant_id: tenant.into(),
+            fixes: fixes.to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn verdicts(results: &[RefinedFix]) -> Vec<Verdict> {
+    results
+        .iter()
+        .map(|r| Verdict::try_from(r.verdict).unwrap())
+        .collect()
+}
+
+async fn accepted_count(
+    client: &mut RefinementClient<Channel>,
+    tenant: &str,
+    device: &str,
+) -> (bool, u64) {
+    let state = client
+        .get_device_state(GetDeviceStateRequest {
+            tenant_id: tenant.into(),
+            device_id: device.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (state.found, state.accepted_count)
+}
+
+/// Runs each scenario against standalone Redis and against the Cluster.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod standalone {
+            $( #[tokio::test] async fn $name() { super::$name(super::standalone()).await } )*
+        }
+        mod cluster {
+            $( #[tokio::test] async fn $name() { super::$name(super::cluster()).await } )*
+        }
+    };
+}
+
+on_both!(
+    verdicts_in_input_order,
+    replay_after_lost_response,
+    concurrent_replicas_agree_with_serial,
+    state_expires,
+    reset_forgets_the_device
+);
+
+async fn verdicts_in_input_order(redis: RedisConfig) {
+    let (_service, mut client) = start(config(redis)).await;
+    let tenant = testkit::unique("t");
+    let mut fixes = track("a", 3, T0);
+    fixes.insert(
+        1,
+        Fix {
+            device_id: "b".into(),
+            time_ms: T0,
+            lat: 0.0,
+            lon: 0.0,
+            ..Fix::default()
+        },
+    );
+    fixes.push(Fix {
+        device_id: "b".into(),
+        time_ms: T0 + 1,
+        lat: 91.0,
+        lon: 0.0,
+        ..Fix::default()
+    });
+    fixes.push(Fix {
+        device_id: "a".into(),
+        time_ms: T0 + 15_000,
+        lat: 41.6,
+        lon: -74.0,
+        ..Fix::default()
+    });
+    fixes.push(Fix {
+        device_id: "c".into(),
+        time_ms: T0 + 3_600_000 * 24 * 365 * 30,
+        lat: 1.0,
+        lon: 1.0,
+        ..Fix::default()
+    });
+    let response = refine(&mut client, &tenant, &fixes).await;
+    assert_eq!(
+        verdicts(&response.results),
+        [
+            Verdict::Accepted,
+            Verdict::NullIsland,
+            Verdict::Accepted,
+            Verdict::Accepted,
+            Verdict::Invalid,
+            Verdict::Speed,
+            Verdict::Future,
+        ]
+    );
+    assert_eq!(response.results[1].fix.as_ref().unwrap().device_id, "b");
+    assert_eq!(response.results[3].dt_ms, 10_000);
+    assert!(response.results[4].detail.starts_with("lat:"));
+    assert_eq!(accepted_count(&mut client, &tenant, "a").await, (true, 3));
+    assert_eq!(accepted_count(&mut client, &tenant, "b").await, (false, 0));
+}
+
+async fn replay_after_lost_response(redis: RedisConfig) {
+    let (_service, mut client) = start(config(redis)).await;
+    let tenant = testkit::unique("t");
+    let fixes: Vec<Fix> = ["a", "b"].iter().flat_map(|d| track(d, 50, T0)).collect();
+    let first = refine(&mut client, &tenant, &fixes[..60]).await;
+    let second = refine(&mut client, &tenant, &fixes[60..]).await;
+    assert!(
+        first
+            .results
+            .iter()
+            .chain(&second.results)
+            .all(|r| r.verdict == Verdict::Accepted as i32 && !r.replay)
+    );
+
+    // The answer to the first batch was "lost": the client sends it again, much later.
+    let retry = refine(&mut client, &tenant, &fixes[..60]).await;
+    for (original, again) in first.results.iter().zip(&retry.results) {
+        assert_eq!(again.verdict, Verdict::Accepted as i32);
+        assert!(again.replay);
+        assert_eq!(
+            (again.segment, again.dt_ms, again.distance_m.to_bits()),
+            (
+                original.segment,
+                original.dt_ms,
+                original.distance_m.to_bits()
+            )
+        );
+    }
+    assert_eq!(accepted_count(&mut client, &tenant, "a").await, (true, 50));
+    // A fix that was never accepted stays out of order.
+    let mut stranger = fixes[3].clone();
+    stranger.lat += 0.5;
+    let answer = refine(&mut client, &tenant, &[stranger]).await;
+    assert_eq!(verdicts(&answer.results), [Verdict::OutOfOrder]);
+}
+
+async fn concurrent_replicas_agree_with_serial(redis: RedisConfig) {
+    // Two replicas; two clients send the same stream for the same devices at the same time,
+    // as a retrying client talking to both would. Serially, each fix is accepted once and
+    // replayed once; lost updates would accept some twice or lose the count.
+    let (_one, client_one) = start(config(redis.clone())).await;
+    let (_two, client_two) = start(config(redis)).await;
+    let tenant = testkit::unique("t");
+    let devices: Vec<String> = (0..10).map(|d| format!("vessel-{d}")).collect();
+    let batches: Vec<Vec<Fix>> = (0..20)
+        .map(|b| {
+            devices
+                .iter()
+                .flat_map(|d| track(d, 200, T0)[b * 10..(b + 1) * 10].to_vec())
+                .collect()
+        })
+        .collect();
+    let send = |mut client: RefinementClient<Channel>, batches: Vec<Vec<Fix>>, tenant: String| async move {
+        let mut results = Vec::new();
+        for batch in batches {
+            results.extend(refine(&mut client, &tenant, &batch).await.results);
+        }
+        results
+    };
+    let (a, b) = tokio::join!(
+        tokio::spawn(send(client_one.clone(), batches.clone(), tenant.clone())),
+        tokio::spawn(send(client_two, batches, tenant.clone())),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.len(), 2000);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.verdict, Verdict::Accepted as i32, "{x:?}");
+        assert_eq!(y.verdict, Verdict::Accepted as i32, "{y:?}");
+        assert!(
+            x.replay != y.replay,
+            "exactly one of the two is the first acceptance: {x:?} {y:?}"
+        );
+        assert_eq!((x.segment, x.dt_ms), (y.segment, y.dt_ms));
+    }
+    let mut client = client_one;
+    for device in &devices {
+        assert_eq!(
+            accepted_count(&mut client, &tenant, device).await,
+            (true, 200)
+        );
+    }
+}
+
+async fn state_expires(redis: RedisConfig) {
+    let mut config = config(redis);
+    config.refinement.state_ttl = ConfigDuration::from_secs(1);
+    let (_service, mut client) = start(config).await;
+    let tenant = testkit::unique("t");
+    refine(&mut client, &tenant, &track("a", 5, T0)).await;
+    assert_eq!(accepted_count(&mut client, &tenant, "a").await, (true, 5));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(accepted_count(&mut client, &tenant, "a").await, (false, 0));
+    // Expired means forgotten: an older fix is new again.
+    let again = refine(&mut client, &tenant, &track("a", 1, T0)).await;
+    assert_eq!(verdicts(&again.results), [Verdict::Accepted]);
+    assert!(!again.results[0].replay);
+}
+
+async fn reset_forgets_the_device(redis: RedisConfig) {
+    let (_service, mut client) = start(config(redis)).await;
+    let tenant = testkit::unique("t");
+    refine(&mut client, &tenant, &track("a", 5, T0)).await;
+    let reset = |existed| ResetDeviceRequest {
+        tenant_id: tenant.clone(),
+        device_id: existed,
+    };
+    assert!(
+        client
+            .reset_device(reset("a".into()))
+            .await
+            .unwrap()
+            .into_inner()
+            .existed
+    );
+    assert!(
+        !client
+            .reset_device(reset("a".into()))
+            .await
+            .unwrap()
+            .into_inner()
+            .existed
+    );
+    assert_eq!(accepted_count(&mut client, &tenant, "a").await, (false, 0));
+}
+
+#[tokio::test]
+async fn tenants_are_isolated() {
+    let (_service, mut client) = start(config(standalone())).await;
+    let (one, two) = (testkit::unique("t"), testkit::unique("t"));
+    refine(&mut client, &one, &track("same-id", 5, T0)).await;
+    let other = refine(&mut client, &two, &track("same-id", 1, T0)).await;
+    assert!(!other.results[0].replay);
+    assert_eq!(
+        accepted_count(&mut client, &two, "same-id").await,
+        (true, 1)
+    );
+}
+
+#[tokio::test]
+async fn invalid_requests_name_the_field() {
+    let mut config = config(standalone());
+    config.refinement.max_batch = 10;
+    let (_service, mut client) = start(config).await;
+    let call = |tenant: &str, fixes: Vec<Fix>| RefineRequest {
+        tenant_id: tenant.into(),
+        fixes,
+    };
+    let err = client
+        .refine(call("", track("a", 1, T0)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message().starts_with("tenant_id:")),
+        (Code::InvalidArgument, true),
+        "{err:?}"
+    );
+    let err = client
+        .refine(call("t", track("a", 11, T0)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("MAX_BATCH=10"), "{}", err.message());
+    let mut fixes = track("a", 3, T0);
+    fixes[2].device_id.clear();
+    let err = client.refine(call("t", fixes)).await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "fixes[2].device_id: required")
+    );
+    let err = client
+        .get_device_state(GetDeviceStateRequest {
+            tenant_id: "t".into(),
+            device_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn redis_restart_mid_run() {
+    let mut redis = Backend::start(Kind::Redis);
+    let mut config = config(RedisConfig {
+        redis_addr: redis.addr(),
+        redis_timeout: ConfigDuration::from_millis(500),
+        ..RedisConfig::default()
+    });
+    config.common.readiness_interval = ConfigDuration::from_millis(100);
+    let (service, mut client) = start(config).await;
+    service.wait_ready(200, Duration::from_secs(5)).await;
+    let channel = Channel::from_shared(service.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let health_of = |name: &str| HealthCheckRequest {
+        service: name.into(),
+    };
+    let tenant = testkit::unique("t");
+    let fixes = track("a", 30, T0);
+    refine(&mut client, &tenant, &fixes[..10]).await;
+
+    redis.stop();
+    let started = std::time::Instant::now();
+    let err = client
+        .refine(RefineRequest {
+            tenant_id: tenant.clone(),
+            fixes: fixes[10..20].to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered promptly, not hung"
+    );
+    service.wait_ready(503, Duration::from_secs(5)).await;
+    let status = health
+        .check(health_of("trackmesh.v1.Refinement"))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+
+    redis.restart();
+    service.wait_ready(200, Duration::from_secs(10)).await;
+    let status = health
+        .check(health_of(""))
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    // Redis lost its memory (no persistence): the device starts over, nothing is rejected.
+    let after = refine(&mut client, &tenant, &fixes[10..20]).await;
+    assert!(
+        after
+            .results
+            .iter()
+            .all(|r| r.verdict == Verdict::Accepted as i32)
+    );
+}
+
+mod process {
+    //! The `refinement-api` binary itself: exit codes and signals.
+
+    use std::process::{Command, Stdio};
+
+    use super::*;
+
+    fn binary() -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_refinement-api"));
+        command
+            .env_clear()
+            .env("LOG_FORMAT", "json")
+            .stdin(Stdio::null());
+        command
+    }
+
+    #[test]
+    fn bad_configuration_exits_64_with_one_line() {
+        for (var, value, expected) in [
+            (
+                "MAX_SPEED_KMH",
+                "-1",
+                "MAX_SPEED_KMH=-1: out of range, allowed 1..=100000",
+            ),
+            (
+                "MAX_TIME_DIFF",
+                "banana",
+                "MAX_TIME_DIFF=banana: not a duration",
+            ),
+            (
+                "SERVER_PORT",
+                "70000",
+                "SERVER_PORT=70000: out of range, allowed 1..=65535",
+            ),
+            ("REDIS_ADDR", "redis://", "REDIS_ADDR=redis://:"),
+        ] {
+            let output = binary().env(var, value).output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(64), "{var}={value}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+            assert!(stderr.contains(expected), "{var}={value}: {stderr}");
+        }
+    }
+
+    #[tokio::test]
+    async fn sigterm_lets_in_flight_requests_finish() {
+        let port = testkit::free_port();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_refinement-api"))
+            .env("SERVER_HOST", "127.0.0.1")
+            .env("SERVER_PORT", port.to_string())
+            .env("REDIS_ADDR", testkit::redis_addr())
+            .env("SHUTDOWN_GRACE", "30s")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        testkit::wait_http_status(addr, "/ready", 200, Duration::from_secs(20)).await;
+        let client = RefinementClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let tenant = testkit::unique("t");
+
+        // Many large batches at once, so that most are still in flight when the signal comes.
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        for batch in 0..16 {
+            let (mut client, tenant, done) = (client.clone(), tenant.clone(), done_tx.clone());
+            let fixes: Vec<Fix> = (0..50)
+                .flat_map(|d| track(&format!("{batch}-{d}"), 200, T0))
+                .collect();
+            tokio::spawn(async move {
+                let result = client
+                    .refine(RefineRequest {
+                        tenant_id: tenant,
+                        fixes,
+                    })
+                    .await;
+                let _ = done.send(result.map(|r| r.into_inner().results.len()));
+            });
+        }
+        drop(done_tx);
+        let first = done_rx.recv().await.unwrap();
+        assert_eq!(first.unwrap(), 10_000);
+        Command::new("kill")
+            .args(["-TERM", &child.id().unwrap().to_string()])
+            .status()
+            .unwrap();
+
+        let mut after_signal = 0;
+        while let Some(result) = done_rx.recv().await {
+            assert_eq!(result.expect("in-flight request completes"), 10_000);
+            after_signal += 1;
+        }
+        assert!(
+            after_signal > 0,
+            "all requests had finished before the signal; the test proved nothing"
+        );
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+    }
+}
