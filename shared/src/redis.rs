@@ -136,7 +136,8 @@ impl Redis {
                 cmd
             })
             .collect();
-        let replies: RedisResult<Vec<(Option<u64>, Option<Vec<u8>>)>> = self.run(&commands).await;
+        type Reply = (Option<u64>, Option<Vec<u8>>);
+        let replies: RedisResult<Vec<Reply>> = self.run(&commands).await;
         record("read", start, replies.is_ok());
         Ok(replies?
             .into_iter()

@@ -9,14 +9,15 @@ use futures::future::BoxFuture;
 use tokio::{net::TcpListener, sync::watch};
 use tonic::{
     service::Routes,
-    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
+    transport::{Server, server::TcpIncoming},
 };
+use tonic_health::pb::health_check_response::ServingStatus as CheckedStatus;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     config::{CommonConfig, ConfigError, EXIT_USAGE},
     grpc::GrpcLayer,
-    shutdown, telemetry,
+    shutdown, telemetry, tls,
 };
 
 /// Largest gRPC message a service accepts or sends: a full batch of fixes with headroom.
@@ -93,7 +94,7 @@ pub async fn serve(
         .timeout(config.request_timeout.get())
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-    if let Some(tls) = tls_config(config)? {
+    if let Some(tls) = tls::server_config(config)? {
         builder = builder.tls_config(tls)?;
     }
     let max_concurrent = usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX);
@@ -158,6 +159,10 @@ where
             return ExitCode::FAILURE;
         }
     };
+    // `<binary> healthcheck`: for container HEALTHCHECKs, which have no grpcurl or curl.
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        return runtime.block_on(healthcheck(config.as_ref()));
+    }
     runtime.block_on(async move {
         let common = config.as_ref();
         let _telemetry = match telemetry::init(name, common) {
@@ -186,6 +191,33 @@ where
             }
         }
     })
+}
+
+/// Asks the service on this machine's port for its gRPC health: exit 0 when SERVING.
+async fn healthcheck(config: &CommonConfig) -> ExitCode {
+    let port = config.bind_addr().port();
+    let status = async {
+        let channel = tls::client_endpoint(&format!("127.0.0.1:{port}"), config)?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(3))
+            .connect()
+            .await?;
+        let response = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await?;
+        anyhow::Ok(response.into_inner().status())
+    };
+    match status.await {
+        Ok(CheckedStatus::Serving) => ExitCode::SUCCESS,
+        Ok(status) => {
+            let _ = writeln!(std::io::stderr(), "{}", status.as_str_name());
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "health check failed: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn probe(
@@ -254,19 +286,4 @@ async fn metrics_handler() -> impl IntoResponse {
         )],
         crate::metrics::render(),
     )
-}
-
-fn tls_config(config: &CommonConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
-    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
-        return Ok(None);
-    };
-    let cert = std::fs::read(cert).with_context(|| format!("reading TLS_CERT {cert}"))?;
-    let key = std::fs::read(key).with_context(|| format!("reading TLS_KEY {key}"))?;
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-    if let Some(ca) = &config.tls_ca {
-        // With a CA, clients must present a certificate it signed (mTLS).
-        let ca = std::fs::read(ca).with_context(|| format!("reading TLS_CA {ca}"))?;
-        tls = tls.client_ca_root(Certificate::from_pem(ca));
-    }
-    Ok(Some(tls))
 }

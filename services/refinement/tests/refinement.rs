@@ -1,5 +1,4 @@
 //! refinement-api against real Redis (standalone and a 3-node Cluster) started by scripts/test.
-#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 

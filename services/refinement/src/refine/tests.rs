@@ -1,5 +1,4 @@
 //! Every verdict and its edges, and the properties of the chain over arbitrary streams.
-#![allow(clippy::unwrap_used)]
 
 use proptest::prelude::*;
 
@@ -186,7 +185,7 @@ fn first_fix_starts_segment_one() {
 #[test]
 fn accepted_fixes_are_annotated() {
     let mut h = Harness::default();
-    h.one(fix(0 + 1, 52.0, 13.0));
+    h.one(fix(1, 52.0, 13.0));
     let second = h.one(fix(60_001, 52.001, 13.0));
     assert_eq!(verdict(&second), Verdict::Accepted);
     assert_eq!(second.segment, 1);
@@ -276,8 +275,11 @@ fn exactly_max_speed_is_accepted() {
     let mut r = rules();
     r.max_speed_kmh = speed;
     let mut h = Harness::default();
-    h.run(&[a.clone()], &r);
-    assert_eq!(verdict(&h.run(&[b.clone()], &r).0[0]), Verdict::Accepted);
+    h.run(std::slice::from_ref(&a), &r);
+    assert_eq!(
+        verdict(&h.run(std::slice::from_ref(&b), &r).0[0]),
+        Verdict::Accepted
+    );
     r.max_speed_kmh = speed - 1e-9;
     let mut h = Harness::default();
     h.run(&[a], &r);
@@ -547,7 +549,7 @@ proptest! {
 
     #[test]
     fn batching_does_not_change_the_result(fixes in stream(), cuts in prop::collection::vec(0usize..100, 1..8)) {
-        let (whole, results, recovered) = run_batches(&[fixes.clone()]);
+        let (whole, results, recovered) = run_batches(std::slice::from_ref(&fixes));
         let (split_h, split_results, split_recovered) = run_batches(&split(&fixes, &cuts));
         prop_assert_eq!(results, split_results);
         prop_assert_eq!(recovered, split_recovered);
@@ -558,7 +560,7 @@ proptest! {
     fn replaying_a_prefix_changes_nothing(fixes in stream(), k in 0usize..100, j in 0usize..100) {
         let k = k % (fixes.len() + 1);
         let j = j % (k + 1);
-        let (_, results, recovered) = run_batches(&[fixes.clone()]);
+        let (_, results, recovered) = run_batches(std::slice::from_ref(&fixes));
         let accepted = accepted_sequence(&results, &recovered);
 
         let mut h = Harness::default();

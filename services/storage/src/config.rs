@@ -1,0 +1,168 @@
+//! storage-service settings, from the environment.
+
+use serde::Deserialize;
+use trackmesh_shared::config::{self, CommonConfig, ConfigError, Duration, Validate, check_range};
+
+pub const DEFAULT_PORT: u16 = 50053;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub storage: StorageConfig,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: CommonConfig::from_env(DEFAULT_PORT)?,
+            storage: config::from_env()?,
+        })
+    }
+}
+
+impl AsRef<CommonConfig> for Config {
+    fn as_ref(&self) -> &CommonConfig {
+        &self.common
+    }
+}
+
+/// Kafka, ClickHouse, batching and query limits (DESIGN.md, "storage-service").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct StorageConfig {
+    /// ClickHouse HTTP interface: `host:port` or URL.
+    pub clickhouse_url: String,
+    pub clickhouse_user: String,
+    pub clickhouse_password: Option<String>,
+    pub clickhouse_database: String,
+    /// Comma-separated `host:port` bootstrap brokers.
+    pub kafka_brokers: String,
+    pub kafka_topic: String,
+    pub kafka_dlq_topic: String,
+    pub kafka_group_id: String,
+    /// Partitions of the topic when the service creates it.
+    pub kafka_partitions: u32,
+    /// Consumer group session timeout; a join takes about half of it on tansu.
+    pub kafka_session_timeout: Duration,
+    /// How long a Store may wait for Kafka's acknowledgements.
+    pub produce_timeout: Duration,
+    /// A ClickHouse insert happens at this many rows…
+    pub batch_max_rows: u32,
+    /// …or this much encoded data…
+    pub batch_max_bytes: u64,
+    /// …or when the oldest row has waited this long.
+    pub batch_max_wait: Duration,
+    /// Fixes per streamed track chunk.
+    pub streaming_chunk_size: u32,
+    /// Sort keys a ListDevices call may give.
+    pub max_sort_fields: u32,
+    /// Stored fixes are dropped after this many days when the server supports TTL; 0: keep.
+    pub retention_days: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            clickhouse_url: "http://127.0.0.1:8123".into(),
+            clickhouse_user: "default".into(),
+            clickhouse_password: None,
+            clickhouse_database: "trackmesh".into(),
+            kafka_brokers: "127.0.0.1:9092".into(),
+            kafka_topic: "trackmesh.fixes".into(),
+            kafka_dlq_topic: "trackmesh.fixes.dlq".into(),
+            kafka_group_id: "trackmesh-storage".into(),
+            kafka_partitions: 12,
+            kafka_session_timeout: Duration::from_secs(10),
+            produce_timeout: Duration::from_secs(10),
+            batch_max_rows: 50_000,
+            batch_max_bytes: 64 * 1024 * 1024,
+            batch_max_wait: Duration::from_secs(1),
+            streaming_chunk_size: 1000,
+            max_sort_fields: 5,
+            retention_days: 0,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The ClickHouse URL with a scheme.
+    pub fn clickhouse_url(&self) -> String {
+        config::url("CLICKHOUSE_URL", &self.clickhouse_url, "http")
+            .map(|url| url.as_str().trim_end_matches('/').to_owned())
+            .unwrap_or_else(|_| self.clickhouse_url.clone())
+    }
+}
+
+impl Validate for StorageConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = config::url("CLICKHOUSE_URL", &self.clickhouse_url, "http")?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::new(
+                "CLICKHOUSE_URL",
+                &self.clickhouse_url,
+                "the HTTP interface is needed: http://host:8123 or https://…",
+            ));
+        }
+        if self.clickhouse_database.is_empty()
+            || !self
+                .clickhouse_database
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(ConfigError::new(
+                "CLICKHOUSE_DATABASE",
+                &self.clickhouse_database,
+                "letters, digits and _ only",
+            ));
+        }
+        for broker in self.kafka_brokers.split(',') {
+            config::url("KAFKA_BROKERS", broker, "kafka")?;
+        }
+        for (var, value) in [
+            ("KAFKA_TOPIC", &self.kafka_topic),
+            ("KAFKA_DLQ_TOPIC", &self.kafka_dlq_topic),
+            ("KAFKA_GROUP_ID", &self.kafka_group_id),
+        ] {
+            let ok = (1..=249).contains(&value.len())
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(ConfigError::new(
+                    var,
+                    value,
+                    "1 to 249 characters of A-Z a-z 0-9 . _ -",
+                ));
+            }
+        }
+        check_range("KAFKA_PARTITIONS", self.kafka_partitions, 1..=10_000)?;
+        check_range(
+            "KAFKA_SESSION_TIMEOUT",
+            self.kafka_session_timeout,
+            Duration::from_secs(1)..=Duration::from_secs(300),
+        )?;
+        check_range(
+            "PRODUCE_TIMEOUT",
+            self.produce_timeout,
+            Duration::from_millis(100)..=Duration::from_secs(300),
+        )?;
+        check_range("BATCH_MAX_ROWS", self.batch_max_rows, 1..=10_000_000)?;
+        check_range(
+            "BATCH_MAX_BYTES",
+            self.batch_max_bytes,
+            1024..=4 * 1024 * 1024 * 1024,
+        )?;
+        check_range(
+            "BATCH_MAX_WAIT",
+            self.batch_max_wait,
+            Duration::from_millis(1)..=Duration::from_secs(600),
+        )?;
+        check_range(
+            "STREAMING_CHUNK_SIZE",
+            self.streaming_chunk_size,
+            1..=100_000,
+        )?;
+        check_range("MAX_SORT_FIELDS", self.max_sort_fields, 1..=6)?;
+        check_range("RETENTION_DAYS", self.retention_days, 0..=36_500)
+    }
+}
