@@ -1,43 +1,31 @@
 //! learning-api: stays, places and next-place prediction per device (DESIGN.md, "learning-api").
+//!
+//! Per device and online, from the accepted fixes: stay-point detection, places with their
+//! dwell by hour of week, place → place transitions, home and work labels, and a first-order
+//! Markov forecast of the next place. A device's model lives in Redis and is updated with
+//! compare-and-set, so replicas may observe the same device at the same time; a watermark
+//! makes observing the same fixes twice change nothing.
 #![forbid(unsafe_code)]
+
+pub mod calendar;
+mod config;
+mod error;
+pub mod model;
+mod service;
+mod store;
 
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tonic::{Request, Response, Status, service::Routes};
-use trackmesh_proto::v1::{
-    ForgetRequest, ForgetResponse, GetPlacesRequest, GetPlacesResponse, GetProfileRequest,
-    GetProfileResponse, ObserveRequest, ObserveResponse, PredictNextRequest, PredictNextResponse,
-    learning_server::{Learning, LearningServer, SERVICE_NAME},
-};
+use tonic::service::Routes;
+use trackmesh_proto::v1::learning_server::{LearningServer, SERVICE_NAME};
 use trackmesh_shared::{
-    config::{self, CommonConfig, ConfigError},
-    redis::{Redis, RedisConfig},
+    redis::Redis,
     server::{self, ready_check},
 };
 
-pub const DEFAULT_PORT: u16 = 50052;
-
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub common: CommonConfig,
-    pub redis: RedisConfig,
-}
-
-impl Config {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Ok(Self {
-            common: CommonConfig::from_env(DEFAULT_PORT)?,
-            redis: config::from_env()?,
-        })
-    }
-}
-
-impl AsRef<CommonConfig> for Config {
-    fn as_ref(&self) -> &CommonConfig {
-        &self.common
-    }
-}
+pub use config::{Config, DEFAULT_PORT, LearningConfig};
+pub use error::Error;
 
 /// Serves the Learning API on `listener` until `shutdown` completes.
 pub async fn run(
@@ -45,8 +33,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let settings = &config.learning;
+    let rules = settings.rules()?;
     let redis = Redis::connect(&config.redis.target(), config.redis.redis_timeout.get())?;
-    let routes = Routes::new(LearningServer::new(LearningService));
+    let store = store::Store::new(redis.clone(), settings.state_ttl.get());
+    let service = service::LearningService::new(store, rules, settings.max_batch as usize);
+    let routes = Routes::new(
+        LearningServer::new(service)
+            .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(server::MAX_MESSAGE_BYTES),
+    );
     let ready = ready_check(move || {
         let redis = redis.clone();
         async move { redis.ping().await }
@@ -57,45 +53,4 @@ pub async fn run(
         ready,
     };
     server::serve(&config.common, listener, service, shutdown).await
-}
-
-struct LearningService;
-
-fn not_yet() -> Status {
-    Status::unimplemented("learning-api does not learn yet")
-}
-
-#[tonic::async_trait]
-impl Learning for LearningService {
-    async fn observe(
-        &self,
-        _: Request<ObserveRequest>,
-    ) -> Result<Response<ObserveResponse>, Status> {
-        Err(not_yet())
-    }
-
-    async fn get_places(
-        &self,
-        _: Request<GetPlacesRequest>,
-    ) -> Result<Response<GetPlacesResponse>, Status> {
-        Err(not_yet())
-    }
-
-    async fn predict_next(
-        &self,
-        _: Request<PredictNextRequest>,
-    ) -> Result<Response<PredictNextResponse>, Status> {
-        Err(not_yet())
-    }
-
-    async fn get_profile(
-        &self,
-        _: Request<GetProfileRequest>,
-    ) -> Result<Response<GetProfileResponse>, Status> {
-        Err(not_yet())
-    }
-
-    async fn forget(&self, _: Request<ForgetRequest>) -> Result<Response<ForgetResponse>, Status> {
-        Err(not_yet())
-    }
 }

@@ -1,0 +1,249 @@
+//! learning-api settings, from the environment.
+
+use serde::Deserialize;
+use trackmesh_shared::{
+    config::{self, CommonConfig, ConfigError, Duration, Validate, check_range},
+    redis::RedisConfig,
+};
+
+use crate::{
+    calendar::{Calendar, Days, HourRange, parse_utc_offset},
+    model::Rules,
+};
+
+pub const DEFAULT_PORT: u16 = 50052;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub redis: RedisConfig,
+    pub learning: LearningConfig,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: CommonConfig::from_env(DEFAULT_PORT)?,
+            redis: config::from_env()?,
+            learning: config::from_env()?,
+        })
+    }
+
+    /// Defaults with a Redis address: what tests start from.
+    pub fn for_redis(redis: RedisConfig) -> Self {
+        Self {
+            common: CommonConfig::with_port(DEFAULT_PORT),
+            redis,
+            learning: LearningConfig::default(),
+        }
+    }
+}
+
+impl AsRef<CommonConfig> for Config {
+    fn as_ref(&self) -> &CommonConfig {
+        &self.common
+    }
+}
+
+/// What counts as a stay, a place, home and work (DESIGN.md, "learning-api").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LearningConfig {
+    /// A stay: fixes closer than this to its first fix…
+    pub stay_radius_m: f64,
+    /// …for at least this long.
+    pub stay_min_duration: Duration,
+    /// A stay joins the nearest place whose centroid is at most this far.
+    pub place_radius_m: f64,
+    /// Places kept per device; a new one evicts the place with the least dwell.
+    pub max_places_per_device: u32,
+    /// A faster hop between consecutive fixes closes the stay candidate (defence in depth).
+    pub max_speed_kmh: f64,
+    /// A longer gap between consecutive fixes closes the stay candidate.
+    pub max_time_diff: Duration,
+    /// Local hours counted as night for home, e.g. `22-06`.
+    pub night_hours: String,
+    /// Local hours counted as work, e.g. `09-17`.
+    pub work_hours: String,
+    /// Days counted for work, e.g. `mon-fri`.
+    pub work_days: String,
+    /// Local time for hour-of-week dwell and labels, a fixed offset like `+02:00`.
+    pub utc_offset: String,
+    /// Visits a place needs before it can be labelled home or work.
+    pub min_label_visits: u32,
+    /// A device's model expires after this long without a new fix.
+    pub state_ttl: Duration,
+    /// Most fixes in one Observe call.
+    pub max_batch: u32,
+}
+
+impl Default for LearningConfig {
+    fn default() -> Self {
+        Self {
+            stay_radius_m: 200.0,
+            stay_min_duration: Duration::from_secs(20 * 60),
+            place_radius_m: 200.0,
+            max_places_per_device: 50,
+            max_speed_kmh: 150.0,
+            max_time_diff: Duration::from_secs(12 * 3600),
+            night_hours: "22-06".into(),
+            work_hours: "09-17".into(),
+            work_days: "mon-fri".into(),
+            utc_offset: "+00:00".into(),
+            min_label_visits: 3,
+            state_ttl: Duration::from_secs(30 * 24 * 3600),
+            max_batch: 10_000,
+        }
+    }
+}
+
+impl LearningConfig {
+    pub fn calendar(&self) -> Result<Calendar, ConfigError> {
+        Ok(Calendar {
+            utc_offset_ms: parse_utc_offset(&self.utc_offset)
+                .map_err(named("UTC_OFFSET", &self.utc_offset))?,
+            night: HourRange::parse(&self.night_hours)
+                .map_err(named("NIGHT_HOURS", &self.night_hours))?,
+            work: HourRange::parse(&self.work_hours)
+                .map_err(named("WORK_HOURS", &self.work_hours))?,
+            work_days: Days::parse(&self.work_days).map_err(named("WORK_DAYS", &self.work_days))?,
+        })
+    }
+
+    pub fn rules(&self) -> Result<Rules, ConfigError> {
+        Ok(Rules {
+            stay_radius_m: self.stay_radius_m,
+            stay_min_duration_ms: millis(self.stay_min_duration),
+            place_radius_m: self.place_radius_m,
+            max_places: self.max_places_per_device as usize,
+            max_speed_kmh: self.max_speed_kmh,
+            max_time_diff_ms: millis(self.max_time_diff),
+            min_label_visits: self.min_label_visits,
+            calendar: self.calendar()?,
+        })
+    }
+}
+
+/// Turns a parse error into one naming the variable and its value.
+fn named<'a>(var: &'a str, value: &'a str) -> impl FnOnce(String) -> ConfigError + 'a {
+    move |rule| ConfigError::new(var, value, rule)
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.get().as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Validate for LearningConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_range("STAY_RADIUS_M", self.stay_radius_m, 1.0..=100_000.0)?;
+        check_range(
+            "STAY_MIN_DURATION",
+            self.stay_min_duration,
+            Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600),
+        )?;
+        check_range("PLACE_RADIUS_M", self.place_radius_m, 1.0..=100_000.0)?;
+        check_range(
+            "MAX_PLACES_PER_DEVICE",
+            self.max_places_per_device,
+            1..=1_000,
+        )?;
+        check_range("MAX_SPEED_KMH", self.max_speed_kmh, 1.0..=100_000.0)?;
+        check_range(
+            "MAX_TIME_DIFF",
+            self.max_time_diff,
+            Duration::from_secs(1)..=Duration::from_secs(365 * 24 * 3600),
+        )?;
+        check_range("MIN_LABEL_VISITS", self.min_label_visits, 1..=1_000_000)?;
+        check_range(
+            "STATE_TTL",
+            self.state_ttl,
+            Duration::from_secs(1)..=Duration::from_secs(10 * 365 * 24 * 3600),
+        )?;
+        check_range("MAX_BATCH", self.max_batch, 1..=1_000_000)?;
+        self.calendar().map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calendar::HOUR_MS;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<LearningConfig, ConfigError> {
+        config::from_vars(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let config = load(&[]).unwrap();
+        let rules = config.rules().unwrap();
+        assert_eq!(rules.stay_radius_m, 200.0);
+        assert_eq!(rules.stay_min_duration_ms, 20 * 60_000);
+        assert_eq!(rules.max_speed_kmh, 150.0);
+        assert_eq!(rules.max_time_diff_ms, 12 * HOUR_MS);
+        assert_eq!(rules.min_label_visits, 3);
+        assert_eq!(rules.calendar, Calendar::default());
+        assert_eq!(config.state_ttl.get().as_secs(), 30 * 24 * 3600);
+    }
+
+    #[test]
+    fn hours_days_and_offset_are_read() {
+        let config = load(&[
+            ("NIGHT_HOURS", "23-7"),
+            ("WORK_HOURS", "8-16"),
+            ("WORK_DAYS", "sun-thu"),
+            ("UTC_OFFSET", "-05:00"),
+        ])
+        .unwrap();
+        let calendar = config.calendar().unwrap();
+        assert_eq!(calendar.night.to_string(), "23-07");
+        assert_eq!(calendar.work.to_string(), "08-16");
+        assert!(calendar.work_days.contains(6) && !calendar.work_days.contains(4));
+        assert_eq!(calendar.utc_offset_ms, -5 * HOUR_MS);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (var, value, expected) in [
+            (
+                "STAY_RADIUS_M",
+                "0",
+                "STAY_RADIUS_M=0: out of range, allowed 1..=100000",
+            ),
+            (
+                "STAY_MIN_DURATION",
+                "soon",
+                "STAY_MIN_DURATION=soon: not a duration",
+            ),
+            (
+                "MAX_PLACES_PER_DEVICE",
+                "0",
+                "MAX_PLACES_PER_DEVICE=0: out of range, allowed 1..=1000",
+            ),
+            (
+                "NIGHT_HOURS",
+                "25-3",
+                "NIGHT_HOURS=25-3: write hours as START-END",
+            ),
+            ("WORK_HOURS", "9-9", "WORK_HOURS=9-9: the range is empty"),
+            (
+                "WORK_DAYS",
+                "weekdays",
+                "WORK_DAYS=weekdays: write days like mon-fri",
+            ),
+            (
+                "UTC_OFFSET",
+                "+15:00",
+                "UTC_OFFSET=+15:00: write an offset like +02:00",
+            ),
+            ("MIN_LABEL_VISITS", "0", "MIN_LABEL_VISITS=0: out of range"),
+        ] {
+            let err = load(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(expected), "{var}={value}: {err}");
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! What is learned per device, no I/O: online stay-point detection, places, transitions,
+//! home/work labels and next-place prediction over a device's model.
+//!
+//! Stays follow the sliding method of Li et al. (2008) as trackintel implements it, so that the
+//! online result matches the offline one: a candidate starts at a fix (the anchor) and grows
+//! while fixes stay closer than `STAY_RADIUS_M` to the anchor; the first fix at or beyond the
+//! radius closes it, and it is a stay if that fix came `STAY_MIN_DURATION` or more after the
+//! anchor. Unlike trackintel, which drops a candidate at a gap, a gap over `MAX_TIME_DIFF` (or a
+//! jump faster than `MAX_SPEED_KMH`) closes it as a stay when it lasted long enough up to its
+//! last fix: the device was seen there that long.
+
+use trackmesh_proto::v1::{Place, PlaceLabel, Stay};
+use trackmesh_shared::geo;
+
+use crate::calendar::{Calendar, HOURS_PER_WEEK};
+
+/// The learning rules, in the units the decisions use.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    pub stay_radius_m: f64,
+    pub stay_min_duration_ms: i64,
+    pub place_radius_m: f64,
+    pub max_places: usize,
+    pub max_speed_kmh: f64,
+    pub max_time_diff_ms: i64,
+    /// Visits a place needs before it can be labelled home or work.
+    pub min_label_visits: u32,
+    pub calendar: Calendar,
+}
+
+/// A device's model as Redis keeps it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Model {
+    /// Time of the newest fix observed; fixes at or before it are ignored.
+    #[prost(int64, tag = "1")]
+    pub watermark_ms: i64,
+    #[prost(uint64, tag = "2")]
+    pub fixes_observed: u64,
+    /// The stay candidate in progress (it holds the newest fix).
+    #[prost(message, optional, tag = "3")]
+    pub candidate: Option<Candidate>,
+    /// In creation order, so ids ascend.
+    #[prost(message, repeated, tag = "4")]
+    pub places: Vec<PlaceState>,
+    #[prost(message, repeated, tag = "5")]
+    pub transitions: Vec<Transition>,
+    /// Place of the last closed stay; 0: none (or evicted).
+    #[prost(uint32, tag = "6")]
+    pub last_place_id: u32,
+    /// The last place id handed out.
+    #[prost(uint32, tag = "7")]
+    pub next_place_id: u32,
+    #[prost(uint64, tag = "8")]
+    pub stays: u64,
+    #[prost(message, optional, tag = "9")]
+    pub last_stay: Option<StayState>,
+}
+
+/// Fixes since the anchor, all closer than the stay radius to it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Candidate {
+    #[prost(double, tag = "1")]
+    pub anchor_lat: f64,
+    #[prost(double, tag = "2")]
+    pub anchor_lon: f64,
+    #[prost(int64, tag = "3")]
+    pub start_ms: i64,
+    #[prost(double, tag = "4")]
+    pub last_lat: f64,
+    #[prost(double, tag = "5")]
+    pub last_lon: f64,
+    #[prost(int64, tag = "6")]
+    pub last_ms: i64,
+    /// Sums of the offsets from the anchor, for the centroid (offsets, so that a stay on the
+    /// antimeridian does not average 179.9 and -179.9 to 0).
+    #[prost(double, tag = "7")]
+    pub sum_dlat: f64,
+    #[prost(double, tag = "8")]
+    pub sum_dlon: f64,
+    #[prost(uint32, tag = "9")]
+    pub fixes: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PlaceState {
+    #[prost(uint32, tag = "1")]
+    pub id: u32,
+    /// Centroid: the mean of its stays' centroids weighted by their dwell.
+    #[prost(double, tag = "2")]
+    pub lat: f64,
+    #[prost(double, tag = "3")]
+    pub lon: f64,
+    #[prost(uint32, tag = "4")]
+    pub visits: u32,
+    #[prost(int64, tag = "5")]
+    pub dwell_ms: i64,
+    #[prost(int64, tag = "6")]
+    pub first_ms: i64,
+    #[prost(int64, tag = "7")]
+    pub last_ms: i64,
+    /// 168 bins, Monday 00:00 local time first.
+    #[prost(uint64, repeated, tag = "8")]
+    pub dwell_by_hour_ms: Vec<u64>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Transition {
+    #[prost(uint32, tag = "1")]
+    pub from: u32,
+    #[prost(uint32, tag = "2")]
+    pub to: u32,
+    #[prost(uint32, tag = "3")]
+    pub count: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StayState {
+    /// 0: at no known place (a current stay only).
+    #[prost(uint32, tag = "1")]
+    pub place_id: u32,
+    #[prost(double, tag = "2")]
+    pub lat: f64,
+    #[prost(double, tag = "3")]
+    pub lon: f64,
+    #[prost(int64, tag = "4")]
+    pub start_ms: i64,
+    #[prost(int64, tag = "5")]
+    pub end_ms: i64,
+    #[prost(uint32, tag = "6")]
+    pub fixes: u32,
+}
+
+/// A position at a time: what learning needs of an accepted fix.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Point {
+    pub time_ms: i64,
+    pub lat: f64,
+    pub lon: f64,
+}
+
+/// What one call did to one device.
+#[derive(Debug, Default, PartialEq)]
+pub struct Outcome {
+    pub observed: u32,
+    /// At or before the watermark: seen already.
+    pub ignored: u32,
+    /// Closed stays, in time order.
+    pub stays: Vec<StayState>,
+    pub places_created: u32,
+    pub places_evicted: u32,
+}
+
+impl Outcome {
+    /// Whether the model must be written back.
+    pub fn changed(&self) -> bool {
+        self.observed > 0
+    }
+}
+
+/// Observes `points` of one device (any order) into `model`.
+pub fn observe(model: &mut Model, points: &[Point], rules: &Rules) -> Outcome {
+    let mut order: Vec<&Point> = points.iter().collect();
+    // Stable: of two fixes at the same time the first sent wins, the other is seen already.
+    order.sort_by_key(|p| p.time_ms);
+    let mut outcome = Outcome::default();
+    for point in order {
+        if model.fixes_observed > 0 && point.time_ms <= model.watermark_ms {
+            outcome.ignored += 1;
+            continue;
+        }
+        model.watermark_ms = point.time_ms;
+        model.fixes_observed += 1;
+        outcome.observed += 1;
+        step(model, *point, rules, &mut outcome);
+    }
+    outcome
+}
+
+fn step(model: &mut Model, point: Point, rules: &Rules, outcome: &mut Outcome) {
+    let Some(candidate) = model.candidate.as_mut() else {
+        model.candidate = Some(Candidate::start(point));
+        return;
+    };
+    let dt_ms = point.time_ms - candidate.last_ms;
+    let hop_m = geo::haversine_m(candidate.last_lat, candidate.last_lon, point.lat, point.lon);
+    let (closed, end_ms) =
+        if dt_ms > rules.max_time_diff_ms || geo::speed_kmh(hop_m, dt_ms) > rules.max_speed_kmh {
+            // Where the device was meanwhile is unknown: the stay ends at its last fix.
+            (true, candidate.last_ms)
+        } else if geo::haversine_m(
+            candidate.anchor_lat,
+            candidate.anchor_lon,
+            point.lat,
+            point.lon,
+        ) >= rules.stay_radius_m
+        {
+            (true, point.time_ms)
+        } else {
+            candidate.add(point);
+            (false, 0)
+        };
+    if !closed {
+        return;
+    }
+    if let Some(done) = model.candidate.replace(Candidate::start(point))
+        && end_ms - done.start_ms >= rules.stay_min_duration_ms
+    {
+        let stay = done.stay(end_ms);
+        let stay = settle(model, stay, rules, outcome);
+        outcome.stays.push(stay);
+    }
+}
+
+impl Candidate {
+    fn start(point: Point) -> Self {
+        Self {
+            anchor_lat: point.lat,
+            anchor_lon: point.lon,
+            start_ms: point.time_ms,
+            last_lat: point.lat,
+            last_lon: point.lon,
+            last_ms: point.time_ms,
+            sum_dlat: 0.0,
+            sum_dlon: 0.0,
+            fixes: 1,
+        }
+    }
+
+    fn add(&mut self, point: Point) {
+        self.sum_dlat += point.lat - self.anchor_lat;
+        self.sum_dlon += wrap_lon(point.lon - self.anchor_lon);
+        self.last_lat = point.lat;
+        self.last_lon = point.lon;
+        self.last_ms = point.time_ms;
+        self.fixes = self.fixes.saturating_add(1);
+    }
+
+    fn centroid(&self) -> (f64, f64) {
+        let n = f64::from(self.fixes.max(1));
+        (
+            self.anchor_lat + self.sum_dlat / n,
+            wrap_lon(self.anchor_lon + self.sum_dlon / n),
+        )
+    }
+
+    fn stay(&self, end_ms: i64) -> StayState {
+        let (lat, lon) = self.centroid();
+        StayState {
+            place_id: 0,
+            lat,
+            lon,
+            start_ms: self.start_ms,
+            end_ms,
+            fixes: self.fixes,
+        }
+    }
+}
+
+/// Joins `stay` to the nearest place within the place radius or founds one, evicting the
+/// place with the least dwell when full, and counts the transition from the previous place.
+fn settle(
+    model: &mut Model,
+    mut stay: StayState,
+    rules: &Rules,
+    outcome: &mut Outcome,
+) -> StayState {
+    let dwell_ms = stay.end_ms - stay.start_ms;
+    let place_id = match nearest_place(&model.places, stay.lat, stay.lon, rules.place_radius_m) {
+        Some(index) => {
+            let place = &mut model.places[index];
+            // Dwell is at least STAY_MIN_DURATION, so the weights are positive.
+            let weight = dwell_ms as f64 / (place.dwell_ms + dwell_ms) as f64;
+            place.lat += (stay.lat - place.lat) * weight;
+            place.lon = wrap_lon(place.lon + wrap_lon(stay.lon - place.lon) * weight);
+            place.visits = place.visits.saturating_add(1);
+            place.dwell_ms += dwell_ms;
+            place.first_ms = place.first_ms.min(stay.start_ms);
+            place.last_ms = place.last_ms.max(stay.end_ms);
+            rules
+                .calendar
+                .add_dwell(&mut place.dwell_by_hour_ms, stay.start_ms, stay.end_ms);
+            place.id
+        }
+        None => {
+            if model.places.len() >= rules.max_places {
+                evict_least_dwell(model);
+                outcome.places_evicted += 1;
+            }
+            model.next_place_id += 1;
+            let mut place = PlaceState {
+                id: model.next_place_id,
+                lat: stay.lat,
+                lon: stay.lon,
+                visits: 1,
+                dwell_ms,
+                first_ms: stay.start_ms,
+                last_ms: stay.end_ms,
+                dwell_by_hour_ms: vec![0; HOURS_PER_WEEK],
+            };
+            rules
+                .calendar
+                .add_dwell(&mut place.dwell_by_hour_ms, stay.start_ms, stay.end_ms);
+            model.places.push(place);
+            outcome.places_created += 1;
+            model.next_place_id
+        }
+    };
+    // Two stays in a row at one place: the device has not moved on.
+    let from = model.last_place_id;
+    if from != 0 && from != place_id {
+        match model
+            .transitions
+            .iter_mut()
+            .find(|t| t.from == from && t.to == place_id)
+        {
+            Some(transition) => transition.count = transition.count.saturating_add(1),
+            None => model.transitions.push(Transition {
+                from,
+                to: place_id,
+                count: 1,
+            }),
+        }
+    }
+    model.last_place_id = place_id;
+    model.stays += 1;
+    stay.place_id = place_id;
+    model.last_stay = Some(stay.clone());
+    stay
+}
+
+fn nearest_place(places: &[PlaceState], lat: f64, lon: f64, radius_m: f64) -> Option<usize> {
+    places
+        .iter()
+        .enumerate()
+        .map(|(index, place)| (index, geo::haversine_m(place.lat, place.lon, lat, lon)))
+        .filter(|(_, distance)| *distance <= radius_m)
+        // Places are in id order, so the first of equally near ones is the oldest.
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(index, _)| index)
+}
+
+fn evict_least_dwell(model: &mut Model) {
+    let Some(index) = model
+        .places
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, p)| (p.dwell_ms, p.last_ms, p.id))
+        .map(|(index, _)| index)
+    else {
+        return;
+    };
+    let gone = model.places.remove(index).id;
+    model.transitions.retain(|t| t.from != gone && t.to != gone);
+    if model.last_place_id == gone {
+        model.last_place_id = 0;
+    }
+}
+
+fn wrap_lon(lon: f64) -> f64 {
+    if (-180.0..=180.0).contains(&lon) {
+        lon
+    } else {
+        (lon + 180.0).rem_euclid(360.0) - 180.0
+    }
+}
+
+// ---- reading the model
+
+/// The labelled places: home has the most night dwell, work the most work-hour dwell on work
+/// days among the others; each needs `min_label_visits` visits and some dwell in those hours.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Labels {
+    pub home: Option<u32>,
+    pub work: Option<u32>,
+}
+
+impl Labels {
+    pub fn of(&self, place_id: u32) -> PlaceLabel {
+        if self.home == Some(place_id) {
+            PlaceLabel::Home
+        } else if self.work == Some(place_id) {
+            PlaceLabel::Work
+        } else {
+            PlaceLabel::Unspecified
+        }
+    }
+}
+
+pub fn labels(model: &Model, rules: &Rules) -> Labels {
+    let calendar = &rules.calendar;
+    let best = |score: &dyn Fn(&PlaceState) -> u64, except: Option<u32>| {
+        model
+            .places
+            .iter()
+            .filter(|p| p.visits >= rules.min_label_visits && Some(p.id) != except)
+            .map(|p| (score(p), p))
+            .filter(|(score, _)| *score > 0)
+            // Most dwell in those hours, then most dwell, then the oldest place.
+            .max_by_key(|(score, p)| (*score, p.dwell_ms, std::cmp::Reverse(p.id)))
+            .map(|(_, p)| p.id)
+    };
+    let home = best(&|p| calendar.night_dwell(&p.dwell_by_hour_ms), None);
+    let work = best(&|p| calendar.work_dwell(&p.dwell_by_hour_ms), home);
+    Labels { home, work }
+}
+
+/// The stay in progress once it has lasted the minimum duration, at the known place it is
+/// at, if any.
+pub fn current_stay(model: &Model, rules: &Rules) -> Option<StayState> {
+    let candidate = model.candidate.as_ref()?;
+    if candidate.last_ms - candidate.start_ms < rules.stay_min_duration_ms {
+        return None;
+    }
+    let mut stay = candidate.stay(candidate.last_ms);
+    stay.place_id = nearest_place(&model.places, stay.lat, stay.lon, rules.place_radius_m)
+        .map_or(0, |index| model.places[index].id);
+    Some(stay)
+}
+
+/// Next places from the current or last place, first-order Markov on the transition counts.
+#[derive(Debug, Default, PartialEq)]
+pub struct Forecast {
+    pub from: Option<u32>,
+    /// Place id and probability, most likely first.
+    pub next: Vec<(u32, f64)>,
+}
+
+pub fn predict(model: &Model, rules: &Rules, k: usize) -> Forecast {
+    let from = match current_stay(model, rules) {
+        // Staying somewhere new: nothing is known about where the device goes from here.
+        Some(stay) => (stay.place_id != 0).then_some(stay.place_id),
+        None => (model.last_place_id != 0).then_some(model.last_place_id),
+    };
+    let Some(from) = from else {
+        return Forecast::default();
+    };
+    let mut next: Vec<&Transition> = model
+        .transitions
+        .iter()
+        .filter(|t| t.from == from)
+        .collect();
+    let total: u64 = next.iter().map(|t| u64::from(t.count)).sum();
+    next.sort_by_key(|t| (std::cmp::Reverse(t.count), t.to));
+    Forecast {
+        from: Some(from),
+        next: next
+            .into_iter()
+            .take(k)
+            .map(|t| (t.to, f64::from(t.count) / total as f64))
+            .collect(),
+    }
+}
+
+pub fn place_by_id(model: &Model, id: u32) -> Option<&PlaceState> {
+    model.places.iter().find(|p| p.id == id)
+}
+
+pub fn place_name(id: u32) -> String {
+    format!("p{id}")
+}
+
+impl PlaceState {
+    pub fn to_proto(&self, label: PlaceLabel) -> Place {
+        Place {
+            place_id: place_name(self.id),
+            lat: self.lat,
+            lon: self.lon,
+            visits: self.visits,
+            total_dwell_ms: self.dwell_ms,
+            first_visit_ms: self.first_ms,
+            last_visit_ms: self.last_ms,
+            label: label as i32,
+            dwell_by_hour_ms: self
+                .dwell_by_hour_ms
+                .iter()
+                .map(|ms| i64::try_from(*ms).unwrap_or(i64::MAX))
+                .collect(),
+        }
+    }
+}
+
+impl StayState {
+    pub fn to_proto(&self, device: &str) -> Stay {
+        Stay {
+            place_id: if self.place_id == 0 {
+                String::new()
+            } else {
+                place_name(self.place_id)
+            },
+            lat: self.lat,
+            lon: self.lon,
+            start_ms: self.start_ms,
+            end_ms: self.end_ms,
+            fixes: self.fixes,
+            device_id: device.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
