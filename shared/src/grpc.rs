@@ -55,6 +55,15 @@ impl Deadline {
             .max(Duration::from_millis(1))
     }
 
+    /// Time to spend on work, keeping a little back for the answer to reach the caller
+    /// before its own deadline fires.
+    pub fn budget(self) -> Duration {
+        let remaining = self.remaining();
+        remaining
+            .saturating_sub((remaining / 10).min(Duration::from_millis(200)))
+            .max(Duration::from_millis(1))
+    }
+
     pub fn expired(self) -> bool {
         Instant::now() >= self.0
     }

@@ -1,6 +1,7 @@
 //! What the four trackmesh services share: config, telemetry, serving, health, shutdown, geo math.
 #![forbid(unsafe_code)]
 
+pub mod breaker;
 pub mod config;
 pub mod geo;
 pub mod grpc;

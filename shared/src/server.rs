@@ -60,6 +60,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let local_addr = listener.local_addr()?;
+    // Installed before anything records, or early measurements would go nowhere.
+    crate::metrics::handle();
     let (reporter, health) = tonic_health::server::health_reporter();
     let (readiness, readiness_rx) = watch::channel(Readiness::NotReady("starting".into()));
     let prober = tokio::spawn(probe(

@@ -1,11 +1,8 @@
 //! Logs (JSON or pretty, filtered by `RUST_LOG`), OpenTelemetry traces over OTLP/gRPC when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, and W3C trace-context propagation helpers.
 
-use opentelemetry::{
-    Context, global,
-    propagation::{Extractor, Injector},
-    trace::TracerProvider as _,
-};
+pub use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::{Context, global, trace::TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::{
     Resource,

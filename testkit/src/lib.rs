@@ -1,7 +1,7 @@
 //! Test support: the shared backends `scripts/test` started, private backend processes a test
 //! may stop and restart, and services run in-process on port 0.
 #![forbid(unsafe_code)]
-#![allow(clippy::unwrap_used, clippy::print_stderr)]
+#![allow(clippy::print_stderr)]
 
 use std::{
     future::Future,

@@ -1,28 +1,63 @@
-//! Kafka: the idempotent producer behind Store and the consumer group feeding ClickHouse.
+//! Kafka: the idempotent producer behind Store, topic creation, the dead-letter producer and
+//! the consumer group (with its rebalance and statistics callbacks) that feeds ClickHouse.
 
-use std::{sync::Arc, time::Duration};
-
-use rdkafka::{
-    ClientConfig,
-    producer::{FutureProducer, Producer as _},
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
+use futures::future::join_all;
+use prost::Message as _;
+use rdkafka::{
+    ClientConfig, ClientContext, Statistics,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{Consumer as _, ConsumerContext, Rebalance, StreamConsumer},
+    error::{KafkaError, RDKafkaErrorCode},
+    message::{BorrowedHeaders, Header, Headers as _, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord, Producer as _},
+    util::Timeout,
+};
+use trackmesh_proto::v1::FixBatch;
+use trackmesh_shared::telemetry::{self, Extractor, Injector};
+
 use crate::config::StorageConfig;
+
+/// The version of the message value format, in the `schema-version` header.
+pub const SCHEMA_VERSION: &str = "1";
 
 #[derive(Clone)]
 pub struct Kafka {
     producer: Arc<FutureProducer>,
+    brokers: String,
+    topic: String,
+    dlq_topic: String,
+    partitions: u32,
 }
 
 impl Kafka {
     pub fn new(config: &StorageConfig) -> anyhow::Result<Self> {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &config.kafka_brokers)
+            .set("client.id", "trackmesh-storage")
+            // Idempotence with acks=all: retries inside librdkafka never duplicate or reorder.
             .set("enable.idempotence", "true")
             .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "5")
+            .set(
+                "message.timeout.ms",
+                config.produce_timeout.get().as_millis().to_string(),
+            )
+            .set("queue.buffering.max.messages", "1000000")
             .create()?;
         Ok(Self {
             producer: Arc::new(producer),
+            brokers: config.kafka_brokers.clone(),
+            topic: config.kafka_topic.clone(),
+            dlq_topic: config.kafka_dlq_topic.clone(),
+            partitions: config.kafka_partitions,
         })
     }
 
@@ -38,5 +73,277 @@ impl Kafka {
         })
         .await
         .map_err(|err| format!("kafka: {err}"))?
+    }
+
+    /// Creates the topic and its dead-letter topic unless they exist.
+    pub async fn ensure_topics(&self) -> Result<(), KafkaError> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()?;
+        let partitions = i32::try_from(self.partitions).unwrap_or(i32::MAX);
+        let topics = [
+            NewTopic::new(&self.topic, partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&self.dlq_topic, 1, TopicReplication::Fixed(1)),
+        ];
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for result in admin.create_topics(&topics, &options).await? {
+            match result {
+                Ok(topic) => tracing::info!(%topic, "kafka topic created"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    tracing::warn!(%topic, error = %code, "kafka topic not created");
+                    return Err(KafkaError::AdminOp(code));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Produces one message per batch (key `tenant/device`) and waits until every one is
+    /// acknowledged by all in-sync replicas, or `timeout` passes.
+    pub async fn produce(&self, batches: &[FixBatch], timeout: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        let mut headers = OwnedHeaders::new().insert(Header {
+            key: "schema-version",
+            value: Some(SCHEMA_VERSION),
+        });
+        let mut carrier = HeaderCarrier(Vec::new());
+        telemetry::inject(&mut carrier);
+        for (key, value) in &carrier.0 {
+            headers = headers.insert(Header {
+                key: key.as_str(),
+                value: Some(value.as_str()),
+            });
+        }
+        let mut deliveries = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let key = format!("{}/{}", batch.tenant_id, batch.device_id);
+            let payload = batch.encode_to_vec();
+            let record = FutureRecord::to(&self.topic)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers.clone());
+            match self.producer.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((err, _)) => return Err(self.failed(format!("kafka queue: {err}"))),
+            }
+        }
+        let acknowledged = tokio::time::timeout(timeout, join_all(deliveries)).await;
+        metrics::histogram!("storage_produce_seconds").record(start.elapsed().as_secs_f64());
+        let Ok(results) = acknowledged else {
+            return Err(self.failed(format!("kafka did not acknowledge within {timeout:?}")));
+        };
+        for result in results {
+            match result {
+                Ok(Ok(_)) => {}
+                Ok(Err((err, _))) => return Err(self.failed(format!("kafka: {err}"))),
+                Err(_) => return Err(self.failed("kafka producer went away".into())),
+            }
+        }
+        Ok(())
+    }
+
+    fn failed(&self, reason: String) -> String {
+        metrics::counter!("storage_produce_failures_total").increment(1);
+        reason
+    }
+
+    /// Parks an undecodable message on the dead-letter topic with the reason in a header.
+    pub async fn dead_letter(&self, message: &Owned, reason: &str) -> Result<(), KafkaError> {
+        let partition = message.partition.to_string();
+        let offset = message.offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "dlq-reason",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "dlq-topic",
+                value: Some(self.topic.as_str()),
+            })
+            .insert(Header {
+                key: "dlq-partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "dlq-offset",
+                value: Some(offset.as_str()),
+            });
+        let mut record = FutureRecord::to(&self.dlq_topic)
+            .payload(message.payload.as_slice())
+            .headers(headers);
+        if let Some(key) = &message.key {
+            record = record.key(key.as_slice());
+        }
+        self.producer
+            .send(record, Timeout::After(Duration::from_secs(30)))
+            .await
+            .map(drop)
+            .map_err(|(err, _)| err)
+    }
+
+    /// The consumer of the group, subscribed to the topic.
+    pub fn consumer(
+        &self,
+        config: &StorageConfig,
+    ) -> Result<(StreamConsumer<Context>, Arc<Context>), KafkaError> {
+        let context = Context::default();
+        let session_ms = config.kafka_session_timeout.get().as_millis();
+        let consumer: StreamConsumer<Context> = ClientConfig::new()
+            .set("bootstrap.servers", &config.kafka_brokers)
+            .set("group.id", &config.kafka_group_id)
+            .set("client.id", "trackmesh-storage")
+            // Offsets are committed by hand, only after ClickHouse has the rows.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", session_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (session_ms / 3).max(100).to_string(),
+            )
+            .set("statistics.interval.ms", "5000")
+            // Bounds what librdkafka prefetches while we are paused or busy.
+            .set("queued.max.messages.kbytes", "65536")
+            .create_with_context(context)?;
+        consumer.subscribe(&[config.kafka_topic.as_str()])?;
+        let context = consumer.context().clone();
+        Ok((consumer, context))
+    }
+}
+
+/// A message copied out of the consumer's buffer.
+pub struct Owned {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub schema_version: Option<String>,
+    /// `traceparent` / `tracestate` the producer wrote.
+    pub trace: Vec<(String, String)>,
+}
+
+impl Owned {
+    pub fn from_message(message: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+        use rdkafka::Message as _;
+        let mut schema_version = None;
+        let mut trace = Vec::new();
+        if let Some(headers) = message.headers() {
+            for header in headers_iter(headers) {
+                let value = header
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                match header.key {
+                    "schema-version" => schema_version = Some(value),
+                    "traceparent" | "tracestate" => trace.push((header.key.to_owned(), value)),
+                    _ => {}
+                }
+            }
+        }
+        Self {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            schema_version,
+            trace,
+        }
+    }
+}
+
+fn headers_iter(headers: &BorrowedHeaders) -> impl Iterator<Item = Header<'_, &[u8]>> {
+    (0..headers.count()).filter_map(|i| headers.try_get(i))
+}
+
+/// Trace context in Kafka headers.
+pub struct HeaderCarrier(pub Vec<(String, String)>);
+
+impl Injector for HeaderCarrier {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.push((key.to_owned(), value));
+    }
+}
+
+impl Extractor for HeaderCarrier {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_str()).collect()
+    }
+}
+
+/// The consumer's callbacks: partitions revoked since the pipeline last looked, and lag.
+#[derive(Default)]
+pub struct Context {
+    revoked: Mutex<BTreeSet<i32>>,
+}
+
+impl Context {
+    /// Partitions taken away since the last call.
+    pub fn take_revoked(&self) -> BTreeSet<i32> {
+        std::mem::take(
+            &mut *self
+                .revoked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        for topic in statistics.topics.values() {
+            for (partition, stats) in &topic.partitions {
+                // -1 means unknown (not consumed yet); internal partition -1 is a summary.
+                if *partition >= 0 && stats.consumer_lag >= 0 {
+                    metrics::gauge!("storage_consumer_lag", "partition" => partition.to_string())
+                        .set(stats.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                let assigned: Vec<i32> = partitions
+                    .elements()
+                    .iter()
+                    .map(|p| p.partition())
+                    .collect();
+                tracing::info!(?assigned, "kafka partitions assigned");
+            }
+            Rebalance::Revoke(partitions) => {
+                let revoked: Vec<i32> = partitions
+                    .elements()
+                    .iter()
+                    .map(|p| p.partition())
+                    .collect();
+                tracing::info!(?revoked, "kafka partitions revoked");
+                self.revoked
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend(revoked);
+            }
+            Rebalance::Error(error) => tracing::warn!(%error, "kafka rebalance failed"),
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        _: &rdkafka::TopicPartitionList,
+    ) {
+        if let Err(error) = result {
+            tracing::warn!(%error, "kafka offset commit failed");
+        }
     }
 }

@@ -1,0 +1,180 @@
+//! The ClickHouse schema as versioned migrations. The base runs on Debian's 18.16; features
+//! old servers lack (DateTime64, skip indexes, TTL) come as later migrations gated on
+//! `SELECT version()`, applied once the server can take them.
+
+/// A server version, `major.minor`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerVersion(pub u32, pub u32);
+
+impl ServerVersion {
+    /// Parses `SELECT version()` output such as `18.16.1` or `24.8.4.13`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.trim().split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        Some(Self(major, minor))
+    }
+}
+
+pub struct Migration {
+    pub version: u32,
+    pub description: &'static str,
+    /// The oldest server that has what the statements use.
+    pub requires: ServerVersion,
+    /// Idempotent statements (`IF NOT EXISTS`), so two replicas starting together are safe.
+    pub statements: Vec<String>,
+}
+
+const BASE: ServerVersion = ServerVersion(18, 16);
+
+/// Every migration, in order. `retention_days` 0 keeps data forever.
+pub fn migrations(retention_days: u32) -> Vec<Migration> {
+    let mut all = vec![
+        Migration {
+            version: 1,
+            description: "fixes, daily stats",
+            requires: BASE,
+            statements: vec![
+                // Time stays an exact Int64 of milliseconds: DateTime64 is missing before 20.1.
+                "CREATE TABLE IF NOT EXISTS fixes (
+                    tenant_id String,
+                    device_id String,
+                    time_ms Int64,
+                    lat Float64,
+                    lon Float64,
+                    accuracy_m Nullable(Float32),
+                    speed_mps Nullable(Float32),
+                    heading_deg Nullable(Float32),
+                    altitude_m Nullable(Float32),
+                    segment UInt32,
+                    distance_m Float64,
+                    dt_ms Int64,
+                    speed_kmh Float64,
+                    reanchored UInt8
+                ) ENGINE = ReplacingMergeTree
+                PARTITION BY toYYYYMM(toDateTime(intDiv(time_ms, 1000), 'UTC'))
+                ORDER BY (tenant_id, device_id, time_ms)"
+                    .into(),
+                "CREATE TABLE IF NOT EXISTS daily_stats (
+                    tenant_id String,
+                    device_id String,
+                    day Date,
+                    fixes AggregateFunction(count),
+                    distance_m AggregateFunction(sum, Float64),
+                    max_speed_kmh AggregateFunction(max, Float64),
+                    first_ms AggregateFunction(min, Int64),
+                    last_ms AggregateFunction(max, Int64)
+                ) ENGINE = AggregatingMergeTree
+                PARTITION BY toYYYYMM(day)
+                ORDER BY (tenant_id, device_id, day)"
+                    .into(),
+                "CREATE MATERIALIZED VIEW IF NOT EXISTS daily_stats_mv TO daily_stats AS
+                SELECT tenant_id, device_id, toDate(toDateTime(intDiv(time_ms, 1000), 'UTC')) AS day,
+                    countState() AS fixes, sumState(distance_m) AS distance_m,
+                    maxState(speed_kmh) AS max_speed_kmh, minState(time_ms) AS first_ms,
+                    maxState(time_ms) AS last_ms
+                FROM fixes GROUP BY tenant_id, device_id, day"
+                    .into(),
+            ],
+        },
+        Migration {
+            version: 101,
+            description: "fixes.time as DateTime64(3) for analytics",
+            requires: ServerVersion(20, 5),
+            statements: vec![
+                "ALTER TABLE fixes ADD COLUMN IF NOT EXISTS time DateTime64(3, 'UTC')
+                MATERIALIZED fromUnixTimestamp64Milli(time_ms)"
+                    .into(),
+            ],
+        },
+        Migration {
+            version: 102,
+            description: "skip index on speed",
+            requires: ServerVersion(20, 1),
+            statements: vec![
+                "ALTER TABLE fixes ADD INDEX IF NOT EXISTS speed_kmh_minmax speed_kmh TYPE minmax GRANULARITY 4".into(),
+            ],
+        },
+    ];
+    if retention_days > 0 {
+        // Versioned by the setting, so changing RETENTION_DAYS applies a new TTL.
+        all.push(Migration {
+            version: 1_000_000 + retention_days,
+            description: "retention TTL",
+            requires: ServerVersion(20, 1),
+            statements: vec![format!(
+                "ALTER TABLE fixes MODIFY TTL toDateTime(intDiv(time_ms, 1000)) + INTERVAL {retention_days} DAY"
+            )],
+        });
+    }
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(ServerVersion::parse("18.16.1"), Some(ServerVersion(18, 16)));
+        assert_eq!(
+            ServerVersion::parse("24.8.4.13\n"),
+            Some(ServerVersion(24, 8))
+        );
+        assert_eq!(ServerVersion::parse("banana"), None);
+        assert!(ServerVersion(18, 16) < ServerVersion(20, 1));
+        assert!(ServerVersion(20, 10) > ServerVersion(20, 5));
+    }
+
+    #[test]
+    fn old_servers_get_only_the_base() {
+        let old: Vec<u32> = migrations(30)
+            .iter()
+            .filter(|m| m.requires <= ServerVersion(18, 16))
+            .map(|m| m.version)
+            .collect();
+        assert_eq!(old, [1]);
+        let base = &migrations(0)[0].statements;
+        for statement in base {
+            for missing in [
+                "DateTime64",
+                "TTL",
+                "INDEX",
+                "CODEC",
+                "LowCardinality",
+                "SETTINGS",
+            ] {
+                assert!(!statement.contains(missing), "{missing} in {statement}");
+            }
+        }
+    }
+
+    #[test]
+    fn modern_servers_get_datetime64_skip_index_and_ttl() {
+        let modern: Vec<Migration> = migrations(30)
+            .into_iter()
+            .filter(|m| m.requires <= ServerVersion(24, 8))
+            .collect();
+        let text: Vec<&str> = modern
+            .iter()
+            .flat_map(|m| m.statements.iter().map(String::as_str))
+            .collect();
+        let text = text.join("\n");
+        assert!(text.contains("DateTime64(3, 'UTC')"));
+        assert!(text.contains("TYPE minmax"));
+        assert!(text.contains("MODIFY TTL toDateTime(intDiv(time_ms, 1000)) + INTERVAL 30 DAY"));
+        assert!(
+            migrations(0).iter().all(|m| !m.description.contains("TTL")),
+            "no TTL when retention is off"
+        );
+    }
+
+    #[test]
+    fn versions_are_unique_and_ordered() {
+        let versions: Vec<u32> = migrations(7).iter().map(|m| m.version).collect();
+        let mut sorted = versions.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(versions, sorted);
+    }
+}

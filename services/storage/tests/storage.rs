@@ -1,0 +1,766 @@
+//! storage-service against the real tansu broker and ClickHouse started by scripts/test.
+
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt as _;
+use rdkafka::{
+    ClientConfig, Message as _,
+    consumer::{Consumer as _, StreamConsumer},
+    message::Headers as _,
+    producer::{FutureProducer, FutureRecord},
+};
+use storage::{Config, StorageConfig, run};
+use testkit::{Backend, Kind, Service};
+use tonic::{Code, transport::Channel};
+use trackmesh_proto::v1::{
+    DailyStatsRequest, DeleteStoredDeviceRequest, Fix, ListStoredDevicesRequest, QueryTrackRequest,
+    RefinedFix, SortField, StoreRequest, Verdict, storage_client::StorageClient,
+};
+use trackmesh_shared::config::{CommonConfig, Duration as ConfigDuration};
+
+const T0: i64 = 1_750_000_000_000;
+const DAY_MS: i64 = 86_400_000;
+
+/// A storage config of its own: database, topic and group no other test uses.
+fn config() -> Config {
+    let name = testkit::unique("st");
+    let mut common = CommonConfig::with_port(storage::DEFAULT_PORT);
+    common.readiness_interval = ConfigDuration::from_millis(100);
+    Config {
+        common,
+        storage: StorageConfig {
+            clickhouse_url: testkit::clickhouse_url(),
+            clickhouse_database: name.clone(),
+            kafka_brokers: testkit::kafka_brokers(),
+            kafka_topic: format!("{name}.fixes"),
+            kafka_dlq_topic: format!("{name}.dlq"),
+            kafka_group_id: name,
+            kafka_partitions: 4,
+            kafka_session_timeout: ConfigDuration::from_secs(6),
+            produce_timeout: ConfigDuration::from_secs(5),
+            batch_max_wait: ConfigDuration::from_millis(200),
+            ..StorageConfig::default()
+        },
+    }
+}
+
+async fn start(config: Config) -> (Service, StorageClient<Channel>) {
+    let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
+    service.wait_ready(200, Duration::from_secs(30)).await;
+    let client = StorageClient::connect(service.url()).await.unwrap();
+    (service, client)
+}
+
+/// Accepted fixes of a vessel, one a minute.
+fn track(device: &str, n: usize, start_ms: i64) -> Vec<RefinedFix> {
+    (0..n)
+        .map(|i| RefinedFix {
+            fix: Some(Fix {
+                device_id: device.into(),
+                time_ms: start_ms + i as i64 * 60_000,
+                lat: 36.8 + i as f64 * 0.001,
+                lon: -76.3,
+                speed_mps: Some(3.5),
+                ..Fix::default()
+            }),
+            verdict: Verdict::Accepted as i32,
+            segment: 1,
+            distance_m: if i == 0 { 0.0 } else { 111.2 },
+            dt_ms: if i == 0 { 0 } else { 60_000 },
+            speed_kmh: 6.67,
+            ..RefinedFix::default()
+        })
+        .collect()
+}
+
+async fn store(
+    client: &mut StorageClient<Channel>,
+    tenant: &str,
+    fixes: &[RefinedFix],
+) -> Result<u32, tonic::Status> {
+    client
+        .store(StoreRequest {
+            tenant_id: tenant.into(),
+            fixes: fixes.to_vec(),
+        })
+        .await
+        .map(|r| r.into_inner().stored)
+}
+
+/// Every fix of a device, in order, through the streaming query.
+async fn read_track(
+    client: &mut StorageClient<Channel>,
+    tenant: &str,
+    device: &str,
+) -> Vec<RefinedFix> {
+    let mut stream = client
+        .query_track(QueryTrackRequest {
+            tenant_id: tenant.into(),
+            device_id: device.into(),
+            ..QueryTrackRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fixes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        fixes.extend(chunk.unwrap().fixes);
+    }
+    fixes
+}
+
+/// Waits until the device has `n` fixes readable, then returns them.
+async fn wait_for_track(
+    client: &mut StorageClient<Channel>,
+    tenant: &str,
+    device: &str,
+    n: usize,
+) -> Vec<RefinedFix> {
+    let start = Instant::now();
+    loop {
+        let fixes = read_track(client, tenant, device).await;
+        if fixes.len() >= n || start.elapsed() > Duration::from_secs(60) {
+            return fixes;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn times(fixes: &[RefinedFix]) -> Vec<i64> {
+    fixes
+        .iter()
+        .map(|f| f.fix.as_ref().unwrap().time_ms)
+        .collect()
+}
+
+async fn daily_total(client: &mut StorageClient<Channel>, tenant: &str, device: &str) -> u64 {
+    let days = client
+        .daily_stats(DailyStatsRequest {
+            tenant_id: tenant.into(),
+            device_id: device.into(),
+            ..DailyStatsRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .days;
+    days.iter().map(|d| d.fixes).sum()
+}
+
+#[tokio::test]
+async fn stored_fixes_are_readable_once_and_the_daily_table_agrees() {
+    let (_service, mut client) = start(config()).await;
+    let tenant = testkit::unique("t");
+    // 3 devices, 2 000 fixes each: ~33 hours, so several UTC days.
+    let devices = ["alpha", "bravo", "charlie"];
+    let all: Vec<Vec<RefinedFix>> = devices.iter().map(|d| track(d, 2000, T0)).collect();
+    for start in (0..2000).step_by(500) {
+        let batch: Vec<RefinedFix> = all
+            .iter()
+            .flat_map(|f| f[start..start + 500].to_vec())
+            .collect();
+        assert_eq!(store(&mut client, &tenant, &batch).await.unwrap(), 1500);
+    }
+    for (device, fixes) in devices.iter().zip(&all) {
+        let read = wait_for_track(&mut client, &tenant, device, 2000).await;
+        assert_eq!(
+            times(&read),
+            times(fixes),
+            "{device}: every fix once, in order"
+        );
+        assert_eq!(read[5].fix, fixes[5].fix, "optional fields survive");
+        assert_eq!(daily_total(&mut client, &tenant, device).await, 2000);
+    }
+    let days = client
+        .daily_stats(DailyStatsRequest {
+            tenant_id: tenant.clone(),
+            device_id: "alpha".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .days;
+    let mut expected_days: Vec<i64> = times(&all[0])
+        .iter()
+        .map(|t| t.div_euclid(DAY_MS))
+        .collect();
+    expected_days.dedup();
+    assert_eq!(days.len(), expected_days.len());
+    assert_eq!(days[0].first_ms, T0);
+    assert_eq!(days.iter().map(|d| d.fixes).sum::<u64>(), 2000);
+    assert!((days.iter().map(|d| d.distance_m).sum::<f64>() - 1999.0 * 111.2).abs() < 1e-6);
+
+    let listed = client
+        .list_devices(ListStoredDevicesRequest {
+            tenant_id: tenant.clone(),
+            sort: vec![SortField {
+                field: "device_id".into(),
+                descending: true,
+            }],
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = listed
+        .devices
+        .iter()
+        .map(|d| d.device_id.as_str())
+        .collect();
+    assert_eq!(names, ["charlie", "bravo"]);
+    assert!(listed.devices.iter().all(|d| d.fixes == 2000));
+    let rest = client
+        .list_devices(ListStoredDevicesRequest {
+            tenant_id: tenant.clone(),
+            sort: vec![SortField {
+                field: "device_id".into(),
+                descending: true,
+            }],
+            page_size: 2,
+            page_token: listed.next_page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.devices.len(), 1);
+    assert_eq!(rest.devices[0].device_id, "alpha");
+    assert!(rest.next_page_token.is_empty());
+}
+
+#[tokio::test]
+async fn the_same_batch_stored_twice_is_read_once() {
+    let (_service, mut client) = start(config()).await;
+    let tenant = testkit::unique("t");
+    let fixes = track("v", 300, T0);
+    store(&mut client, &tenant, &fixes).await.unwrap();
+    wait_for_track(&mut client, &tenant, "v", 300).await;
+    // The client's answer was lost and it retried; refinement marked the fixes as replays.
+    let mut replayed = fixes.clone();
+    for fix in &mut replayed {
+        fix.replay = true;
+    }
+    store(&mut client, &tenant, &replayed).await.unwrap();
+    // And the same again in one batch with fresh fixes, so the batch certainly gets consumed.
+    let mut mixed = replayed[..100].to_vec();
+    mixed.extend(track("v", 310, T0)[300..].to_vec());
+    store(&mut client, &tenant, &mixed).await.unwrap();
+    let read = wait_for_track(&mut client, &tenant, "v", 310).await;
+    assert_eq!(times(&read), times(&track("v", 310, T0)));
+    assert_eq!(
+        daily_total(&mut client, &tenant, "v").await,
+        310,
+        "replays are not counted twice"
+    );
+}
+
+#[tokio::test]
+async fn query_track_streams_chunks_in_both_orders_and_resumes() {
+    let mut config = config();
+    config.storage.streaming_chunk_size = 100;
+    let (_service, mut client) = start(config).await;
+    let tenant = testkit::unique("t");
+    let fixes = track("v", 1000, T0);
+    store(&mut client, &tenant, &fixes).await.unwrap();
+    wait_for_track(&mut client, &tenant, "v", 1000).await;
+
+    let query = |descending, limit, resume_token: String| QueryTrackRequest {
+        tenant_id: tenant.clone(),
+        device_id: "v".into(),
+        from_ms: T0 + 60_000 * 100,
+        to_ms: T0 + 60_000 * 899,
+        descending,
+        limit,
+        resume_token,
+    };
+    let chunks: Vec<_> = client
+        .query_track(query(false, 0, String::new()))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(chunks.len(), 8);
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c.as_ref().unwrap().fixes.len() == 100)
+    );
+    let first = chunks[0].as_ref().unwrap();
+    assert_eq!(
+        first.fixes[0].fix.as_ref().unwrap().time_ms,
+        T0 + 60_000 * 100
+    );
+    // Resume after the third chunk: the rest, nothing repeated.
+    let token = chunks[2].as_ref().unwrap().resume_token.clone();
+    let rest: Vec<_> = client
+        .query_track(query(false, 0, token))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    let rest: Vec<RefinedFix> = rest.into_iter().flat_map(|c| c.unwrap().fixes).collect();
+    assert_eq!(rest.len(), 500);
+    assert_eq!(rest[0].fix.as_ref().unwrap().time_ms, T0 + 60_000 * 400);
+    // Newest first, limited.
+    let desc: Vec<_> = client
+        .query_track(query(true, 150, String::new()))
+        .await
+        .unwrap()
+        .into_inner()
+        .collect()
+        .await;
+    let desc: Vec<RefinedFix> = desc.into_iter().flat_map(|c| c.unwrap().fixes).collect();
+    assert_eq!(desc.len(), 150);
+    assert_eq!(desc[0].fix.as_ref().unwrap().time_ms, T0 + 60_000 * 899);
+    assert!(
+        desc.windows(2)
+            .all(|w| w[0].fix.as_ref().unwrap().time_ms > w[1].fix.as_ref().unwrap().time_ms)
+    );
+}
+
+#[tokio::test]
+async fn delete_device_removes_its_fixes_and_aggregates() {
+    let (_service, mut client) = start(config()).await;
+    let tenant = testkit::unique("t");
+    store(&mut client, &tenant, &track("gone", 50, T0))
+        .await
+        .unwrap();
+    store(&mut client, &tenant, &track("kept", 50, T0))
+        .await
+        .unwrap();
+    wait_for_track(&mut client, &tenant, "gone", 50).await;
+    wait_for_track(&mut client, &tenant, "kept", 50).await;
+    client
+        .delete_device(DeleteStoredDeviceRequest {
+            tenant_id: tenant.clone(),
+            device_id: "gone".into(),
+        })
+        .await
+        .unwrap();
+    // ALTER … DELETE is a mutation: applied in the background, soon.
+    let start = Instant::now();
+    while !read_track(&mut client, &tenant, "gone").await.is_empty()
+        || daily_total(&mut client, &tenant, "gone").await > 0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "delete not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(read_track(&mut client, &tenant, "kept").await.len(), 50);
+}
+
+#[tokio::test]
+async fn injection_attempts_are_rejected_or_stored_verbatim() {
+    let (_service, mut client) = start(config()).await;
+    let tenant = testkit::unique("t");
+    let nasty = [
+        "x'; DROP TABLE fixes; --",
+        "a\\' OR 1=1 --",
+        "robert'); DELETE FROM daily_stats; --",
+        "{?}",
+    ];
+    for device in nasty {
+        store(&mut client, &tenant, &track(device, 3, T0))
+            .await
+            .unwrap();
+    }
+    for device in nasty {
+        let read = wait_for_track(&mut client, &tenant, device, 3).await;
+        assert_eq!(read.len(), 3, "{device}");
+        assert_eq!(read[0].fix.as_ref().unwrap().device_id, device);
+    }
+    // Another tenant's name smuggled into a device id reads nothing of theirs.
+    assert!(
+        read_track(&mut client, &tenant, "' OR tenant_id != '")
+            .await
+            .is_empty()
+    );
+    let err = client
+        .list_devices(ListStoredDevicesRequest {
+            tenant_id: tenant.clone(),
+            sort: vec![SortField {
+                field: "fixes DESC; DROP TABLE fixes".into(),
+                descending: false,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("sort[0].field: unknown field"),
+        "{}",
+        err.message()
+    );
+    let err = client
+        .query_track(QueryTrackRequest {
+            tenant_id: "a'b".into(),
+            device_id: "v".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Everything still there.
+    let listed = client
+        .list_devices(ListStoredDevicesRequest {
+            tenant_id: tenant.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.devices.len(), nasty.len());
+}
+
+#[tokio::test]
+async fn invalid_requests_name_the_field() {
+    let (_service, mut client) = start(config()).await;
+    let tenant = testkit::unique("t");
+    let track_query = |from_ms, to_ms, limit, resume_token: &str| QueryTrackRequest {
+        tenant_id: tenant.clone(),
+        device_id: "v".into(),
+        from_ms,
+        to_ms,
+        limit,
+        resume_token: resume_token.into(),
+        ..Default::default()
+    };
+    for (request, field) in [
+        (track_query(10, 5, 0, ""), "from_ms"),
+        (track_query(0, 0, u64::MAX, ""), "limit"),
+        (track_query(0, 0, 0, "yesterday"), "resume_token"),
+    ] {
+        let err = client.query_track(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let list = |page_size, page_token: &str, sort: Vec<SortField>| ListStoredDevicesRequest {
+        tenant_id: tenant.clone(),
+        sort,
+        page_size,
+        page_token: page_token.into(),
+    };
+    let six: Vec<SortField> = [
+        "device_id",
+        "fixes",
+        "first_ms",
+        "last_ms",
+        "distance_m",
+        "max_speed_kmh",
+    ]
+    .iter()
+    .map(|f| SortField {
+        field: (*f).into(),
+        descending: false,
+    })
+    .collect();
+    for (request, field) in [
+        (list(100_000, "", vec![]), "page_size"),
+        (list(10, "-3", vec![]), "page_token"),
+        (list(10, "", six), "sort"),
+    ] {
+        let err = client.list_devices(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let mut rejected = track("v", 2, T0);
+    rejected[1].verdict = Verdict::Speed as i32;
+    let err = store(&mut client, &tenant, &rejected).await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::InvalidArgument,
+            "fixes[1].verdict: only ACCEPTED fixes are stored"
+        )
+    );
+    let err = store(&mut client, "", &track("v", 1, T0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn poison_message_goes_to_the_dead_letter_topic() {
+    let config = config();
+    let (topic, dlq) = (
+        config.storage.kafka_topic.clone(),
+        config.storage.kafka_dlq_topic.clone(),
+    );
+    let (_service, mut client) = start(config).await;
+    let tenant = testkit::unique("t");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", testkit::kafka_brokers())
+        .create()
+        .unwrap();
+    store(&mut client, &tenant, &track("before", 10, T0))
+        .await
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("poison/key")
+                .payload(b"\xff\xfe not protobuf".as_slice()),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    store(&mut client, &tenant, &track("after", 10, T0))
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_for_track(&mut client, &tenant, "before", 10)
+            .await
+            .len(),
+        10
+    );
+    assert_eq!(
+        wait_for_track(&mut client, &tenant, "after", 10)
+            .await
+            .len(),
+        10
+    );
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", testkit::kafka_brokers())
+        .set("group.id", testkit::unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[dlq.as_str()]).unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.payload().unwrap(), b"\xff\xfe not protobuf");
+    let reason = message
+        .headers()
+        .unwrap()
+        .iter()
+        .find(|h| h.key == "dlq-reason")
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap();
+    assert!(reason.starts_with("not a FixBatch"), "{reason}");
+}
+
+#[tokio::test]
+async fn clickhouse_outage_pauses_and_resumes_without_loss() {
+    let mut clickhouse = Backend::start(Kind::ClickHouse);
+    let mut config = config();
+    config.storage.clickhouse_url = clickhouse.addr();
+    let (service, mut client) = start(config).await;
+    let tenant = testkit::unique("t");
+    let fixes = track("v", 600, T0);
+    store(&mut client, &tenant, &fixes[..200]).await.unwrap();
+    wait_for_track(&mut client, &tenant, "v", 200).await;
+
+    clickhouse.stop();
+    service.wait_ready(503, Duration::from_secs(10)).await;
+    // Kafka is up: Store still works, the fixes wait in the topic.
+    store(&mut client, &tenant, &fixes[200..400]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    store(&mut client, &tenant, &fixes[400..]).await.unwrap();
+
+    clickhouse.restart();
+    service.wait_ready(200, Duration::from_secs(60)).await;
+    let read = wait_for_track(&mut client, &tenant, "v", 600).await;
+    assert_eq!(
+        times(&read),
+        times(&fixes),
+        "every acknowledged fix, exactly once"
+    );
+}
+
+#[tokio::test]
+async fn broker_down_means_unavailable_within_the_deadline() {
+    let mut tansu = Backend::start(Kind::Tansu);
+    let mut config = config();
+    config.storage.kafka_brokers = tansu.addr();
+    let (_service, mut client) = start(config).await;
+    let tenant = testkit::unique("t");
+    store(&mut client, &tenant, &track("v", 5, T0))
+        .await
+        .unwrap();
+    tansu.stop();
+    let started = Instant::now();
+    let mut request = tonic::Request::new(StoreRequest {
+        tenant_id: tenant.clone(),
+        fixes: track("v", 5, T0 + DAY_MS),
+    });
+    request.set_timeout(Duration::from_secs(2));
+    let err = client.store(request).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered within the deadline: {:?}",
+        started.elapsed()
+    );
+}
+
+mod process {
+    //! The `storage-service` binary: crashes, replicas, exit codes.
+
+    use super::*;
+
+    struct Process {
+        child: tokio::process::Child,
+        port: u16,
+    }
+
+    impl Process {
+        async fn start(config: &Config) -> Self {
+            let port = testkit::free_port();
+            let s = &config.storage;
+            let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_storage-service"))
+                .env("SERVER_HOST", "127.0.0.1")
+                .env("SERVER_PORT", port.to_string())
+                .env("READINESS_INTERVAL", "100ms")
+                .env("CLICKHOUSE_URL", &s.clickhouse_url)
+                .env("CLICKHOUSE_DATABASE", &s.clickhouse_database)
+                .env("KAFKA_BROKERS", &s.kafka_brokers)
+                .env("KAFKA_TOPIC", &s.kafka_topic)
+                .env("KAFKA_DLQ_TOPIC", &s.kafka_dlq_topic)
+                .env("KAFKA_GROUP_ID", &s.kafka_group_id)
+                .env("KAFKA_PARTITIONS", s.kafka_partitions.to_string())
+                .env("KAFKA_SESSION_TIMEOUT", "6s")
+                .env("BATCH_MAX_WAIT", "200ms")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let process = Self { child, port };
+            testkit::wait_http_status(process.addr(), "/ready", 200, Duration::from_secs(30)).await;
+            process
+        }
+
+        fn addr(&self) -> std::net::SocketAddr {
+            std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+        }
+
+        async fn client(&self) -> StorageClient<Channel> {
+            StorageClient::connect(format!("http://{}", self.addr()))
+                .await
+                .unwrap()
+        }
+
+        async fn metric(&self, name: &str) -> f64 {
+            let (_, body) = testkit::http_get(self.addr(), "/metrics").await.unwrap();
+            body.lines()
+                .filter(|line| line.starts_with(name))
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        }
+    }
+
+    #[tokio::test]
+    async fn sigkill_mid_stream_loses_nothing_acknowledged() {
+        let config = config();
+        let tenant = testkit::unique("t");
+        let fixes = track("v", 4000, T0);
+        let mut process = Process::start(&config).await;
+        let mut client = process.client().await;
+        let mut acknowledged = Vec::new();
+        for (n, batch) in fixes.chunks(100).enumerate() {
+            if n == 15 {
+                // Mid-stream: whatever the consumer held uncommitted must come again.
+                process.child.start_kill().unwrap();
+                process.child.wait().await.unwrap();
+                assert!(
+                    store(&mut client, &tenant, batch).await.is_err(),
+                    "nobody answers"
+                );
+                process = Process::start(&config).await;
+                client = process.client().await;
+            }
+            if store(&mut client, &tenant, batch).await.is_ok() {
+                acknowledged.extend(times(batch));
+            }
+        }
+        let read = wait_for_track(&mut client, &tenant, "v", acknowledged.len()).await;
+        assert_eq!(
+            times(&read),
+            acknowledged,
+            "every acknowledged fix exactly once"
+        );
+    }
+
+    #[tokio::test]
+    async fn two_replicas_share_the_partitions() {
+        let config = config();
+        let one = Process::start(&config).await;
+        let two = Process::start(&config).await;
+        let tenant = testkit::unique("t");
+        let devices: Vec<String> = (0..40).map(|d| format!("v{d}")).collect();
+        // Wait until both are in the group, then spread devices over the partitions.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let mut client = one.client().await;
+        for device in &devices {
+            store(&mut client, &tenant, &track(device, 50, T0))
+                .await
+                .unwrap();
+        }
+        for device in &devices {
+            let read = wait_for_track(&mut client, &tenant, device, 50).await;
+            assert_eq!(read.len(), 50, "{device}: exactly once");
+        }
+        let (a, b) = (
+            one.metric("storage_rows_written_total").await,
+            two.metric("storage_rows_written_total").await,
+        );
+        assert_eq!(a + b, 2000.0, "rows written by the two replicas");
+        assert!(a > 0.0 && b > 0.0, "both replicas consumed: {a} + {b}");
+    }
+
+    #[test]
+    fn bad_configuration_exits_64() {
+        for (var, value, expected) in [
+            (
+                "CLICKHOUSE_URL",
+                "ftp://x:1",
+                "CLICKHOUSE_URL=ftp://x:1: the HTTP interface is needed",
+            ),
+            ("BATCH_MAX_ROWS", "0", "BATCH_MAX_ROWS=0: out of range"),
+            (
+                "KAFKA_TOPIC",
+                "a topic",
+                "KAFKA_TOPIC=a topic: 1 to 249 characters",
+            ),
+            (
+                "BATCH_MAX_WAIT",
+                "soon",
+                "BATCH_MAX_WAIT=soon: not a duration",
+            ),
+        ] {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_storage-service"))
+                .env_clear()
+                .env(var, value)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(64), "{var}: {stderr}");
+            assert!(stderr.contains(expected), "{var}: {stderr}");
+        }
+    }
+}
