@@ -166,6 +166,10 @@ SOURCE_MACRO = re.compile(
     r"\b(counter|gauge|histogram)!\s*\(\s*\"([A-Za-z_:][A-Za-z0-9_:]*)\"", re.S)
 
 
+# Names handed to a macro through a variable: `for (name, n) in [("x_total", ..)]`.
+SOURCE_LITERAL = re.compile(r"\(\s*\"([a-z][a-z0-9_]*_(?:total|seconds|bytes|rows|size))\"\s*,")
+
+
 def source_names(root: Path) -> set[str]:
     """Metric names recorded in the Rust sources (services/, shared/)."""
     names: set[str] = set()
@@ -173,7 +177,12 @@ def source_names(root: Path) -> set[str]:
         for path in (root / folder).rglob("*.rs"):
             if "/tests/" in str(path) or "/target/" in str(path):
                 continue
-            for kind, name in SOURCE_MACRO.findall(path.read_text(errors="replace")):
+            text = path.read_text(errors="replace")
+            found = SOURCE_MACRO.findall(text)
+            if re.search(r"\b(counter|gauge|histogram)!\s*\(\s*[a-z_]+\s*[,)]", text):
+                found += [("counter", name) for name in SOURCE_LITERAL.findall(text)
+                          if name.endswith("_total")]
+            for kind, name in found:
                 names.add(name)
                 if kind == "histogram":
                     names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
