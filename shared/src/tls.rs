@@ -15,35 +15,40 @@ pub fn server_config(config: &CommonConfig) -> anyhow::Result<Option<ServerTlsCo
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
     };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        read("TLS_CERT", cert)?,
-        read("TLS_KEY", key)?,
-    ));
+    let identity = Identity::from_pem(read("TLS_CERT", cert)?, read("TLS_KEY", key)?);
+    let mut tls = ServerTlsConfig::new().identity(identity);
     if let Some(ca) = &config.tls_ca {
         tls = tls.client_ca_root(Certificate::from_pem(read("TLS_CA", ca)?));
     }
     Ok(Some(tls))
 }
 
-/// An endpoint for `addr` (`host:port` or URL): https trusting `TLS_CA` and presenting our
-/// certificate when TLS is configured, plain http otherwise.
+/// The client side, when TLS is configured: trust `TLS_CA`, present our certificate (mTLS).
+pub fn client_tls(config: &CommonConfig) -> anyhow::Result<Option<ClientTlsConfig>> {
+    if config.tls_ca.is_none() && config.tls_cert.is_none() {
+        return Ok(None);
+    }
+    let mut client = ClientTlsConfig::new();
+    if let Some(ca) = &config.tls_ca {
+        client = client.ca_certificate(Certificate::from_pem(read("TLS_CA", ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        client = client.identity(Identity::from_pem(
+            read("TLS_CERT", cert)?,
+            read("TLS_KEY", key)?,
+        ));
+    }
+    Ok(Some(client))
+}
+
+/// An endpoint for `addr` (`host:port` or URL): https when TLS is configured, else http.
 pub fn client_endpoint(addr: &str, config: &CommonConfig) -> anyhow::Result<Endpoint> {
-    let tls = config.tls_ca.is_some() || config.tls_cert.is_some();
     let host_port = addr.split_once("://").map_or(addr, |(_, rest)| rest);
-    let scheme = if tls { "https" } else { "http" };
+    let tls = client_tls(config)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host_port}"))?;
-    if tls {
-        let mut client = ClientTlsConfig::new();
-        if let Some(ca) = &config.tls_ca {
-            client = client.ca_certificate(Certificate::from_pem(read("TLS_CA", ca)?));
-        }
-        if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
-            client = client.identity(Identity::from_pem(
-                read("TLS_CERT", cert)?,
-                read("TLS_KEY", key)?,
-            ));
-        }
-        endpoint = endpoint.tls_config(client)?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
     }
     Ok(endpoint)
 }

@@ -256,3 +256,102 @@ pub async fn wait_http_status(addr: SocketAddr, path: &str, status: u16, timeout
     }
     panic!("GET {path} on {addr} answered {last:?}, not {status}, within {timeout:?}");
 }
+
+/// A trackmesh binary built next to the running test (`cargo test --workspace` builds them all).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A service binary running as its own process on a free port; killed when dropped.
+pub struct Process {
+    name: String,
+    env: Vec<(String, String)>,
+    pub port: u16,
+    child: Option<tokio::process::Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `name` with `env` (plus `SERVER_HOST`/`SERVER_PORT`) and waits until `/ready` is 200.
+    pub async fn start(name: &str, env: &[(&str, String)]) -> Self {
+        let mut process = Self {
+            name: name.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            port: free_port(),
+            child: None,
+            log: std::env::temp_dir()
+                .join(unique(name))
+                .with_extension("log"),
+        };
+        process.restart().await;
+        process
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// SIGKILL: as abrupt as a crash.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+
+    /// Starts it again on the same port and waits until it is ready.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let log = std::fs::File::create(&self.log).unwrap();
+        let child = tokio::process::Command::new(binary(&self.name))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("SERVER_HOST", "127.0.0.1")
+            .env("SERVER_PORT", self.port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let ready = async {
+            loop {
+                if http_status(self.addr(), "/ready").await == Some(200) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(60), ready)
+            .await
+            .is_err()
+        {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!(
+                "{} did not become ready; last log lines:\n{}",
+                self.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! gateway settings, from the environment.
+
+use serde::Deserialize;
+use trackmesh_shared::config::{self, CommonConfig, ConfigError, Duration, Validate, check_range};
+
+use crate::auth::ApiKeys;
+
+pub const DEFAULT_PORT: u16 = 50050;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub common: CommonConfig,
+    pub gateway: GatewayConfig,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: CommonConfig::from_env(DEFAULT_PORT)?,
+            gateway: config::from_env()?,
+        })
+    }
+}
+
+impl AsRef<CommonConfig> for Config {
+    fn as_ref(&self) -> &CommonConfig {
+        &self.common
+    }
+}
+
+/// Downstreams, API keys, limits and resilience settings (DESIGN.md, "gateway").
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct GatewayConfig {
+    /// Each: `host:port`, a URL, or a comma list; a name resolving to several addresses
+    /// (a headless Service) is balanced per request.
+    pub refinement_addr: String,
+    pub learning_addr: String,
+    pub storage_addr: String,
+    /// `tenant:key,tenant:key`. Never logged.
+    pub api_keys: Option<String>,
+    /// A file of `tenant:key` entries (lines or commas), e.g. a mounted Secret.
+    pub api_keys_file: Option<String>,
+    /// Most fixes per Ingest request.
+    pub max_batch: u32,
+    /// Per tenant; 0 turns the limit off.
+    pub rate_limit_fixes_per_sec: u32,
+    pub rate_limit_requests_per_sec: u32,
+    /// Deadline of a downstream call when the client sets none.
+    pub downstream_timeout: Duration,
+    /// How often downstream names are resolved again and their endpoints health-checked.
+    pub resolve_interval: Duration,
+    /// Attempts of a call that fails with a retryable code (UNAVAILABLE), first included.
+    pub retry_attempts: u32,
+    /// Consecutive failures that open a downstream's circuit breaker, and how long it stays open.
+    pub breaker_failures: u32,
+    pub breaker_cool_down: Duration,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    // By hand, so that API keys never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("refinement_addr", &self.refinement_addr)
+            .field("learning_addr", &self.learning_addr)
+            .field("storage_addr", &self.storage_addr)
+            .field("api_keys", &self.api_keys.as_ref().map(|_| "<redacted>"))
+            .field("api_keys_file", &self.api_keys_file)
+            .field("max_batch", &self.max_batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            refinement_addr: "127.0.0.1:50051".into(),
+            learning_addr: "127.0.0.1:50052".into(),
+            storage_addr: "127.0.0.1:50053".into(),
+            api_keys: None,
+            api_keys_file: None,
+            max_batch: 10_000,
+            rate_limit_fixes_per_sec: 200_000,
+            rate_limit_requests_per_sec: 2_000,
+            downstream_timeout: Duration::from_secs(10),
+            resolve_interval: Duration::from_secs(5),
+            retry_attempts: 3,
+            breaker_failures: 5,
+            breaker_cool_down: Duration::from_secs(30),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// The API keys from `API_KEYS` and `API_KEYS_FILE` together.
+    pub fn api_keys(&self) -> Result<ApiKeys, ConfigError> {
+        let mut text = self.api_keys.clone().unwrap_or_default();
+        if let Some(path) = &self.api_keys_file {
+            let file = std::fs::read_to_string(path).map_err(|err| {
+                ConfigError::new("API_KEYS_FILE", path, format_args!("cannot read: {err}"))
+            })?;
+            text.push(',');
+            text.push_str(&file);
+        }
+        ApiKeys::parse(&text)
+    }
+}
+
+impl Validate for GatewayConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (var, value) in [
+            ("REFINEMENT_ADDR", &self.refinement_addr),
+            ("LEARNING_ADDR", &self.learning_addr),
+            ("STORAGE_ADDR", &self.storage_addr),
+        ] {
+            for addr in value.split(',') {
+                let url = config::url(var, addr.trim(), "http")?;
+                if url.port().is_none() {
+                    return Err(ConfigError::new(
+                        var,
+                        value,
+                        "needs a port, e.g. refinement-api:50051",
+                    ));
+                }
+            }
+        }
+        if self.api_keys()?.is_empty() {
+            return Err(ConfigError::new(
+                "API_KEYS",
+                "",
+                "no API keys: set API_KEYS=tenant:key,… or API_KEYS_FILE",
+            ));
+        }
+        check_range("MAX_BATCH", self.max_batch, 1..=1_000_000)?;
+        check_range(
+            "RATE_LIMIT_FIXES_PER_SEC",
+            self.rate_limit_fixes_per_sec,
+            0..=100_000_000,
+        )?;
+        check_range(
+            "RATE_LIMIT_REQUESTS_PER_SEC",
+            self.rate_limit_requests_per_sec,
+            0..=10_000_000,
+        )?;
+        check_range(
+            "DOWNSTREAM_TIMEOUT",
+            self.downstream_timeout,
+            Duration::from_millis(10)..=Duration::from_secs(600),
+        )?;
+        check_range(
+            "RESOLVE_INTERVAL",
+            self.resolve_interval,
+            Duration::from_millis(50)..=Duration::from_secs(600),
+        )?;
+        check_range("RETRY_ATTEMPTS", self.retry_attempts, 1..=10)?;
+        check_range("BREAKER_FAILURES", self.breaker_failures, 1..=1000)?;
+        check_range(
+            "BREAKER_COOL_DOWN",
+            self.breaker_cool_down,
+            Duration::from_millis(10)..=Duration::from_secs(3600),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<GatewayConfig, ConfigError> {
+        config::from_vars(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    }
+
+    #[test]
+    fn keys_are_required_and_never_printed() {
+        let err = load(&[]).unwrap_err().to_string();
+        assert!(err.contains("API_KEYS"), "{err}");
+        let config = load(&[("API_KEYS", "demo:s3cret")]).unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn keys_from_a_file_too() {
+        let path = std::env::temp_dir().join(format!("keys-{}", std::process::id()));
+        std::fs::write(&path, "fleet:k1\nother:k2\n").unwrap();
+        let config = load(&[
+            ("API_KEYS_FILE", path.to_str().unwrap()),
+            ("API_KEYS", "demo:k0"),
+        ])
+        .unwrap();
+        assert_eq!(config.api_keys().unwrap().len(), 3);
+        std::fs::remove_file(&path).unwrap();
+        let err = load(&[("API_KEYS_FILE", "/nonexistent/keys")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("API_KEYS_FILE=/nonexistent/keys: cannot read"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn addresses_need_ports() {
+        let err = load(&[("API_KEYS", "a:b"), ("STORAGE_ADDR", "storage")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("STORAGE_ADDR=storage: needs a port"), "{err}");
+        assert!(
+            load(&[
+                ("API_KEYS", "a:b"),
+                ("REFINEMENT_ADDR", "a:1,b:2,http://c:3")
+            ])
+            .is_ok()
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! A downstream service: one balanced channel over every address its names resolve to,
+//! re-resolved and health-checked periodically so failing endpoints are ejected; calls with a
+//! deadline, retries with backoff and jitter for retryable codes only, and a circuit breaker.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::future::join_all;
+use tokio::sync::mpsc::Sender;
+use tonic::{
+    Code, Status,
+    transport::{Channel, ClientTlsConfig, Endpoint, channel::Change},
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use trackmesh_shared::{breaker::Breaker, config::CommonConfig, grpc::Deadline, tls};
+
+use crate::config::GatewayConfig;
+
+/// How long an endpoint's health check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub struct Downstream {
+    name: &'static str,
+    channel: Channel,
+    healthy: Arc<AtomicUsize>,
+    breaker: Breaker,
+    attempts: u32,
+}
+
+/// One `host:port` to resolve.
+#[derive(Clone, Debug)]
+struct Target {
+    host: String,
+    port: u16,
+}
+
+impl Downstream {
+    /// Starts watching `addrs` (a comma list of `host:port` or URLs) in the background.
+    pub fn start(
+        name: &'static str,
+        addrs: &str,
+        common: &CommonConfig,
+        config: &GatewayConfig,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut targets = Vec::new();
+        for addr in addrs.split(',') {
+            let url = trackmesh_shared::config::url(name, addr.trim(), "http")?;
+            targets.push(Target {
+                host: url
+                    .host_str()
+                    .unwrap_or_default()
+                    .trim_matches(['[', ']'])
+                    .to_owned(),
+                port: url.port().unwrap_or(80),
+            });
+        }
+        let tls = tls::client_tls(common)?;
+        let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
+        let healthy = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(watch(
+            name,
+            targets,
+            tls,
+            changes,
+            healthy.clone(),
+            config.resolve_interval.get(),
+        ));
+        Ok(Arc::new(Self {
+            name,
+            channel,
+            healthy,
+            breaker: Breaker::new(config.breaker_failures, config.breaker_cool_down.get()),
+            attempts: config.retry_attempts,
+        }))
+    }
+
+    /// Endpoints that passed their last health check.
+    pub fn healthy_endpoints(&self) -> usize {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Runs `call(channel, timeout, attempt)`, retrying retryable failures while the deadline
+    /// allows. The timeout given to each attempt leaves time for the answer to travel back.
+    pub async fn call<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(Channel, Duration, u32) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut backoff = Duration::from_millis(20);
+        let mut attempt = 1;
+        loop {
+            if self.healthy_endpoints() == 0 {
+                return Err(Status::unavailable(format!(
+                    "{}: no healthy endpoint",
+                    self.name
+                )));
+            }
+            if !self.breaker.allow() {
+                return Err(Status::unavailable(format!(
+                    "{}: circuit breaker open, retry in {:?}",
+                    self.name,
+                    self.breaker.retry_in()
+                )));
+            }
+            let budget = deadline.budget();
+            let result =
+                match tokio::time::timeout(budget, call(self.channel.clone(), budget, attempt))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "{}: no answer within {budget:?}",
+                        self.name
+                    ))),
+                };
+            let status = match result {
+                Ok(value) => {
+                    self.record(true);
+                    return Ok(value);
+                }
+                Err(status) => status,
+            };
+            // Only trouble reaching the service counts against it; a refused request does not.
+            self.record(!matches!(
+                status.code(),
+                Code::Unavailable
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+                    | Code::Unknown
+                    | Code::Internal
+            ));
+            let retryable = matches!(status.code(), Code::Unavailable | Code::Aborted);
+            let pause = backoff + backoff.mul_f64(fastrand::f64());
+            if !retryable || attempt >= self.attempts || deadline.remaining() <= pause {
+                return Err(match status.code() {
+                    Code::Unavailable | Code::DeadlineExceeded => Status::new(
+                        status.code(),
+                        format!("{}: {}", self.name, status.message()),
+                    ),
+                    // Pass the rest through untouched: their details name the caller's fields.
+                    _ => status,
+                });
+            }
+            metrics::counter!("gateway_downstream_retries_total", "downstream" => self.name)
+                .increment(1);
+            tracing::debug!(downstream = self.name, attempt, code = ?status.code(), "retrying");
+            tokio::time::sleep(pause).await;
+            backoff *= 2;
+            attempt += 1;
+        }
+    }
+
+    fn record(&self, ok: bool) {
+        if ok {
+            self.breaker.success();
+        } else {
+            self.breaker.failure();
+        }
+        let open = if self.breaker.is_open() { 1.0 } else { 0.0 };
+        metrics::gauge!("gateway_downstream_breaker_open", "downstream" => self.name).set(open);
+    }
+}
+
+/// Resolves the targets, health-checks every address, and keeps the balancer's endpoint set
+/// equal to the healthy ones.
+async fn watch(
+    name: &'static str,
+    targets: Vec<Target>,
+    tls: Option<ClientTlsConfig>,
+    changes: Sender<Change<SocketAddr, Endpoint>>,
+    healthy: Arc<AtomicUsize>,
+    interval: Duration,
+) {
+    let mut in_balancer: HashSet<SocketAddr> = HashSet::new();
+    let mut probes: HashMap<SocketAddr, (Endpoint, Channel)> = HashMap::new();
+    loop {
+        let mut resolved: Vec<(SocketAddr, &Target)> = Vec::new();
+        for target in &targets {
+            match tokio::net::lookup_host((target.host.as_str(), target.port)).await {
+                Ok(addrs) => resolved.extend(addrs.map(|addr| (addr, target))),
+                Err(error) => {
+                    tracing::warn!(downstream = name, host = %target.host, %error, "cannot resolve")
+                }
+            }
+        }
+        probes.retain(|addr, _| resolved.iter().any(|(a, _)| a == addr));
+        for (addr, target) in &resolved {
+            if !probes.contains_key(addr) {
+                match endpoint(*addr, target, tls.as_ref()) {
+                    Ok(endpoint) => {
+                        let channel = endpoint.connect_lazy();
+                        probes.insert(*addr, (endpoint, channel));
+                    }
+                    Err(error) => tracing::warn!(downstream = name, %addr, %error, "bad endpoint"),
+                }
+            }
+        }
+        let checks = probes
+            .iter()
+            .map(|(addr, (_, channel))| async move { (*addr, is_serving(channel.clone()).await) });
+        let up: HashSet<SocketAddr> = join_all(checks)
+            .await
+            .into_iter()
+            .filter_map(|(addr, serving)| serving.then_some(addr))
+            .collect();
+        for addr in up.difference(&in_balancer) {
+            if let Some((endpoint, _)) = probes.get(addr) {
+                tracing::info!(downstream = name, %addr, "endpoint healthy, added");
+                let _ = changes.send(Change::Insert(*addr, endpoint.clone())).await;
+            }
+        }
+        for addr in in_balancer.difference(&up) {
+            tracing::warn!(downstream = name, %addr, "endpoint unhealthy or gone, ejected");
+            let _ = changes.send(Change::Remove(*addr)).await;
+        }
+        in_balancer = up;
+        healthy.store(in_balancer.len(), Ordering::Relaxed);
+        metrics::gauge!("gateway_downstream_healthy_endpoints", "downstream" => name)
+            .set(in_balancer.len() as f64);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+fn endpoint(
+    addr: SocketAddr,
+    target: &Target,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Endpoint, tonic::transport::Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        // Certificates name the service, not the pod address we connect to.
+        endpoint = endpoint.tls_config(tls.clone().domain_name(target.host.clone()))?;
+    }
+    Ok(endpoint)
+}
+
+async fn is_serving(channel: Channel) -> bool {
+    let mut request = tonic::Request::new(HealthCheckRequest::default());
+    request.set_timeout(CHECK_TIMEOUT);
+    let mut client = HealthClient::new(channel);
+    matches!(
+        tokio::time::timeout(CHECK_TIMEOUT, client.check(request)).await,
+        Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
+    )
+}
