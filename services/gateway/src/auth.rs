@@ -13,6 +13,14 @@ pub struct ApiKeys {
     keys: Vec<([u8; 32], String)>,
 }
 
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeys")
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
 impl ApiKeys {
     /// Parses `tenant:key` entries separated by commas or newlines; blank entries are skipped.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {

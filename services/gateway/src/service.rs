@@ -22,9 +22,6 @@ use trackmesh_shared::{grpc::Deadline, ids, server::MAX_MESSAGE_BYTES, telemetry
 
 use crate::{auth::ApiKeys, downstream::Downstream, error::Error, limits::Limits};
 
-/// Ingest requests of one stream handled at once; answers still come back in order.
-const STREAM_PIPELINE: usize = 4;
-
 type Propagate = fn(Request<()>) -> Result<Request<()>, Status>;
 type Client<C> = fn(InterceptedService<Channel, Propagate>) -> C;
 
@@ -257,20 +254,17 @@ impl Gateway for GatewayService {
     ) -> Result<Response<Self::IngestStreamStream>, Status> {
         let (tenant, _) = self.caller(&request)?;
         let this = self.clone();
-        // `buffered` keeps answers in request order and reads ahead only a few requests:
+        // One request at a time, in order: a device's fixes must reach refinement in order, and
         // a slow mesh slows the reader, which back-pressures the device over HTTP/2.
-        let responses = request
-            .into_inner()
-            .map(move |message| {
-                let (this, tenant) = (this.clone(), tenant.clone());
-                async move {
-                    let message = message?;
-                    this.limit(&tenant, message.fixes.len())?;
-                    let deadline = Deadline::after(this.inner.timeout);
-                    Ok(this.inner.ingest(&tenant, message, deadline).await?)
-                }
-            })
-            .buffered(STREAM_PIPELINE);
+        let responses = request.into_inner().then(move |message| {
+            let (this, tenant) = (this.clone(), tenant.clone());
+            async move {
+                let message = message?;
+                this.limit(&tenant, message.fixes.len())?;
+                let deadline = Deadline::after(this.inner.timeout);
+                Ok(this.inner.ingest(&tenant, message, deadline).await?)
+            }
+        });
         Ok(Response::new(Box::pin(responses)))
     }
 
@@ -440,11 +434,10 @@ impl Gateway for GatewayService {
                 device_id: device_id.clone(),
             };
             async move {
-                Ok(client(channel, RefinementClient::new)
+                client(channel, RefinementClient::new)
                     .reset_device(with_timeout(message, timeout))
-                    .await?
-                    .into_inner())
-                .map(drop)
+                    .await?;
+                Ok(())
             }
         });
         let forget = inner.learning.call(deadline, |channel, timeout, _| {
@@ -453,11 +446,10 @@ impl Gateway for GatewayService {
                 device_id: device_id.clone(),
             };
             async move {
-                Ok(client(channel, LearningClient::new)
+                client(channel, LearningClient::new)
                     .forget(with_timeout(message, timeout))
-                    .await?
-                    .into_inner())
-                .map(drop)
+                    .await?;
+                Ok(())
             }
         });
         let delete = inner.storage.call(deadline, |channel, timeout, _| {
@@ -466,11 +458,10 @@ impl Gateway for GatewayService {
                 device_id: device_id.clone(),
             };
             async move {
-                Ok(client(channel, StorageClient::new)
+                client(channel, StorageClient::new)
                     .delete_device(with_timeout(message, timeout))
-                    .await?
-                    .into_inner())
-                .map(drop)
+                    .await?;
+                Ok(())
             }
         });
         // All three or an error: deleting is idempotent, so the client simply retries.

@@ -1,0 +1,573 @@
+//! The whole mesh: the four binaries as processes against the real Redis, ClickHouse and
+//! tansu that scripts/test started, driven through the gateway with a gRPC client.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use futures::StreamExt as _;
+use testkit::Process;
+use tonic::{
+    Code, Request, Status,
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+use tonic_types::StatusExt as _;
+use trackmesh_proto::v1::{
+    DeleteDeviceRequest, DevicePlacesRequest, DevicePredictRequest, Fix, GetDailyStatsRequest,
+    GetTrackRequest, IngestRequest, IngestResponse, ListDevicesRequest, RefinedFix, Verdict,
+    gateway_client::GatewayClient,
+};
+
+type Client = GatewayClient<InterceptedService<Channel, Auth>>;
+
+#[derive(Clone)]
+struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The four services with their own tenants, database and topic.
+struct Mesh {
+    refinement: Vec<Process>,
+    learning: Process,
+    storage: Process,
+    gateway: Process,
+    /// (tenant, key) pairs the gateway accepts.
+    tenants: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+struct Options {
+    refinement_replicas: usize,
+    gateway_env: Vec<(&'static str, String)>,
+}
+
+impl Mesh {
+    async fn start(options: Options) -> Self {
+        let redis = testkit::redis_addr();
+        let common = |extra: &[(&'static str, String)]| {
+            let mut env = vec![
+                ("READINESS_INTERVAL", "100ms".to_owned()),
+                ("RUST_LOG", "info".to_owned()),
+            ];
+            env.extend_from_slice(extra);
+            env
+        };
+        let mut refinement = Vec::new();
+        for _ in 0..options.refinement_replicas.max(1) {
+            refinement.push(
+                Process::start("refinement-api", &common(&[("REDIS_ADDR", redis.clone())])).await,
+            );
+        }
+        let learning =
+            Process::start("learning-api", &common(&[("REDIS_ADDR", redis.clone())])).await;
+        let name = testkit::unique("mesh");
+        let storage = Process::start(
+            "storage-service",
+            &common(&[
+                ("CLICKHOUSE_URL", testkit::clickhouse_url()),
+                ("CLICKHOUSE_DATABASE", name.clone()),
+                ("KAFKA_BROKERS", testkit::kafka_brokers()),
+                ("KAFKA_TOPIC", format!("{name}.fixes")),
+                ("KAFKA_DLQ_TOPIC", format!("{name}.dlq")),
+                ("KAFKA_GROUP_ID", name.clone()),
+                ("KAFKA_PARTITIONS", "4".into()),
+                ("KAFKA_SESSION_TIMEOUT", "6s".into()),
+                ("BATCH_MAX_WAIT", "200ms".into()),
+            ]),
+        )
+        .await;
+        let tenants: Vec<(String, String)> = (0..2)
+            .map(|i| {
+                (
+                    testkit::unique(&format!("tenant{i}")),
+                    format!("key-{i}-{}", testkit::unique("k")),
+                )
+            })
+            .collect();
+        let keys: Vec<String> = tenants.iter().map(|(t, k)| format!("{t}:{k}")).collect();
+        let refinement_addrs: Vec<String> = refinement.iter().map(Process::url).collect();
+        let mut gateway_env = common(&[
+            ("REFINEMENT_ADDR", refinement_addrs.join(",")),
+            ("LEARNING_ADDR", learning.url()),
+            ("STORAGE_ADDR", storage.url()),
+            ("API_KEYS", keys.join(",")),
+            ("RESOLVE_INTERVAL", "100ms".into()),
+        ]);
+        gateway_env.extend(options.gateway_env);
+        let gateway = Process::start("gateway", &gateway_env).await;
+        Self {
+            refinement,
+            learning,
+            storage,
+            gateway,
+            tenants,
+        }
+    }
+
+    async fn client_with(&self, key: Option<&str>) -> Client {
+        let channel = Channel::from_shared(self.gateway.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let auth = Auth(key.map(|key| format!("Bearer {key}").parse().unwrap()));
+        GatewayClient::with_interceptor(channel, auth)
+    }
+
+    /// A client of tenant `i`.
+    async fn client(&self, i: usize) -> Client {
+        self.client_with(Some(&self.tenants[i].1)).await
+    }
+}
+
+async fn ingest(client: &mut Client, fixes: Vec<Fix>) -> Result<IngestResponse, Status> {
+    client
+        .ingest(IngestRequest { fixes, sequence: 0 })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn track(client: &mut Client, device: &str) -> Vec<RefinedFix> {
+    let mut stream = client
+        .get_track(GetTrackRequest {
+            device_id: device.into(),
+            ..GetTrackRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fixes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        fixes.extend(chunk.unwrap().fixes);
+    }
+    fixes
+}
+
+/// Waits until `device` has `n` fixes stored (or a minute passed), then returns them.
+async fn stored(client: &mut Client, device: &str, n: usize) -> Vec<RefinedFix> {
+    let start = std::time::Instant::now();
+    loop {
+        let fixes = track(client, device).await;
+        if fixes.len() >= n || start.elapsed() > Duration::from_secs(60) {
+            return fixes;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A plausible moving vessel, one fix a minute, the last a few minutes ago.
+fn moving(device: &str, n: usize) -> Vec<Fix> {
+    let start = now_ms() - (n as i64 + 5) * 60_000;
+    (0..n)
+        .map(|i| Fix {
+            device_id: device.into(),
+            time_ms: start + i as i64 * 60_000,
+            lat: 36.9 + i as f64 * 0.002,
+            lon: -76.3,
+            ..Fix::default()
+        })
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn times(fixes: &[RefinedFix]) -> Vec<i64> {
+    fixes
+        .iter()
+        .map(|f| f.fix.as_ref().unwrap().time_ms)
+        .collect()
+}
+
+/// The Virginia Beach AIS sample in time order, as a device would stream it.
+fn ais_sample() -> Vec<Fix> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../data/ais-virginia-beach-2020-06-04..06.csv"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut fixes: Vec<Fix> = text
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            let time = humantime::parse_rfc3339(fields[1]).unwrap();
+            Fix {
+                device_id: fields[0].into(),
+                time_ms: time
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as i64,
+                lon: fields[2].parse().unwrap(),
+                lat: fields[3].parse().unwrap(),
+                ..Fix::default()
+            }
+        })
+        .collect();
+    fixes.sort_by_key(|fix| fix.time_ms);
+    fixes
+}
+
+/// Whether the fixes stay within `radius_m` of one of them for at least `min_ms`, reporting
+/// at least every 30 minutes, and then leave: a stay that any detector must close.
+fn sat_still(fixes: &[&Fix], radius_m: f64, min_ms: i64) -> bool {
+    let near = |a: &Fix, b: &Fix| {
+        trackmesh_shared::geo::haversine_m(a.lat, a.lon, b.lat, b.lon) < radius_m
+    };
+    (0..fixes.len()).any(|i| {
+        let window = fixes[i..]
+            .windows(2)
+            .take_while(|w| near(fixes[i], w[1]) && w[1].time_ms - w[0].time_ms <= 1_800_000)
+            .count();
+        let (start, end) = (fixes[i], fixes[i + window]);
+        let far = |f: &&&Fix| {
+            trackmesh_shared::geo::haversine_m(start.lat, start.lon, f.lat, f.lon) > 3.0 * radius_m
+        };
+        let left = fixes[i + window + 1..].iter().any(|f| far(&f));
+        end.time_ms - start.time_ms >= min_ms && left
+    })
+}
+
+#[tokio::test]
+async fn ais_replay_end_to_end() {
+    let mesh = Mesh::start(Options::default()).await;
+    let mut client = mesh.client(0).await;
+    let fixes = ais_sample();
+    // What refinement decided, per device: the accepted fixes' times.
+    let mut accepted: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    let (mut rejected, mut recovered) = (0, 0);
+    for batch in fixes.chunks(1000) {
+        let response = ingest(&mut client, batch.to_vec()).await.unwrap();
+        assert!(response.stored && response.learning_ok, "{response:?}");
+        let refused: std::collections::HashSet<u32> =
+            response.rejections.iter().map(|r| r.index).collect();
+        for (index, fix) in batch.iter().enumerate() {
+            if !refused.contains(&(index as u32)) {
+                accepted
+                    .entry(fix.device_id.clone())
+                    .or_default()
+                    .push(fix.time_ms);
+            }
+        }
+        rejected += response.rejected;
+        recovered += response.recovered;
+    }
+    let total: usize = accepted.values().map(Vec::len).sum();
+    assert_eq!(total + rejected as usize, fixes.len());
+    assert!(rejected > 0, "real data has duplicates and jumps");
+
+    // Every accepted fix is stored exactly once, and GetTrack returns them in time order.
+    // (Fixes recovered by a re-anchor are stored too, so a track may hold a few more.)
+    let mut stored_total = 0;
+    for (device, times_accepted) in &accepted {
+        let track = stored(&mut client, device, times_accepted.len()).await;
+        let stored_times = times(&track);
+        assert!(
+            stored_times.windows(2).all(|w| w[0] < w[1]),
+            "{device}: in order, no duplicates"
+        );
+        for time in times_accepted {
+            assert!(
+                stored_times.binary_search(time).is_ok(),
+                "{device}: accepted fix at {time} is stored"
+            );
+        }
+        stored_total += stored_times.len();
+        let days = client
+            .get_daily_stats(GetDailyStatsRequest {
+                device_id: device.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .days;
+        assert_eq!(
+            days.iter().map(|d| d.fixes).sum::<u64>() as usize,
+            stored_times.len(),
+            "{device}: daily agrees"
+        );
+    }
+    assert_eq!(stored_total, total + recovered as usize);
+
+    // Vessels that sat still for an hour or more have places.
+    let mut moored = 0;
+    for device in accepted.keys() {
+        let device_fixes: Vec<&Fix> = fixes.iter().filter(|f| &f.device_id == device).collect();
+        if sat_still(&device_fixes, 100.0, 3_600_000) {
+            let places = client
+                .get_places(DevicePlacesRequest {
+                    device_id: device.clone(),
+                    k: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .places;
+            assert!(
+                !places.is_empty(),
+                "{device} sat still for an hour but has no place"
+            );
+            moored += 1;
+        }
+    }
+    assert!(moored > 0, "the sample has moored vessels");
+    let listed = client
+        .list_devices(ListDevicesRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.devices.len(), accepted.len());
+}
+
+#[tokio::test]
+async fn tenants_are_isolated_and_calls_authenticated() {
+    let mesh = Mesh::start(Options::default()).await;
+    let (mut a, mut b) = (mesh.client(0).await, mesh.client(1).await);
+    ingest(&mut a, moving("same-name", 30)).await.unwrap();
+    assert_eq!(stored(&mut a, "same-name", 30).await.len(), 30);
+    // B asks for a device of the same name: it sees only its own (none) and cannot delete A's.
+    assert!(track(&mut b, "same-name").await.is_empty());
+    assert!(
+        b.get_places(DevicePlacesRequest {
+            device_id: "same-name".into(),
+            k: 0
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .places
+        .is_empty()
+    );
+    assert!(
+        b.predict_next(DevicePredictRequest {
+            device_id: "same-name".into(),
+            k: 3
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .predictions
+        .is_empty()
+    );
+    b.delete_device(DeleteDeviceRequest {
+        device_id: "same-name".into(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        b.list_devices(ListDevicesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .devices
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        track(&mut a, "same-name").await.len(),
+        30,
+        "A's data survives B's delete"
+    );
+
+    for key in [
+        None,
+        Some("wrong-key-000"),
+        Some(mesh.tenants[0].1.as_str()).map(|k| &k[..k.len() - 1]),
+    ] {
+        let mut anonymous = mesh.client_with(key).await;
+        let err = ingest(&mut anonymous, moving("x", 1)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{key:?}");
+        let err = anonymous
+            .list_devices(ListDevicesRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+
+    // A's delete reaches refinement, learning and storage.
+    a.delete_device(DeleteDeviceRequest {
+        device_id: "same-name".into(),
+    })
+    .await
+    .unwrap();
+    let start = std::time::Instant::now();
+    while !track(&mut a, "same-name").await.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Refinement forgot it too: the same fixes are new again, not replays.
+    let again = ingest(&mut a, moving("same-name", 5)).await.unwrap();
+    assert_eq!((again.accepted, again.replayed), (5, 0));
+}
+
+#[tokio::test]
+async fn bad_requests_and_rate_limits() {
+    let mesh = Mesh::start(Options {
+        gateway_env: vec![
+            ("MAX_BATCH", "100".into()),
+            ("RATE_LIMIT_REQUESTS_PER_SEC", "5".into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let mut client = mesh.client(0).await;
+    let err = ingest(&mut client, moving("v", 101)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("fixes: 101 fixes, more than MAX_BATCH=100"),
+        "{}",
+        err.message()
+    );
+    let mut malformed = moving("v", 3);
+    malformed[1].device_id = "x".repeat(200);
+    let err = ingest(&mut client, malformed).await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (
+            Code::InvalidArgument,
+            "fixes[1].device_id: longer than 128 bytes"
+        )
+    );
+    // Values a device got wrong are verdicts, not errors.
+    let mut odd = moving("v", 2);
+    odd[1].lat = 123.0;
+    let response = ingest(&mut client, odd).await.unwrap();
+    assert_eq!(response.rejections[0].index, 1);
+    assert_eq!(response.rejections[0].verdict, Verdict::Invalid as i32);
+
+    // Requests per second: the bucket empties, the answer says when to come back.
+    let mut limited = None;
+    for _ in 0..20 {
+        if let Err(status) = client.list_devices(ListDevicesRequest::default()).await {
+            limited = Some(status);
+            break;
+        }
+    }
+    let status = limited.expect("rate limited within 20 quick calls");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let retry = status.get_details_retry_info().expect("retry info");
+    assert!(
+        retry
+            .retry_delay
+            .is_some_and(|d| d > Duration::ZERO && d <= Duration::from_secs(1))
+    );
+}
+
+#[tokio::test]
+async fn learning_down_ingest_still_succeeds() {
+    let mut mesh = Mesh::start(Options::default()).await;
+    let mut client = mesh.client(0).await;
+    mesh.learning.kill().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let response = ingest(&mut client, moving("v", 10)).await.unwrap();
+    assert!(response.stored);
+    assert!(!response.learning_ok);
+    assert_eq!(response.accepted, 10);
+    assert_eq!(stored(&mut client, "v", 10).await.len(), 10);
+}
+
+#[tokio::test]
+async fn storage_down_then_retry_loses_nothing_and_doubles_nothing() {
+    let mut mesh = Mesh::start(Options::default()).await;
+    let mut client = mesh.client(0).await;
+    let fixes = moving("v", 60);
+    ingest(&mut client, fixes[..20].to_vec()).await.unwrap();
+    mesh.storage.kill().await;
+    let err = ingest(&mut client, fixes[20..40].to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    mesh.storage.restart().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The client retries the failed batch: refinement answers with replays, storage keeps one copy.
+    let retry = ingest(&mut client, fixes[20..40].to_vec()).await.unwrap();
+    assert_eq!(
+        (retry.accepted, retry.replayed, retry.stored),
+        (20, 20, true)
+    );
+    ingest(&mut client, fixes[40..].to_vec()).await.unwrap();
+    let track = stored(&mut client, "v", 60).await;
+    assert_eq!(
+        times(&track),
+        fixes.iter().map(|f| f.time_ms).collect::<Vec<_>>()
+    );
+    let days = client
+        .get_daily_stats(GetDailyStatsRequest {
+            device_id: "v".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .days;
+    assert_eq!(days.iter().map(|d| d.fixes).sum::<u64>(), 60);
+}
+
+#[tokio::test]
+async fn refinement_replica_killed_traffic_goes_on() {
+    let mut mesh = Mesh::start(Options {
+        refinement_replicas: 2,
+        ..Options::default()
+    })
+    .await;
+    let mut client = mesh.client(0).await;
+    let fixes = moving("v", 100);
+    for batch in fixes[..50].chunks(10) {
+        ingest(&mut client, batch.to_vec()).await.unwrap();
+    }
+    mesh.refinement[0].kill().await;
+    for batch in fixes[50..].chunks(10) {
+        let response = ingest(&mut client, batch.to_vec())
+            .await
+            .expect("the other replica answers");
+        assert_eq!(response.accepted, 10);
+    }
+    assert_eq!(stored(&mut client, "v", 100).await.len(), 100);
+}
+
+#[tokio::test]
+async fn ingest_stream_answers_each_request_in_order() {
+    let mesh = Mesh::start(Options::default()).await;
+    let mut client = mesh.client(0).await;
+    let fixes = moving("v", 50);
+    let requests: Vec<IngestRequest> = fixes
+        .chunks(5)
+        .enumerate()
+        .map(|(i, chunk)| IngestRequest {
+            fixes: chunk.to_vec(),
+            sequence: i as u64 + 1,
+        })
+        .collect();
+    let responses: Vec<IngestResponse> = client
+        .ingest_stream(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(
+        responses.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<u64>>()
+    );
+    assert!(responses.iter().all(|r| r.accepted == 5 && r.stored));
+    assert_eq!(stored(&mut client, "v", 50).await.len(), 50);
+}
