@@ -39,3 +39,27 @@ impl From<Error> for Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_code() {
+        let status = Status::from(Error::invalid("fixes[3].fix.lat", "91 is outside -90..=90"));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "fixes[3].fix.lat: 91 is outside -90..=90");
+        let down = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let status = Status::from(Error::Redis(down.into()));
+        assert_eq!(status.code(), Code::Unavailable, "retryable");
+        let status = Status::from(Error::Contention { device: "d".into() });
+        assert_eq!(status.code(), Code::Aborted);
+        let status = Status::from(Error::Corrupt {
+            device: "d".into(),
+            reason: "bad".into(),
+        });
+        assert_eq!(status.code(), Code::Internal);
+    }
+}
