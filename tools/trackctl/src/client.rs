@@ -80,7 +80,13 @@ impl Target {
             bail!("--ca needs an https:// gateway address");
         }
         let channel = endpoint.connect().await.map_err(|err| {
-            let cause = std::error::Error::source(&err).map_or(String::new(), |s| format!(": {s}"));
+            // The transport error's own text is vague; its causes say what happened.
+            let mut cause = String::new();
+            let mut source = std::error::Error::source(&err);
+            while let Some(err) = source {
+                cause = format!("{cause}: {err}");
+                source = err.source();
+            }
             anyhow::anyhow!(
                 "cannot reach the gateway at {url}{cause} (is the stack up? scripts/stack up)"
             )
@@ -167,6 +173,29 @@ impl RetryPolicy {
     }
 }
 
+/// The canonical name of a gRPC status code (`UNAVAILABLE`, …).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 /// A failed call as an error for humans: code and message, plus a hint for the usual causes.
 pub fn status_error(what: &str, status: &Status) -> anyhow::Error {
     let hint = match status.code() {
@@ -174,7 +203,11 @@ pub fn status_error(what: &str, status: &Status) -> anyhow::Error {
         Code::Unavailable => " (is the stack up? scripts/stack status)",
         _ => "",
     };
-    anyhow::anyhow!("{what}: {:?}: {}{hint}", status.code(), status.message())
+    anyhow::anyhow!(
+        "{what}: {}: {}{hint}",
+        code_name(status.code()),
+        status.message()
+    )
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use tonic::{Code, Status};
 use trackmesh_proto::v1::{Fix, IngestRequest, IngestResponse};
 
 use crate::{
-    client::{Client, RetryPolicy, status_error},
+    client::{Client, RetryPolicy, code_name, status_error},
     query,
     time::now_ms,
     totals::{IngestTotals, thousands},
@@ -363,7 +363,7 @@ async fn worker(
             Err(status) => {
                 *result
                     .errors
-                    .entry(format!("{:?}", status.code()))
+                    .entry(code_name(status.code()).to_owned())
                     .or_default() += 1;
                 // Do not spin on a gateway that is down.
                 if status.code() == Code::Unavailable {

@@ -15,7 +15,7 @@ use trackmesh_proto::v1::{
 };
 
 use crate::{
-    client::{Client, RetryPolicy, status_error},
+    client::{Client, RetryPolicy, code_name, status_error},
     geojson::{self, TrackWriter, label_name},
     table,
     time::{format_duration_ms, format_ms},
@@ -223,8 +223,8 @@ pub async fn track(client: &Client, retry: RetryPolicy, query: TrackQuery) -> an
         match retry.delay(attempt, &status) {
             Some(wait) if resumable && (query.limit == 0 || fixes < query.limit) => {
                 eprintln!(
-                    "track: {:?} ({}), resuming in {wait:.1?}",
-                    status.code(),
+                    "track: {} ({}), resuming in {wait:.1?}",
+                    code_name(status.code()),
                     status.message()
                 );
                 tokio::time::sleep(wait).await;

@@ -368,11 +368,11 @@ pub fn print_summary(
     let t = &summary.totals;
     writeln!(
         out,
-        "sent {} fixes in {} batches in {:.1}s: {:.0} fixes/s",
+        "sent {} fixes in {} batches in {:.1}s: {} fixes/s",
         thousands(t.fixes_sent),
         thousands(t.batches),
         summary.elapsed_s,
-        summary.fixes_per_s
+        thousands(summary.fixes_per_s as u64)
     )?;
     for line in t.verdict_lines() {
         writeln!(out, "{line}")?;

@@ -55,17 +55,18 @@ impl IngestTotals {
     pub fn verdict_lines(&self) -> Vec<String> {
         let mut lines = vec![
             format!(
-                "  accepted  {:>10}  (replayed {}, recovered {})",
+                "  {:<16}{:>10}  (replayed {}, recovered {})",
+                "accepted",
                 thousands(self.accepted),
                 thousands(self.replayed),
                 thousands(self.recovered)
             ),
-            format!("  rejected  {:>10}", thousands(self.rejected)),
+            format!("  {:<16}{:>10}", "rejected", thousands(self.rejected)),
         ];
         let mut by_count: Vec<_> = self.rejected_by_verdict.iter().collect();
         by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         for (verdict, count) in by_count {
-            lines.push(format!("    {verdict:<14}{:>8}", thousands(*count)));
+            lines.push(format!("    {verdict:<14}{:>10}", thousands(*count)));
         }
         lines.push(format!(
             "  batches stored {}/{} ({} fixes), learning failures {}",
