@@ -14,6 +14,19 @@ const SIZE_BUCKETS: &[f64] = &[
     1.0, 10.0, 100.0, 500.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0,
 ];
 
+/// Byte-size buckets, 1 KiB to 256 MiB.
+const BYTES_BUCKETS: &[f64] = &[
+    1024.0,
+    16_384.0,
+    65_536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+    268_435_456.0,
+];
+
 /// The process-wide recorder, installed on first use.
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -21,7 +34,10 @@ pub fn handle() -> &'static PrometheusHandle {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), SIZE_BUCKETS))
-            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), SIZE_BUCKETS));
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), SIZE_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Suffix("_bytes".into()), BYTES_BUCKETS)
+            });
         let recorder = match builder {
             Ok(builder) => builder.build_recorder(),
             Err(error) => {
@@ -35,6 +51,18 @@ pub fn handle() -> &'static PrometheusHandle {
         }
         handle
     })
+}
+
+/// Makes counters and gauges visible at 0 before their first event, so that `rate()` and
+/// `increase()` see that first event too.
+pub fn register(counters: &[&'static str], gauges: &[&'static str]) {
+    handle();
+    for name in counters {
+        metrics::counter!(*name).increment(0);
+    }
+    for name in gauges {
+        metrics::gauge!(*name).increment(0.0);
+    }
 }
 
 /// The Prometheus text exposition of every metric recorded so far.

@@ -29,6 +29,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    trackmesh_shared::metrics::register(&["gateway_learning_failures_total"], &[]);
     let settings = &config.gateway;
     let keys = settings.api_keys()?;
     let downstreams = Downstreams {

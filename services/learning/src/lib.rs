@@ -33,6 +33,15 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    trackmesh_shared::metrics::register(
+        &[
+            "learning_stays_detected_total",
+            "learning_places_created_total",
+            "learning_places_evicted_total",
+            "learning_cas_conflicts_total",
+        ],
+        &[],
+    );
     let settings = &config.learning;
     let rules = settings.rules()?;
     let redis = Redis::connect(&config.redis.target(), config.redis.redis_timeout.get())?;

@@ -31,6 +31,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    trackmesh_shared::metrics::register(
+        &[
+            "refinement_cas_conflicts_total",
+            "refinement_replays_total",
+            "refinement_recovered_total",
+        ],
+        &[],
+    );
     let redis = Redis::connect(&config.redis.target(), config.redis.redis_timeout.get())?;
     let settings = &config.refinement;
     let store = store::Store::new(

@@ -42,6 +42,8 @@ pub struct StorageConfig {
     pub kafka_group_id: String,
     /// Partitions of the topic when the service creates it.
     pub kafka_partitions: u32,
+    /// Replicas of each partition when the service creates the topics (3 in production).
+    pub kafka_replication_factor: u32,
     /// Consumer group session timeout; a join takes about half of it on tansu.
     pub kafka_session_timeout: Duration,
     /// How long a Store may wait for Kafka's acknowledgements.
@@ -72,6 +74,7 @@ impl Default for StorageConfig {
             kafka_dlq_topic: "trackmesh.fixes.dlq".into(),
             kafka_group_id: "trackmesh-storage".into(),
             kafka_partitions: 12,
+            kafka_replication_factor: 1,
             kafka_session_timeout: Duration::from_secs(10),
             produce_timeout: Duration::from_secs(10),
             batch_max_rows: 50_000,
@@ -136,6 +139,11 @@ impl Validate for StorageConfig {
             }
         }
         check_range("KAFKA_PARTITIONS", self.kafka_partitions, 1..=10_000)?;
+        check_range(
+            "KAFKA_REPLICATION_FACTOR",
+            self.kafka_replication_factor,
+            1..=16,
+        )?;
         check_range(
             "KAFKA_SESSION_TIMEOUT",
             self.kafka_session_timeout,

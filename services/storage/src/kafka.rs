@@ -34,6 +34,7 @@ pub struct Kafka {
     topic: String,
     dlq_topic: String,
     partitions: u32,
+    replication: i32,
 }
 
 impl Kafka {
@@ -58,6 +59,7 @@ impl Kafka {
             topic: config.kafka_topic.clone(),
             dlq_topic: config.kafka_dlq_topic.clone(),
             partitions: config.kafka_partitions,
+            replication: i32::try_from(config.kafka_replication_factor).unwrap_or(1),
         })
     }
 
@@ -82,8 +84,16 @@ impl Kafka {
             .create()?;
         let partitions = i32::try_from(self.partitions).unwrap_or(i32::MAX);
         let topics = [
-            NewTopic::new(&self.topic, partitions, TopicReplication::Fixed(1)),
-            NewTopic::new(&self.dlq_topic, 1, TopicReplication::Fixed(1)),
+            NewTopic::new(
+                &self.topic,
+                partitions,
+                TopicReplication::Fixed(self.replication),
+            ),
+            NewTopic::new(
+                &self.dlq_topic,
+                1,
+                TopicReplication::Fixed(self.replication),
+            ),
         ];
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         for result in admin.create_topics(&topics, &options).await? {

@@ -33,6 +33,16 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    trackmesh_shared::metrics::register(
+        &[
+            "storage_dlq_messages_total",
+            "storage_duplicates_dropped_total",
+            "storage_insert_failures_total",
+            "storage_produce_failures_total",
+            "storage_rows_written_total",
+        ],
+        &["storage_breaker_open"],
+    );
     let db = Db::new(&config.storage);
     let kafka = Kafka::new(&config.storage)?;
     let health = SinkHealth::default();
