@@ -123,6 +123,7 @@ export TEST_REDIS_ADDR="127.0.0.1:$REDIS_PORT"
 TEST_REDIS_CLUSTER_NODES="$(printf '127.0.0.1:%s,' "${CLUSTER_PORTS[@]}")"
 export TEST_REDIS_CLUSTER_NODES="${TEST_REDIS_CLUSTER_NODES%,}"
 export TEST_CLICKHOUSE_URL="http://127.0.0.1:$CH_HTTP_PORT"
+export TEST_CLICKHOUSE_TCP_PORT="$CH_TCP_PORT"
 export TEST_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
 # Tests that need their own server (restarts, failures) spawn this script.
 export TM_BACKEND="$BACKEND"

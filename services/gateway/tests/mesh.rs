@@ -48,6 +48,8 @@ struct Mesh {
 struct Options {
     refinement_replicas: usize,
     gateway_env: Vec<(&'static str, String)>,
+    /// For all four services.
+    env: Vec<(&'static str, String)>,
 }
 
 impl Mesh {
@@ -58,6 +60,7 @@ impl Mesh {
                 ("READINESS_INTERVAL", "100ms".to_owned()),
                 ("RUST_LOG", "info".to_owned()),
             ];
+            env.extend_from_slice(&options.env);
             env.extend_from_slice(extra);
             env
         };
@@ -570,4 +573,125 @@ async fn ingest_stream_answers_each_request_in_order() {
     );
     assert!(responses.iter().all(|r| r.accepted == 5 && r.stored));
     assert_eq!(stored(&mut client, "v", 50).await.len(), 50);
+}
+
+mod traces {
+    //! One ingest is one trace, from the client through every service to the ClickHouse insert.
+
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::{
+        collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+            trace_service_server::{TraceService, TraceServiceServer},
+        },
+        common::v1::any_value::Value,
+    };
+    use tonic::Response;
+
+    use super::*;
+
+    /// service.name, trace id and name of an exported span.
+    type Span = (String, Vec<u8>, String);
+
+    /// An OTLP receiver that keeps every span exported to it.
+    #[derive(Clone, Default)]
+    struct Collector(Arc<Mutex<Vec<Span>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: Request<ExportTraceServiceRequest>,
+        ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+            let mut spans = self.0.lock().unwrap();
+            for resource_spans in request.into_inner().resource_spans {
+                let service = resource_spans
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|a| a.key == "service.name")
+                    .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                        Value::StringValue(name) => Some(name.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                for scope in resource_spans.scope_spans {
+                    for span in scope.spans {
+                        spans.push((service.clone(), span.trace_id, span.name));
+                    }
+                }
+            }
+            Ok(Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn one_ingest_is_one_trace_through_every_service() {
+        let collector = Collector::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let server = tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        let mesh = Mesh::start(Options {
+            env: vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+                ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+            ],
+            ..Options::default()
+        })
+        .await;
+        let mut client = mesh.client(0).await;
+
+        let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let mut request = Request::new(IngestRequest {
+            fixes: moving("traced", 5),
+            sequence: 1,
+        });
+        request.metadata_mut().insert(
+            "traceparent",
+            format!("00-{trace_id}-00f067aa0ba902b7-01")
+                .parse()
+                .unwrap(),
+        );
+        client.ingest(request).await.unwrap();
+
+        let expected = [
+            ("gateway", "trackmesh.v1.Gateway/Ingest"),
+            ("refinement-api", "trackmesh.v1.Refinement/Refine"),
+            ("learning-api", "trackmesh.v1.Learning/Observe"),
+            ("storage-service", "trackmesh.v1.Storage/Store"),
+            ("storage-service", "clickhouse insert"),
+        ];
+        let wanted: Vec<u8> = (0..16)
+            .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let start = std::time::Instant::now();
+        loop {
+            let seen: Vec<(String, String)> = collector
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, trace, _)| *trace == wanted)
+                .map(|(service, _, name)| (service.clone(), name.clone()))
+                .collect();
+            let missing: Vec<_> = expected
+                .iter()
+                .filter(|(service, name)| !seen.iter().any(|(s, n)| s == service && n == name))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "spans of the trace missing: {missing:?}; seen {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
