@@ -609,7 +609,8 @@ pub async fn devices(
             );
         }
     }
-    if !next_page_token.is_empty() {
+    // csv and json output is for programs: json carries the token, csv is one page.
+    if !next_page_token.is_empty() && query.format == ListFormat::Table {
         eprintln!("more devices: add --page-token {next_page_token} (or --all)");
     }
     Ok(())

@@ -322,11 +322,11 @@ async fn progress(shared: SharedState, total_bytes: u64, started: Instant) {
             let percent = (shared.bytes_read as f64 / total_bytes.max(1) as f64 * 100.0).min(100.0);
             let rate = s.totals.fixes_sent as f64 / started.elapsed().as_secs_f64().max(1e-9);
             let mut line = format!(
-                "replay: {percent:3.0}% read, {} fixes sent: {} accepted, {} rejected, {:.0} fixes/s",
+                "replay: {percent:3.0}% read, {} fixes sent: {} accepted, {} rejected, {} fixes/s",
                 thousands(s.totals.fixes_sent),
                 thousands(s.totals.accepted),
                 thousands(s.totals.rejected),
-                rate
+                thousands(rate as u64)
             );
             if s.retries > 0 {
                 line.push_str(&format!(", {} retries", thousands(s.retries)));
