@@ -26,6 +26,36 @@ pub fn check_device(device: &str) -> Result<(), &'static str> {
     }
 }
 
+/// An id that breaks its rule: the request field and the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadId {
+    pub field: &'static str,
+    pub rule: &'static str,
+}
+
+impl From<BadId> for tonic::Status {
+    fn from(bad: BadId) -> Self {
+        crate::grpc::invalid_argument(bad.field, bad.rule)
+    }
+}
+
+/// The `tenant_id` of an internal request.
+pub fn tenant_field(tenant: &str) -> Result<(), BadId> {
+    check_tenant(tenant).map_err(|rule| BadId {
+        field: "tenant_id",
+        rule,
+    })
+}
+
+/// The `tenant_id` and `device_id` of an internal request about one device.
+pub fn device_fields(tenant: &str, device: &str) -> Result<(), BadId> {
+    tenant_field(tenant)?;
+    check_device(device).map_err(|rule| BadId {
+        field: "device_id",
+        rule,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,6 +68,19 @@ mod tests {
         assert!(check_tenant("a/b").is_err());
         assert!(check_tenant("{x}").is_err());
         assert!(check_tenant(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn fields_are_named() {
+        assert_eq!(tenant_field("").unwrap_err().field, "tenant_id");
+        assert_eq!(
+            device_fields("demo", "").unwrap_err(),
+            BadId {
+                field: "device_id",
+                rule: "required"
+            }
+        );
+        assert!(device_fields("demo", "v").is_ok());
     }
 
     #[test]

@@ -355,3 +355,29 @@ impl Process {
         }
     }
 }
+
+/// Runs `binary` with only `base` and one case's variable in its environment, for each case
+/// `(variable, value, expected)`: it must exit with 64 and print one line containing `expected`.
+pub fn assert_bad_config_exits_64(
+    binary: &std::path::Path,
+    base: &[(&str, &str)],
+    cases: &[(&str, &str, &str)],
+) {
+    for (var, value, expected) in cases {
+        let output = Command::new(binary)
+            .env_clear()
+            .envs(base.iter().copied())
+            .env(var, value)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{var}={value}: {stderr}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{var}={value}: one line, got {stderr}"
+        );
+        assert!(stderr.contains(expected), "{var}={value}: {stderr}");
+    }
+}

@@ -23,20 +23,52 @@ use trackmesh_shared::{grpc::Deadline, ids, server::MAX_MESSAGE_BYTES, telemetry
 use crate::{auth::ApiKeys, downstream::Downstream, error::Error, limits::Limits};
 
 type Propagate = fn(Request<()>) -> Result<Request<()>, Status>;
-type Client<C> = fn(InterceptedService<Channel, Propagate>) -> C;
+/// A channel whose calls pass the current trace on.
+type Traced = InterceptedService<Channel, Propagate>;
 
-/// A client of a downstream's balanced channel that passes the trace on.
-fn client<C>(channel: Channel, new: Client<C>) -> C {
-    new(InterceptedService::new(
-        channel,
-        telemetry::propagate as Propagate,
-    ))
+fn traced(channel: Channel) -> Traced {
+    InterceptedService::new(channel, telemetry::propagate as Propagate)
+}
+
+fn refinement(channel: Channel) -> RefinementClient<Traced> {
+    RefinementClient::new(traced(channel))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+fn learning(channel: Channel) -> LearningClient<Traced> {
+    LearningClient::new(traced(channel)).max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+fn storage(channel: Channel) -> StorageClient<Traced> {
+    StorageClient::new(traced(channel)).max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 fn with_timeout<T>(message: T, timeout: Duration) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(timeout);
     request
+}
+
+/// One unary call through `downstream` (retried as it decides): per attempt a client on its
+/// balanced channel and a copy of `message` carrying the attempt's timeout.
+async fn unary<C, Req, Resp, Fut>(
+    downstream: &Downstream,
+    deadline: Deadline,
+    client: fn(Channel) -> C,
+    message: &Req,
+    call: impl Fn(C, Request<Req>) -> Fut,
+) -> Result<Resp, Status>
+where
+    Req: Clone,
+    Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+{
+    downstream
+        .call(deadline, |channel, timeout, _| {
+            call(client(channel), with_timeout(message.clone(), timeout))
+        })
+        .await
+        .map(Response::into_inner)
 }
 
 #[derive(Clone)]
@@ -136,20 +168,14 @@ impl Inner {
             tenant_id: tenant.to_owned(),
             fixes: request.fixes,
         };
-        let refined = self
-            .refinement
-            .call(deadline, |channel, timeout, _| {
-                let refine = refine.clone();
-                async move {
-                    let mut client = client(channel, RefinementClient::new)
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES);
-                    Ok(client
-                        .refine(with_timeout(refine, timeout))
-                        .await?
-                        .into_inner())
-                }
-            })
-            .await?;
+        let refined = unary(
+            &self.refinement,
+            deadline,
+            refinement,
+            &refine,
+            |mut c, r| async move { c.refine(r).await },
+        )
+        .await?;
 
         let mut response = IngestResponse {
             sequence: request.sequence,
@@ -190,29 +216,19 @@ impl Inner {
                 tenant_id: tenant.to_owned(),
                 fixes,
             };
-            async move {
-                let mut client = client(channel, StorageClient::new)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-                Ok(client
-                    .store(with_timeout(store, timeout))
-                    .await?
-                    .into_inner())
-            }
+            async move { storage(channel).store(with_timeout(store, timeout)).await }
         });
-        let observe = self.learning.call(deadline, |channel, timeout, _| {
-            let observe = ObserveRequest {
-                tenant_id: tenant.to_owned(),
-                fixes: accepted.clone(),
-            };
-            async move {
-                let mut client = client(channel, LearningClient::new)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-                Ok(client
-                    .observe(with_timeout(observe, timeout))
-                    .await?
-                    .into_inner())
-            }
-        });
+        let observe = ObserveRequest {
+            tenant_id: tenant.to_owned(),
+            fixes: accepted.clone(),
+        };
+        let observe = unary(
+            &self.learning,
+            deadline,
+            learning,
+            &observe,
+            |mut c, r| async move { c.observe(r).await },
+        );
         let (stored, observed) = futures::join!(store, observe);
         // Storage is required: without it the client must retry (safe: replays, de-duplication).
         stored?;
@@ -291,14 +307,10 @@ impl Gateway for GatewayService {
             .call(deadline, |channel, _, _| {
                 // No timeout on the stream itself: a long track takes as long as the client reads.
                 let query = query.clone();
-                async move {
-                    Ok(client(channel, StorageClient::new)
-                        .query_track(query)
-                        .await?
-                        .into_inner())
-                }
+                async move { storage(channel).query_track(query).await }
             })
-            .await?;
+            .await?
+            .into_inner();
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -316,20 +328,14 @@ impl Gateway for GatewayService {
             from_ms: request.from_ms,
             to_ms: request.to_ms,
         };
-        let stats = self
-            .inner
-            .storage
-            .call(deadline, |channel, timeout, _| {
-                let query = query.clone();
-                async move {
-                    Ok(client(channel, StorageClient::new)
-                        .daily_stats(with_timeout(query, timeout))
-                        .await?
-                        .into_inner())
-                }
-            })
-            .await?;
-        Ok(Response::new(stats))
+        let stats = unary(
+            &self.inner.storage,
+            deadline,
+            storage,
+            &query,
+            |mut c, r| async move { c.daily_stats(r).await },
+        );
+        Ok(Response::new(stats.await?))
     }
 
     async fn list_devices(
@@ -345,20 +351,14 @@ impl Gateway for GatewayService {
             page_size: request.page_size,
             page_token: request.page_token,
         };
-        let devices = self
-            .inner
-            .storage
-            .call(deadline, |channel, timeout, _| {
-                let query = query.clone();
-                async move {
-                    Ok(client(channel, StorageClient::new)
-                        .list_devices(with_timeout(query, timeout))
-                        .await?
-                        .into_inner())
-                }
-            })
-            .await?;
-        Ok(Response::new(devices))
+        let devices = unary(
+            &self.inner.storage,
+            deadline,
+            storage,
+            &query,
+            |mut c, r| async move { c.list_devices(r).await },
+        );
+        Ok(Response::new(devices.await?))
     }
 
     async fn get_places(
@@ -374,20 +374,14 @@ impl Gateway for GatewayService {
             device_id: request.device_id,
             k: request.k,
         };
-        let places = self
-            .inner
-            .learning
-            .call(deadline, |channel, timeout, _| {
-                let query = query.clone();
-                async move {
-                    Ok(client(channel, LearningClient::new)
-                        .get_places(with_timeout(query, timeout))
-                        .await?
-                        .into_inner())
-                }
-            })
-            .await?;
-        Ok(Response::new(places))
+        let places = unary(
+            &self.inner.learning,
+            deadline,
+            learning,
+            &query,
+            |mut c, r| async move { c.get_places(r).await },
+        );
+        Ok(Response::new(places.await?))
     }
 
     async fn predict_next(
@@ -403,20 +397,14 @@ impl Gateway for GatewayService {
             device_id: request.device_id,
             k: request.k,
         };
-        let predictions = self
-            .inner
-            .learning
-            .call(deadline, |channel, timeout, _| {
-                let query = query.clone();
-                async move {
-                    Ok(client(channel, LearningClient::new)
-                        .predict_next(with_timeout(query, timeout))
-                        .await?
-                        .into_inner())
-                }
-            })
-            .await?;
-        Ok(Response::new(predictions))
+        let predictions = unary(
+            &self.inner.learning,
+            deadline,
+            learning,
+            &query,
+            |mut c, r| async move { c.predict_next(r).await },
+        );
+        Ok(Response::new(predictions.await?))
     }
 
     async fn delete_device(
@@ -428,44 +416,42 @@ impl Gateway for GatewayService {
         let device_id = request.into_inner().device_id;
         device(&device_id)?;
         let inner = &self.inner;
-        let reset = inner.refinement.call(deadline, |channel, timeout, _| {
-            let message = ResetDeviceRequest {
-                tenant_id: tenant.clone(),
-                device_id: device_id.clone(),
-            };
-            async move {
-                client(channel, RefinementClient::new)
-                    .reset_device(with_timeout(message, timeout))
-                    .await?;
-                Ok(())
-            }
-        });
-        let forget = inner.learning.call(deadline, |channel, timeout, _| {
-            let message = ForgetRequest {
-                tenant_id: tenant.clone(),
-                device_id: device_id.clone(),
-            };
-            async move {
-                client(channel, LearningClient::new)
-                    .forget(with_timeout(message, timeout))
-                    .await?;
-                Ok(())
-            }
-        });
-        let delete = inner.storage.call(deadline, |channel, timeout, _| {
-            let message = DeleteStoredDeviceRequest {
-                tenant_id: tenant.clone(),
-                device_id: device_id.clone(),
-            };
-            async move {
-                client(channel, StorageClient::new)
-                    .delete_device(with_timeout(message, timeout))
-                    .await?;
-                Ok(())
-            }
-        });
+        let reset = ResetDeviceRequest {
+            tenant_id: tenant.clone(),
+            device_id: device_id.clone(),
+        };
+        let forget = ForgetRequest {
+            tenant_id: tenant.clone(),
+            device_id: device_id.clone(),
+        };
+        let delete = DeleteStoredDeviceRequest {
+            tenant_id: tenant.clone(),
+            device_id,
+        };
         // All three or an error: deleting is idempotent, so the client simply retries.
-        let (reset, forget, delete) = futures::join!(reset, forget, delete);
+        let (reset, forget, delete) = futures::join!(
+            unary(
+                &inner.refinement,
+                deadline,
+                refinement,
+                &reset,
+                |mut c, r| async move { c.reset_device(r).await }
+            ),
+            unary(
+                &inner.learning,
+                deadline,
+                learning,
+                &forget,
+                |mut c, r| async move { c.forget(r).await }
+            ),
+            unary(
+                &inner.storage,
+                deadline,
+                storage,
+                &delete,
+                |mut c, r| async move { c.delete_device(r).await }
+            ),
+        );
         reset?;
         forget?;
         delete?;

@@ -56,7 +56,7 @@ impl LearningService {
         tenant: &str,
         fixes: &[RefinedFix],
     ) -> Result<ObserveResponse, Error> {
-        check_tenant(tenant)?;
+        ids::tenant_field(tenant)?;
         if fixes.len() > self.max_batch {
             return Err(Error::invalid(
                 "fixes",
@@ -125,7 +125,7 @@ impl LearningService {
     }
 
     async fn places(&self, tenant: &str, device: &str, k: u32) -> Result<GetPlacesResponse, Error> {
-        check_device_request(tenant, device)?;
+        ids::device_fields(tenant, device)?;
         let model = self.store.load_one(tenant, device).await?.model;
         let labels = model::labels(&model, &self.rules);
         let mut places: Vec<&model::PlaceState> = model.places.iter().collect();
@@ -146,7 +146,7 @@ impl LearningService {
         device: &str,
         k: u32,
     ) -> Result<PredictNextResponse, Error> {
-        check_device_request(tenant, device)?;
+        ids::device_fields(tenant, device)?;
         let model = self.store.load_one(tenant, device).await?.model;
         let labels = model::labels(&model, &self.rules);
         let k = if k == 0 { DEFAULT_K } else { k as usize };
@@ -169,7 +169,7 @@ impl LearningService {
     }
 
     async fn profile(&self, tenant: &str, device: &str) -> Result<GetProfileResponse, Error> {
-        check_device_request(tenant, device)?;
+        ids::device_fields(tenant, device)?;
         let loaded = self.store.load_one(tenant, device).await?;
         let model = &loaded.model;
         let labels = model::labels(model, &self.rules);
@@ -319,7 +319,7 @@ impl Learning for LearningService {
         request: Request<ForgetRequest>,
     ) -> Result<Response<ForgetResponse>, Status> {
         let request = request.into_inner();
-        check_device_request(&request.tenant_id, &request.device_id)?;
+        ids::device_fields(&request.tenant_id, &request.device_id)?;
         let existed = self
             .store
             .forget(&request.tenant_id, &request.device_id)
@@ -327,13 +327,4 @@ impl Learning for LearningService {
         tracing::info!(tenant = %request.tenant_id, existed, "device model forgotten");
         Ok(Response::new(ForgetResponse { existed }))
     }
-}
-
-fn check_tenant(tenant: &str) -> Result<(), Error> {
-    ids::check_tenant(tenant).map_err(|rule| Error::invalid("tenant_id", rule))
-}
-
-fn check_device_request(tenant: &str, device: &str) -> Result<(), Error> {
-    check_tenant(tenant)?;
-    ids::check_device(device).map_err(|rule| Error::invalid("device_id", rule))
 }

@@ -832,18 +832,9 @@ mod process {
 
     use super::*;
 
-    fn binary() -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_learning-api"));
-        command
-            .env_clear()
-            .env("LOG_FORMAT", "json")
-            .stdin(Stdio::null());
-        command
-    }
-
     #[test]
     fn bad_configuration_exits_64_with_one_line() {
-        for (var, value, expected) in [
+        let cases = [
             (
                 "STAY_RADIUS_M",
                 "0",
@@ -871,13 +862,12 @@ mod process {
                 "MAX_PLACES_PER_DEVICE=0: out of range, allowed 1..=1000",
             ),
             ("REDIS_ADDR", "redis://", "REDIS_ADDR=redis://:"),
-        ] {
-            let output = binary().env(var, value).output().unwrap();
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            assert_eq!(output.status.code(), Some(64), "{var}={value}: {stderr}");
-            assert_eq!(stderr.lines().count(), 1, "{stderr}");
-            assert!(stderr.contains(expected), "{var}={value}: {stderr}");
-        }
+        ];
+        testkit::assert_bad_config_exits_64(
+            std::path::Path::new(env!("CARGO_BIN_EXE_learning-api")),
+            &[],
+            &cases,
+        );
     }
 
     #[tokio::test]

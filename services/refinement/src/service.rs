@@ -36,7 +36,7 @@ impl RefinementService {
 
     #[tracing::instrument(name = "refine", skip_all, fields(tenant = %tenant, fixes = fixes.len()))]
     pub async fn refine(&self, tenant: &str, fixes: &[Fix]) -> Result<RefineResponse, Error> {
-        check_tenant(tenant)?;
+        ids::tenant_field(tenant)?;
         if fixes.len() > self.max_batch {
             return Err(Error::invalid(
                 "fixes",
@@ -170,7 +170,7 @@ impl Refinement for RefinementService {
         request: Request<GetDeviceStateRequest>,
     ) -> Result<Response<GetDeviceStateResponse>, Status> {
         let request = request.into_inner();
-        check_device_request(&request.tenant_id, &request.device_id)?;
+        ids::device_fields(&request.tenant_id, &request.device_id)?;
         let loaded = self
             .store
             .load(&request.tenant_id, &[request.device_id.as_str()])
@@ -192,7 +192,7 @@ impl Refinement for RefinementService {
         request: Request<ResetDeviceRequest>,
     ) -> Result<Response<ResetDeviceResponse>, Status> {
         let request = request.into_inner();
-        check_device_request(&request.tenant_id, &request.device_id)?;
+        ids::device_fields(&request.tenant_id, &request.device_id)?;
         let existed = self
             .store
             .reset(&request.tenant_id, &request.device_id)
@@ -200,15 +200,6 @@ impl Refinement for RefinementService {
         tracing::info!(tenant = %request.tenant_id, existed, "device state reset");
         Ok(Response::new(ResetDeviceResponse { existed }))
     }
-}
-
-fn check_tenant(tenant: &str) -> Result<(), Error> {
-    ids::check_tenant(tenant).map_err(|rule| Error::invalid("tenant_id", rule))
-}
-
-fn check_device_request(tenant: &str, device: &str) -> Result<(), Error> {
-    check_tenant(tenant)?;
-    ids::check_device(device).map_err(|rule| Error::invalid("device_id", rule))
 }
 
 fn now_ms() -> i64 {

@@ -420,41 +420,30 @@ mod process {
 
     use super::*;
 
-    fn binary() -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_refinement-api"));
-        command
-            .env_clear()
-            .env("LOG_FORMAT", "json")
-            .stdin(Stdio::null());
-        command
-    }
-
     #[test]
     fn bad_configuration_exits_64_with_one_line() {
-        for (var, value, expected) in [
-            (
-                "MAX_SPEED_KMH",
-                "-1",
-                "MAX_SPEED_KMH=-1: out of range, allowed 1..=100000",
-            ),
-            (
-                "MAX_TIME_DIFF",
-                "banana",
-                "MAX_TIME_DIFF=banana: not a duration",
-            ),
-            (
-                "SERVER_PORT",
-                "70000",
-                "SERVER_PORT=70000: out of range, allowed 1..=65535",
-            ),
-            ("REDIS_ADDR", "redis://", "REDIS_ADDR=redis://:"),
-        ] {
-            let output = binary().env(var, value).output().unwrap();
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            assert_eq!(output.status.code(), Some(64), "{var}={value}: {stderr}");
-            assert_eq!(stderr.lines().count(), 1, "{stderr}");
-            assert!(stderr.contains(expected), "{var}={value}: {stderr}");
-        }
+        testkit::assert_bad_config_exits_64(
+            std::path::Path::new(env!("CARGO_BIN_EXE_refinement-api")),
+            &[],
+            &[
+                (
+                    "MAX_SPEED_KMH",
+                    "-1",
+                    "MAX_SPEED_KMH=-1: out of range, allowed 1..=100000",
+                ),
+                (
+                    "MAX_TIME_DIFF",
+                    "banana",
+                    "MAX_TIME_DIFF=banana: not a duration",
+                ),
+                (
+                    "SERVER_PORT",
+                    "70000",
+                    "SERVER_PORT=70000: out of range, allowed 1..=65535",
+                ),
+                ("REDIS_ADDR", "redis://", "REDIS_ADDR=redis://:"),
+            ],
+        );
     }
 
     #[tokio::test]

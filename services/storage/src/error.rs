@@ -23,6 +23,12 @@ impl Error {
     }
 }
 
+impl From<trackmesh_shared::ids::BadId> for Error {
+    fn from(bad: trackmesh_shared::ids::BadId) -> Self {
+        Self::invalid(bad.field, bad.rule)
+    }
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match &error {

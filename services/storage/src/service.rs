@@ -53,7 +53,7 @@ impl StorageService {
         fixes: Vec<RefinedFix>,
         deadline: Deadline,
     ) -> Result<u32, Error> {
-        check_tenant(tenant)?;
+        ids::tenant_field(tenant)?;
         // One message per device keeps a device's fixes in order on one partition.
         let mut by_device: BTreeMap<String, Vec<RefinedFix>> = BTreeMap::new();
         let count = u32::try_from(fixes.len()).unwrap_or(u32::MAX);
@@ -106,7 +106,7 @@ impl Storage for StorageService {
         request: Request<QueryTrackRequest>,
     ) -> Result<Response<TrackStream>, Status> {
         let request = request.into_inner();
-        check_device_request(&request.tenant_id, &request.device_id)?;
+        ids::device_fields(&request.tenant_id, &request.device_id)?;
         let (mut from_ms, mut to_ms) = range(request.from_ms, request.to_ms)?;
         if request.limit > MAX_TRACK_LIMIT {
             return Err(Error::invalid(
@@ -176,7 +176,7 @@ impl Storage for StorageService {
         request: Request<DailyStatsRequest>,
     ) -> Result<Response<DailyStatsResponse>, Status> {
         let request = request.into_inner();
-        check_device_request(&request.tenant_id, &request.device_id)?;
+        ids::device_fields(&request.tenant_id, &request.device_id)?;
         let (from_ms, to_ms) = range(request.from_ms, request.to_ms)?;
         let rows = self
             .db
@@ -208,7 +208,7 @@ impl Storage for StorageService {
         request: Request<ListStoredDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
         let request = request.into_inner();
-        check_tenant(&request.tenant_id)?;
+        ids::tenant_field(&request.tenant_id)?;
         let sort = sort_fields(&request.sort, self.max_sort_fields)?;
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -256,7 +256,7 @@ impl Storage for StorageService {
         request: Request<DeleteStoredDeviceRequest>,
     ) -> Result<Response<DeleteStoredDeviceResponse>, Status> {
         let request = request.into_inner();
-        check_device_request(&request.tenant_id, &request.device_id)?;
+        ids::device_fields(&request.tenant_id, &request.device_id)?;
         self.db
             .delete_device(&request.tenant_id, &request.device_id)
             .await
@@ -264,15 +264,6 @@ impl Storage for StorageService {
         tracing::info!(tenant = %request.tenant_id, "stored fixes of a device deleted");
         Ok(Response::new(DeleteStoredDeviceResponse {}))
     }
-}
-
-fn check_tenant(tenant: &str) -> Result<(), Error> {
-    ids::check_tenant(tenant).map_err(|rule| Error::invalid("tenant_id", rule))
-}
-
-fn check_device_request(tenant: &str, device: &str) -> Result<(), Error> {
-    check_tenant(tenant)?;
-    ids::check_device(device).map_err(|rule| Error::invalid("device_id", rule))
 }
 
 /// Only accepted fixes with a device and valid coordinates are stored.

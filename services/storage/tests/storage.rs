@@ -735,32 +735,27 @@ mod process {
 
     #[test]
     fn bad_configuration_exits_64() {
-        for (var, value, expected) in [
-            (
-                "CLICKHOUSE_URL",
-                "ftp://x:1",
-                "CLICKHOUSE_URL=ftp://x:1: the HTTP interface is needed",
-            ),
-            ("BATCH_MAX_ROWS", "0", "BATCH_MAX_ROWS=0: out of range"),
-            (
-                "KAFKA_TOPIC",
-                "a topic",
-                "KAFKA_TOPIC=a topic: 1 to 249 characters",
-            ),
-            (
-                "BATCH_MAX_WAIT",
-                "soon",
-                "BATCH_MAX_WAIT=soon: not a duration",
-            ),
-        ] {
-            let output = std::process::Command::new(env!("CARGO_BIN_EXE_storage-service"))
-                .env_clear()
-                .env(var, value)
-                .output()
-                .unwrap();
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            assert_eq!(output.status.code(), Some(64), "{var}: {stderr}");
-            assert!(stderr.contains(expected), "{var}: {stderr}");
-        }
+        testkit::assert_bad_config_exits_64(
+            std::path::Path::new(env!("CARGO_BIN_EXE_storage-service")),
+            &[],
+            &[
+                (
+                    "CLICKHOUSE_URL",
+                    "ftp://x:1",
+                    "CLICKHOUSE_URL=ftp://x:1: the HTTP interface is needed",
+                ),
+                ("BATCH_MAX_ROWS", "0", "BATCH_MAX_ROWS=0: out of range"),
+                (
+                    "KAFKA_TOPIC",
+                    "a topic",
+                    "KAFKA_TOPIC=a topic: 1 to 249 characters",
+                ),
+                (
+                    "BATCH_MAX_WAIT",
+                    "soon",
+                    "BATCH_MAX_WAIT=soon: not a duration",
+                ),
+            ],
+        );
     }
 }
