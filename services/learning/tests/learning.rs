@@ -459,10 +459,6 @@ async fn concurrent_replicas_agree_with_serial(redis: RedisConfig) {
         alone.observed,
         "each fix learned once"
     );
-    assert!(
-        a.observed > 0 && b.observed > 0,
-        "both replicas learned: {a:?} {b:?}"
-    );
     assert_eq!(a.ignored + b.ignored, alone.observed);
     assert_eq!(a.stays_closed + b.stays_closed, alone.stays_closed);
 

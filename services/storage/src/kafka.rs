@@ -330,6 +330,7 @@ impl ConsumerContext for Context {
                     .map(|p| p.partition())
                     .collect();
                 tracing::info!(?assigned, "kafka partitions assigned");
+                metrics::gauge!("storage_assigned_partitions").set(assigned.len() as f64);
             }
             Rebalance::Revoke(partitions) => {
                 let revoked: Vec<i32> = partitions
@@ -338,6 +339,7 @@ impl ConsumerContext for Context {
                     .map(|p| p.partition())
                     .collect();
                 tracing::info!(?revoked, "kafka partitions revoked");
+                metrics::gauge!("storage_assigned_partitions").set(0.0);
                 self.revoked
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)

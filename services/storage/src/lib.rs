@@ -41,7 +41,7 @@ pub async fn run(
             "storage_produce_failures_total",
             "storage_rows_written_total",
         ],
-        &["storage_breaker_open"],
+        &["storage_breaker_open", "storage_assigned_partitions"],
     );
     let db = Db::new(&config.storage);
     let kafka = Kafka::new(&config.storage)?;

@@ -713,8 +713,17 @@ mod process {
         let two = Process::start(&config).await;
         let tenant = testkit::unique("t");
         let devices: Vec<String> = (0..40).map(|d| format!("v{d}")).collect();
-        // Wait until both are in the group, then spread devices over the partitions.
-        tokio::time::sleep(Duration::from_secs(8)).await;
+        // Wait until the group has settled with both in it, then spread devices over the partitions.
+        let start = Instant::now();
+        while one.metric("storage_assigned_partitions").await == 0.0
+            || two.metric("storage_assigned_partitions").await == 0.0
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the two replicas never shared the partitions"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let mut client = one.client().await;
         for device in &devices {
             store(&mut client, &tenant, &track(device, 50, T0))
