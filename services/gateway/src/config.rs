@@ -178,17 +178,17 @@ mod tests {
     fn keys_are_required_and_never_printed() {
         let err = load(&[]).unwrap_err().to_string();
         assert!(err.contains("API_KEYS"), "{err}");
-        let config = load(&[("API_KEYS", "demo:s3cret")]).unwrap();
+        let config = load(&[("API_KEYS", "demo:s3cret-key")]).unwrap();
         assert!(!format!("{config:?}").contains("s3cret"));
     }
 
     #[test]
     fn keys_from_a_file_too() {
         let path = std::env::temp_dir().join(format!("keys-{}", std::process::id()));
-        std::fs::write(&path, "fleet:k1\nother:k2\n").unwrap();
+        std::fs::write(&path, "fleet:fleet-key-1\nother:other-key-2\n").unwrap();
         let config = load(&[
             ("API_KEYS_FILE", path.to_str().unwrap()),
-            ("API_KEYS", "demo:k0"),
+            ("API_KEYS", "demo:demo-key-0"),
         ])
         .unwrap();
         assert_eq!(config.api_keys().unwrap().len(), 3);
@@ -204,13 +204,13 @@ mod tests {
 
     #[test]
     fn addresses_need_ports() {
-        let err = load(&[("API_KEYS", "a:b"), ("STORAGE_ADDR", "storage")])
+        let err = load(&[("API_KEYS", "a:a-long-key"), ("STORAGE_ADDR", "storage")])
             .unwrap_err()
             .to_string();
         assert!(err.contains("STORAGE_ADDR=storage: needs a port"), "{err}");
         assert!(
             load(&[
-                ("API_KEYS", "a:b"),
+                ("API_KEYS", "a:a-long-key"),
                 ("REFINEMENT_ADDR", "a:1,b:2,http://c:3")
             ])
             .is_ok()
