@@ -39,13 +39,14 @@ FROM chef AS builder
 COPY --from=planner /src/recipe.json recipe.json
 # Dependencies only: this layer is reused until Cargo.toml/Cargo.lock change.
 RUN cargo chef cook --release --locked --recipe-path recipe.json \
-        --bin gateway --bin refinement-api --bin learning-api --bin storage-service
+        --bin gateway --bin refinement-api --bin learning-api --bin storage-service --bin trackctl
 COPY . .
+# trackctl rides along for smoke tests from inside the cluster (kubectl exec).
 RUN cargo build --release --locked \
-        --bin gateway --bin refinement-api --bin learning-api --bin storage-service \
+        --bin gateway --bin refinement-api --bin learning-api --bin storage-service --bin trackctl \
     && mkdir -p /out \
     && cp target/release/gateway target/release/refinement-api \
-          target/release/learning-api target/release/storage-service /out/
+          target/release/learning-api target/release/storage-service target/release/trackctl /out/
 
 # ---------------------------------------------------------------- runtime
 # Same Debian release as the builder, so glibc matches. Needs only libc,

@@ -3,6 +3,7 @@
 
 pub mod breaker;
 pub mod config;
+mod conn;
 pub mod geo;
 pub mod grpc;
 pub mod ids;

@@ -5,17 +5,15 @@ use std::{future::Future, io::Write as _, process::ExitCode, sync::Arc, time::Du
 
 use anyhow::Context as _;
 use axum::{http::StatusCode, response::IntoResponse, routing::get};
-use futures::future::BoxFuture;
+use futures::{StreamExt as _, future::BoxFuture};
 use tokio::{net::TcpListener, sync::watch};
-use tonic::{
-    service::Routes,
-    transport::{Server, server::TcpIncoming},
-};
+use tonic::{service::Routes, transport::Server};
 use tonic_health::pb::health_check_response::ServingStatus as CheckedStatus;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     config::{CommonConfig, ConfigError, EXIT_USAGE},
+    conn::Conn,
     grpc::GrpcLayer,
     shutdown, telemetry, tls,
 };
@@ -100,7 +98,9 @@ pub async fn serve(
         builder = builder.tls_config(tls)?;
     }
     let max_concurrent = usize::try_from(config.max_concurrent_requests).unwrap_or(usize::MAX);
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (closing, mut closed) = tokio::sync::mpsc::channel::<()>(1);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+        .map(move |accepted| accepted.map(|stream| Conn::new(stream, closing.clone())));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = builder
         .layer(GrpcLayer::new(max_concurrent))
@@ -128,6 +128,8 @@ pub async fn serve(
         Ok(result) => result.context("server failed while draining")?,
         Err(_) => tracing::warn!("shutdown grace period over, dropping remaining requests"),
     }
+    // Connections close gently in the background (see `conn`); let them finish.
+    let _ = tokio::time::timeout(Duration::from_secs(2), closed.recv()).await;
     tracing::info!("server stopped");
     Ok(())
 }
