@@ -52,14 +52,17 @@ async fn main() {
     };
 
     // Schema and topic come from the service itself.
+    println!("setting up schema and topic");
     let mut service = start(&env).await;
     stop(&mut service);
+    println!("producing {ROWS} fixes");
 
     let fixes = fixes_of_devices();
     let produced = Instant::now();
     produce(&env, &fixes).await;
     let produce_secs = produced.elapsed().as_secs_f64();
 
+    println!("consuming");
     let mut service = start(&env).await;
     let (first_at, first_rows) = wait_rows(&env, 1).await;
     let (done_at, _) = wait_rows(&env, ROWS as u64).await;

@@ -292,9 +292,15 @@ impl Extractor for HeaderCarrier {
 #[derive(Default)]
 pub struct Context {
     revoked: Mutex<BTreeSet<i32>>,
+    joined: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
+    /// Whether the group has assigned partitions to this consumer at least once.
+    pub fn joined(&self) -> bool {
+        self.joined.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Partitions taken away since the last call.
     pub fn take_revoked(&self) -> BTreeSet<i32> {
         std::mem::take(
@@ -324,6 +330,8 @@ impl ConsumerContext for Context {
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
+                self.joined
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 let assigned: Vec<i32> = partitions
                     .elements()
                     .iter()

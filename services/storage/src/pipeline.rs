@@ -55,6 +55,7 @@ pub struct Pipeline {
     max_wait: Duration,
     breaker: Breaker,
     health: SinkHealth,
+    session_timeout: Duration,
 }
 
 /// Rows waiting for their insert, and the offsets to commit after it.
@@ -127,6 +128,7 @@ impl Pipeline {
             max_wait: config.batch_max_wait.get(),
             breaker: Breaker::new(5, Duration::from_secs(30)),
             health,
+            session_timeout: config.kafka_session_timeout.get(),
         })
     }
 
@@ -156,6 +158,7 @@ impl Pipeline {
             }
             batch.drop_partitions(&self.context.take_revoked());
         }
+        self.finish_joining().await;
         if !batch.is_empty() {
             tracing::info!(
                 rows = batch.rows.len(),
@@ -167,6 +170,17 @@ impl Pipeline {
             }
         }
         tracing::info!("consumer stopped");
+    }
+
+    /// Stopped while still joining the group: finish the join before leaving. tansu (the
+    /// local broker) keeps a group waiting for a member that left mid-join, so the next
+    /// consumer would never get partitions. Bounded by the session timeout.
+    async fn finish_joining(&self) {
+        let until = Instant::now() + self.session_timeout;
+        while !self.context.joined() && Instant::now() < until {
+            // Polling runs the join; a message that arrives is left uncommitted for later.
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.consumer.recv()).await;
+        }
     }
 
     /// Adds one message's rows; undecodable messages go to the dead-letter topic.

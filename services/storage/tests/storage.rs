@@ -742,6 +742,33 @@ mod process {
         assert!(a > 0.0 && b > 0.0, "both replicas consumed: {a} + {b}");
     }
 
+    #[tokio::test]
+    async fn stopped_while_joining_the_group_leaves_it_usable() {
+        let config = config();
+        // Ready comes before the group join completes (~half the session timeout on tansu):
+        // stop right away, mid-join.
+        let mut first = Process::start(&config).await;
+        let pid = first.child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), first.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        let second = Process::start(&config).await;
+        let start = Instant::now();
+        while second.metric("storage_assigned_partitions").await == 0.0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the group never assigned partitions again"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     #[test]
     fn bad_configuration_exits_64() {
         testkit::assert_bad_config_exits_64(
