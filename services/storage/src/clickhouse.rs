@@ -94,7 +94,11 @@ impl Db {
             .with_url(config.clickhouse_url())
             .with_user(&config.clickhouse_user)
             // The crate's schema validation needs servers newer than Debian's 18.16.
-            .with_validation(false);
+            .with_validation(false)
+            .with_compression(match config.clickhouse_compression.as_str() {
+                "lz4" => clickhouse::Compression::Lz4,
+                _ => clickhouse::Compression::None,
+            });
         if let Some(password) = &config.clickhouse_password {
             server = server.with_password(password);
         }

@@ -35,6 +35,8 @@ pub struct StorageConfig {
     pub clickhouse_user: String,
     pub clickhouse_password: Option<String>,
     pub clickhouse_database: String,
+    /// `none` or `lz4` for inserts and reads; lz4 trades CPU on both ends for bandwidth.
+    pub clickhouse_compression: String,
     /// Comma-separated `host:port` bootstrap brokers.
     pub kafka_brokers: String,
     pub kafka_topic: String,
@@ -69,6 +71,7 @@ impl Default for StorageConfig {
             clickhouse_user: "default".into(),
             clickhouse_password: None,
             clickhouse_database: "trackmesh".into(),
+            clickhouse_compression: "none".into(),
             kafka_brokers: "127.0.0.1:9092".into(),
             kafka_topic: "trackmesh.fixes".into(),
             kafka_dlq_topic: "trackmesh.fixes.dlq".into(),
@@ -116,6 +119,13 @@ impl Validate for StorageConfig {
                 "CLICKHOUSE_DATABASE",
                 &self.clickhouse_database,
                 "letters, digits and _ only",
+            ));
+        }
+        if !matches!(self.clickhouse_compression.as_str(), "none" | "lz4") {
+            return Err(ConfigError::new(
+                "CLICKHOUSE_COMPRESSION",
+                &self.clickhouse_compression,
+                "allowed none or lz4",
             ));
         }
         for broker in self.kafka_brokers.split(',') {

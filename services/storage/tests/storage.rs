@@ -359,7 +359,10 @@ async fn delete_device_removes_its_fixes_and_aggregates() {
 
 #[tokio::test]
 async fn injection_attempts_are_rejected_or_stored_verbatim() {
-    let (_service, mut client) = start(config()).await;
+    // Also the one test of lz4-compressed inserts and reads.
+    let mut config = config();
+    config.storage.clickhouse_compression = "lz4".into();
+    let (_service, mut client) = start(config).await;
     let tenant = testkit::unique("t");
     let nasty = [
         "x'; DROP TABLE fixes; --",
