@@ -794,6 +794,11 @@ mod process {
                     "soon",
                     "BATCH_MAX_WAIT=soon: not a duration",
                 ),
+                (
+                    "CLICKHOUSE_COMPRESSION",
+                    "zstd",
+                    "CLICKHOUSE_COMPRESSION=zstd: allowed none or lz4",
+                ),
             ],
         );
     }
