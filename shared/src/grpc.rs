@@ -63,10 +63,6 @@ impl Deadline {
             .saturating_sub((remaining / 10).min(Duration::from_millis(200)))
             .max(Duration::from_millis(1))
     }
-
-    pub fn expired(self) -> bool {
-        Instant::now() >= self.0
-    }
 }
 
 /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).

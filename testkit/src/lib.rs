@@ -33,6 +33,36 @@ pub fn redis_cluster_nodes() -> Vec<String> {
         .collect()
 }
 
+/// The shared standalone Redis, as services configure it.
+pub fn redis_standalone() -> trackmesh_shared::redis::RedisConfig {
+    trackmesh_shared::redis::RedisConfig {
+        redis_addr: redis_addr(),
+        ..Default::default()
+    }
+}
+
+/// The shared 3-node Redis Cluster, as services configure it.
+pub fn redis_cluster() -> trackmesh_shared::redis::RedisConfig {
+    trackmesh_shared::redis::RedisConfig {
+        redis_cluster_nodes: redis_cluster_nodes(),
+        ..Default::default()
+    }
+}
+
+/// Runs each `async fn scenario(redis: RedisConfig)` of the calling module twice, as tests
+/// in modules `standalone` and `cluster`: against the shared Redis and the Redis Cluster.
+#[macro_export]
+macro_rules! on_both_redis {
+    ($($name:ident),* $(,)?) => {
+        mod standalone {
+            $( #[tokio::test] async fn $name() { super::$name($crate::redis_standalone()).await } )*
+        }
+        mod cluster {
+            $( #[tokio::test] async fn $name() { super::$name($crate::redis_cluster()).await } )*
+        }
+    };
+}
+
 /// `http://host:port` of the shared ClickHouse.
 pub fn clickhouse_url() -> String {
     env("TEST_CLICKHOUSE_URL")

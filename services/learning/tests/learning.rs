@@ -29,20 +29,6 @@ const HOME: (f64, f64) = (36.8500, -76.3000);
 const WORK: (f64, f64) = (36.9150, -76.2500);
 const GYM: (f64, f64) = (36.8300, -76.2700);
 
-fn standalone() -> RedisConfig {
-    RedisConfig {
-        redis_addr: testkit::redis_addr(),
-        ..RedisConfig::default()
-    }
-}
-
-fn cluster() -> RedisConfig {
-    RedisConfig {
-        redis_cluster_nodes: testkit::redis_cluster_nodes(),
-        ..RedisConfig::default()
-    }
-}
-
 fn config(redis: RedisConfig) -> Config {
     let mut config = Config::for_redis(redis);
     config.common.readiness_interval = ConfigDuration::from_millis(100);
@@ -307,19 +293,7 @@ fn shuffled_batches(fixes: &[RefinedFix], size: usize, seed: u64) -> Vec<Vec<Ref
         .collect()
 }
 
-/// Runs each scenario against standalone Redis and against the Cluster.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod standalone {
-            $( #[tokio::test] async fn $name() { super::$name(super::standalone()).await } )*
-        }
-        mod cluster {
-            $( #[tokio::test] async fn $name() { super::$name(super::cluster()).await } )*
-        }
-    };
-}
-
-on_both!(
+testkit::on_both_redis!(
     synthetic_week_learns_home_work_and_gym,
     stay_open_across_a_service_restart,
     concurrent_replicas_agree_with_serial,
@@ -535,7 +509,7 @@ async fn forget_drops_the_model(redis: RedisConfig) {
 
 #[tokio::test]
 async fn unknown_devices_have_no_history() {
-    let (_service, mut client) = start(config(standalone())).await;
+    let (_service, mut client) = start(config(testkit::redis_standalone())).await;
     let tenant = testkit::unique("t");
     assert!(places(&mut client, &tenant, "nobody").await.is_empty());
     let forecast = predict(&mut client, &tenant, "nobody", 3).await;
@@ -546,7 +520,7 @@ async fn unknown_devices_have_no_history() {
 
 #[tokio::test]
 async fn places_are_limited_to_k_and_sorted_by_dwell() {
-    let (_service, mut client) = start(config(standalone())).await;
+    let (_service, mut client) = start(config(testkit::redis_standalone())).await;
     let tenant = testkit::unique("t");
     observe(&mut client, &tenant, &commute("car")).await;
     let top = client
@@ -567,7 +541,7 @@ async fn places_are_limited_to_k_and_sorted_by_dwell() {
 
 #[tokio::test]
 async fn tenants_are_isolated() {
-    let (_service, mut client) = start(config(standalone())).await;
+    let (_service, mut client) = start(config(testkit::redis_standalone())).await;
     let (one, two) = (testkit::unique("t"), testkit::unique("t"));
     observe(&mut client, &one, &commute("same-id")).await;
     assert!(places(&mut client, &two, "same-id").await.is_empty());
@@ -580,7 +554,7 @@ async fn tenants_are_isolated() {
 
 #[tokio::test]
 async fn only_accepted_fixes_are_learned() {
-    let (_service, mut client) = start(config(standalone())).await;
+    let (_service, mut client) = start(config(testkit::redis_standalone())).await;
     let tenant = testkit::unique("t");
     let mut fixes = commute("car");
     let mut rejected = accepted("car", MONDAY + 5, (91.0, 0.0));
@@ -603,7 +577,7 @@ async fn only_accepted_fixes_are_learned() {
 
 #[tokio::test]
 async fn invalid_requests_name_the_field_and_apply_nothing() {
-    let mut config = config(standalone());
+    let mut config = config(testkit::redis_standalone());
     config.learning.max_batch = 100;
     let (_service, mut client) = start(config).await;
     let tenant = testkit::unique("t");
@@ -692,9 +666,13 @@ async fn invalid_requests_name_the_field_and_apply_nothing() {
 
 #[tokio::test]
 async fn unreadable_model_is_an_internal_error() {
-    let (_service, mut client) = start(config(standalone())).await;
+    let (_service, mut client) = start(config(testkit::redis_standalone())).await;
     let tenant = testkit::unique("t");
-    let redis = Redis::connect(&standalone().target(), Duration::from_secs(2)).unwrap();
+    let redis = Redis::connect(
+        &testkit::redis_standalone().target(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
     let written = redis
         .write(&[Write {
             key: format!("tm:learn:{{{tenant}/broken}}"),
@@ -743,7 +721,7 @@ async fn unreadable_model_is_an_internal_error() {
 
 #[tokio::test]
 async fn metrics_are_exported() {
-    let (service, mut client) = start(config(standalone())).await;
+    let (service, mut client) = start(config(testkit::redis_standalone())).await;
     let tenant = testkit::unique("t");
     observe(&mut client, &tenant, &commute("car")).await;
     let (status, body) = testkit::http_get(service.addr, "/metrics").await.unwrap();

@@ -16,20 +16,6 @@ use trackmesh_shared::{config::Duration as ConfigDuration, redis::RedisConfig};
 
 const T0: i64 = 1_750_000_000_000;
 
-fn standalone() -> RedisConfig {
-    RedisConfig {
-        redis_addr: testkit::redis_addr(),
-        ..RedisConfig::default()
-    }
-}
-
-fn cluster() -> RedisConfig {
-    RedisConfig {
-        redis_cluster_nodes: testkit::redis_cluster_nodes(),
-        ..RedisConfig::default()
-    }
-}
-
 fn config(redis: RedisConfig) -> Config {
     let mut config = Config::for_redis(redis);
     config.common.readiness_interval = ConfigDuration::from_millis(100);
@@ -93,19 +79,7 @@ async fn accepted_count(
     (state.found, state.accepted_count)
 }
 
-/// Runs each scenario against standalone Redis and against the Cluster.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        mod standalone {
-            $( #[tokio::test] async fn $name() { super::$name(super::standalone()).await } )*
-        }
-        mod cluster {
-            $( #[tokio::test] async fn $name() { super::$name(super::cluster()).await } )*
-        }
-    };
-}
-
-on_both!(
+testkit::on_both_redis!(
     verdicts_in_input_order,
     replay_after_lost_response,
     concurrent_replicas_agree_with_serial,
@@ -295,7 +269,7 @@ async fn reset_forgets_the_device(redis: RedisConfig) {
 
 #[tokio::test]
 async fn tenants_are_isolated() {
-    let (_service, mut client) = start(config(standalone())).await;
+    let (_service, mut client) = start(config(testkit::redis_standalone())).await;
     let (one, two) = (testkit::unique("t"), testkit::unique("t"));
     refine(&mut client, &one, &track("same-id", 5, T0)).await;
     let other = refine(&mut client, &two, &track("same-id", 1, T0)).await;
@@ -308,7 +282,7 @@ async fn tenants_are_isolated() {
 
 #[tokio::test]
 async fn invalid_requests_name_the_field() {
-    let mut config = config(standalone());
+    let mut config = config(testkit::redis_standalone());
     config.refinement.max_batch = 10;
     let (_service, mut client) = start(config).await;
     let call = |tenant: &str, fixes: Vec<Fix>| RefineRequest {
