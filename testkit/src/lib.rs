@@ -411,3 +411,12 @@ pub fn assert_bad_config_exits_64(
         assert!(stderr.contains(expected), "{var}={value}: {stderr}");
     }
 }
+
+/// Polls `condition` every 200 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_until(timeout: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !condition().await {
+        assert!(start.elapsed() < timeout, "{what} (waited {timeout:?})");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -96,15 +96,20 @@ async fn read_track(
     tenant: &str,
     device: &str,
 ) -> Vec<RefinedFix> {
-    let mut stream = client
-        .query_track(QueryTrackRequest {
-            tenant_id: tenant.into(),
-            device_id: device.into(),
-            ..QueryTrackRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let query = QueryTrackRequest {
+        tenant_id: tenant.into(),
+        device_id: device.into(),
+        ..QueryTrackRequest::default()
+    };
+    query_fixes(client, query).await
+}
+
+/// The fixes of all chunks a track query streams.
+async fn query_fixes(
+    client: &mut StorageClient<Channel>,
+    query: QueryTrackRequest,
+) -> Vec<RefinedFix> {
+    let mut stream = client.query_track(query).await.unwrap().into_inner();
     let mut fixes = Vec::new();
     while let Some(chunk) = stream.next().await {
         fixes.extend(chunk.unwrap().fixes);
@@ -297,25 +302,11 @@ async fn query_track_streams_chunks_in_both_orders_and_resumes() {
     );
     // Resume after the third chunk: the rest, nothing repeated.
     let token = chunks[2].as_ref().unwrap().resume_token.clone();
-    let rest: Vec<_> = client
-        .query_track(query(false, 0, token))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
-    let rest: Vec<RefinedFix> = rest.into_iter().flat_map(|c| c.unwrap().fixes).collect();
+    let rest = query_fixes(&mut client, query(false, 0, token)).await;
     assert_eq!(rest.len(), 500);
     assert_eq!(rest[0].fix.as_ref().unwrap().time_ms, T0 + 60_000 * 400);
     // Newest first, limited.
-    let desc: Vec<_> = client
-        .query_track(query(true, 150, String::new()))
-        .await
-        .unwrap()
-        .into_inner()
-        .collect()
-        .await;
-    let desc: Vec<RefinedFix> = desc.into_iter().flat_map(|c| c.unwrap().fixes).collect();
+    let desc = query_fixes(&mut client, query(true, 150, String::new())).await;
     assert_eq!(desc.len(), 150);
     assert_eq!(desc[0].fix.as_ref().unwrap().time_ms, T0 + 60_000 * 899);
     assert!(
@@ -344,16 +335,11 @@ async fn delete_device_removes_its_fixes_and_aggregates() {
         .await
         .unwrap();
     // ALTER … DELETE is a mutation: applied in the background, soon.
-    let start = Instant::now();
-    while !read_track(&mut client, &tenant, "gone").await.is_empty()
-        || daily_total(&mut client, &tenant, "gone").await > 0
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "delete not applied"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    testkit::wait_until(Duration::from_secs(30), "delete not applied", async || {
+        read_track(&mut client, &tenant, "gone").await.is_empty()
+            && daily_total(&mut client, &tenant, "gone").await == 0
+    })
+    .await;
     assert_eq!(read_track(&mut client, &tenant, "kept").await.len(), 50);
 }
 
@@ -717,16 +703,15 @@ mod process {
         let tenant = testkit::unique("t");
         let devices: Vec<String> = (0..40).map(|d| format!("v{d}")).collect();
         // Wait until the group has settled with both in it, then spread devices over the partitions.
-        let start = Instant::now();
-        while one.metric("storage_assigned_partitions").await == 0.0
-            || two.metric("storage_assigned_partitions").await == 0.0
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "the two replicas never shared the partitions"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        testkit::wait_until(
+            Duration::from_secs(60),
+            "the two replicas never shared the partitions",
+            async || {
+                one.metric("storage_assigned_partitions").await > 0.0
+                    && two.metric("storage_assigned_partitions").await > 0.0
+            },
+        )
+        .await;
         let mut client = one.client().await;
         for device in &devices {
             store(&mut client, &tenant, &track(device, 50, T0))
@@ -762,14 +747,12 @@ mod process {
             .unwrap();
         assert!(status.success(), "{status:?}");
         let second = Process::start(&config).await;
-        let start = Instant::now();
-        while second.metric("storage_assigned_partitions").await == 0.0 {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the group never assigned partitions again"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        testkit::wait_until(
+            Duration::from_secs(30),
+            "the group never assigned partitions again",
+            async || second.metric("storage_assigned_partitions").await > 0.0,
+        )
+        .await;
     }
 
     #[test]
