@@ -1,5 +1,8 @@
 //! A circuit breaker: after `threshold` failures in a row, calls are refused for `cool_down`;
-//! then one trial call decides whether it closes again or stays open.
+//! then one trial call decides whether it closes again or stays open. A trial whose outcome is
+//! never recorded (its call was cancelled) cannot keep the breaker half-open forever: a
+//! [`Permit`] dropped without an outcome frees the trial at once, and a trial reported by
+//! neither means is given up after another `cool_down`.
 
 use std::{sync::Mutex, time::Duration};
 
@@ -20,8 +23,47 @@ enum State {
     Open {
         until: Instant,
     },
-    /// A trial call is in flight; others wait for its verdict.
-    HalfOpen,
+    /// A trial call is in flight; others wait for its verdict, or until `until`, when the
+    /// trial counts as lost and another caller may try.
+    HalfOpen {
+        until: Instant,
+    },
+}
+
+/// Leave to make one call; record its outcome with [`Permit::success`] or
+/// [`Permit::failure`]. Dropped without either (the call was cancelled), it says nothing about
+/// the downstream: a trial is handed back so that the next caller may try at once.
+#[must_use = "record the call's outcome with success() or failure()"]
+#[derive(Debug)]
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
+    trial: bool,
+    recorded: bool,
+}
+
+impl Permit<'_> {
+    pub fn success(mut self) {
+        self.recorded = true;
+        self.breaker.success();
+    }
+
+    pub fn failure(mut self) {
+        self.recorded = true;
+        self.breaker.failure();
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.trial && !self.recorded {
+            let mut state = self.breaker.lock();
+            if matches!(*state, State::HalfOpen { .. }) {
+                *state = State::Open {
+                    until: Instant::now(),
+                };
+            }
+        }
+    }
 }
 
 impl Breaker {
@@ -33,16 +75,43 @@ impl Breaker {
         }
     }
 
-    /// Whether a call may go ahead now. After the cool-down, exactly one caller gets `true`.
-    pub fn allow(&self) -> bool {
+    /// Leave for one call, or `None` while the breaker refuses calls. After the cool-down,
+    /// exactly one caller gets a permit: the trial.
+    pub fn acquire(&self) -> Option<Permit<'_>> {
         let mut state = self.lock();
-        match *state {
-            State::Closed { .. } => true,
-            State::Open { until } if Instant::now() >= until => {
-                *state = State::HalfOpen;
+        let now = Instant::now();
+        let trial = match *state {
+            State::Closed { .. } => false,
+            State::Open { until } | State::HalfOpen { until } if now >= until => {
+                *state = State::HalfOpen {
+                    until: now + self.cool_down,
+                };
                 true
             }
-            State::Open { .. } | State::HalfOpen => false,
+            State::Open { .. } | State::HalfOpen { .. } => return None,
+        };
+        Some(Permit {
+            breaker: self,
+            trial,
+            recorded: false,
+        })
+    }
+
+    /// Whether a call may go ahead now; the caller must then record [`Breaker::success`] or
+    /// [`Breaker::failure`]. Prefer [`Breaker::acquire`] where the call can be cancelled.
+    pub fn allow(&self) -> bool {
+        self.acquire().is_some_and(|mut permit| {
+            // The caller records the outcome itself.
+            permit.recorded = true;
+            true
+        })
+    }
+
+    /// Whether a call would be let through now, without taking the trial.
+    pub fn would_allow(&self) -> bool {
+        match *self.lock() {
+            State::Closed { .. } => true,
+            State::Open { until } | State::HalfOpen { until } => Instant::now() >= until,
         }
     }
 
@@ -70,8 +139,10 @@ impl Breaker {
     /// How long until a trial call will be allowed; zero when calls are allowed now.
     pub fn retry_in(&self) -> Duration {
         match *self.lock() {
-            State::Open { until } => until.saturating_duration_since(Instant::now()),
-            State::Closed { .. } | State::HalfOpen => Duration::ZERO,
+            State::Open { until } | State::HalfOpen { until } => {
+                until.saturating_duration_since(Instant::now())
+            }
+            State::Closed { .. } => Duration::ZERO,
         }
     }
 
@@ -125,5 +196,47 @@ mod tests {
         breaker.success();
         breaker.failure();
         assert!(!breaker.is_open());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_trial_lets_the_next_caller_try() {
+        let breaker = Breaker::new(1, Duration::from_secs(10));
+        breaker.failure();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let trial = breaker.acquire().expect("the trial");
+        assert!(breaker.acquire().is_none(), "one trial at a time");
+        // The trial's call is cancelled: nothing records an outcome.
+        drop(trial);
+        let trial = breaker.acquire().expect("a new trial after a cancelled one");
+        trial.success();
+        assert!(!breaker.is_open());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unreported_trial_is_given_up_after_the_cool_down() {
+        let breaker = Breaker::new(1, Duration::from_secs(10));
+        breaker.failure();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // The bool API: a caller that is cancelled before it records anything.
+        assert!(breaker.allow());
+        assert!(!breaker.allow());
+        assert!(!breaker.would_allow());
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(!breaker.allow(), "the trial is still in flight");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(breaker.would_allow());
+        assert!(breaker.allow(), "a lost trial does not keep the breaker half-open");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permits_in_the_closed_state_say_nothing_when_dropped() {
+        let breaker = Breaker::new(1, Duration::from_secs(10));
+        for _ in 0..10 {
+            drop(breaker.acquire().expect("closed"));
+        }
+        assert!(!breaker.is_open(), "cancelled calls are not failures");
+        breaker.acquire().expect("closed").failure();
+        assert!(breaker.acquire().is_none());
+        assert_eq!(breaker.retry_in(), Duration::from_secs(10));
     }
 }
