@@ -207,7 +207,9 @@ mod tests {
         assert!(breaker.acquire().is_none(), "one trial at a time");
         // The trial's call is cancelled: nothing records an outcome.
         drop(trial);
-        let trial = breaker.acquire().expect("a new trial after a cancelled one");
+        let trial = breaker
+            .acquire()
+            .expect("a new trial after a cancelled one");
         trial.success();
         assert!(!breaker.is_open());
     }
@@ -225,7 +227,10 @@ mod tests {
         assert!(!breaker.allow(), "the trial is still in flight");
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(breaker.would_allow());
-        assert!(breaker.allow(), "a lost trial does not keep the breaker half-open");
+        assert!(
+            breaker.allow(),
+            "a lost trial does not keep the breaker half-open"
+        );
     }
 
     #[tokio::test(start_paused = true)]
