@@ -46,8 +46,9 @@ pub struct Write {
 pub struct Log {
     pub key: String,
     pub append: Vec<u8>,
-    /// The log keeps at least this many newest bytes; trimmed when twice as long, so
-    /// records of a fixed size that divides it stay aligned.
+    /// The log keeps at least this many newest bytes, and never less than the latest append
+    /// (so a whole batch stays recognisable however large); trimmed when twice as long, so
+    /// records of a fixed size that divides both stay aligned.
     pub max_bytes: usize,
 }
 
@@ -60,7 +61,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 if #KEYS > 1 then
   if #ARGV[4] > 0 then
     local len = redis.call('APPEND', KEYS[2], ARGV[4])
-    local max = tonumber(ARGV[5])
+    local max = math.max(tonumber(ARGV[5]), #ARGV[4])
     if len > 2 * max then
       redis.call('SET', KEYS[2], redis.call('GETRANGE', KEYS[2], len - max, -1))
     end
@@ -69,6 +70,35 @@ if #KEYS > 1 then
 end
 return 1
 ";
+
+// The records of a log (fixed-size, sorted by a little-endian i64 at their start) whose key
+// lies in [ARGV[2], ARGV[3]], found by binary search so that only they leave Redis.
+const RANGE: &str = r"
+local size = tonumber(ARGV[1])
+local n = math.floor(redis.call('STRLEN', KEYS[1]) / size)
+local function first_at_least(t)
+  local lo, hi = 0, n
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    local key = struct.unpack('<i8', redis.call('GETRANGE', KEYS[1], mid * size, mid * size + 7))
+    if key < t then lo = mid + 1 else hi = mid end
+  end
+  return lo
+end
+local from = first_at_least(tonumber(ARGV[2]))
+local to = first_at_least(tonumber(ARGV[3]) + 1)
+if to <= from then return '' end
+return redis.call('GETRANGE', KEYS[1], from * size, to * size - 1)
+";
+
+/// Which records of a log to read: those whose i64 key lies in `from..=to`.
+#[derive(Clone, Debug)]
+pub struct LogRange {
+    pub key: String,
+    pub record_size: usize,
+    pub from: i64,
+    pub to: i64,
+}
 
 #[derive(Clone)]
 enum Connection {
@@ -82,6 +112,7 @@ enum Connection {
 pub struct Redis {
     connection: Connection,
     cas: Arc<Script>,
+    range: Arc<Script>,
 }
 
 impl Redis {
@@ -113,6 +144,7 @@ impl Redis {
         Ok(Self {
             connection,
             cas: Arc::new(Script::new(CAS)),
+            range: Arc::new(Script::new(RANGE)),
         })
     }
 
@@ -179,26 +211,30 @@ impl Redis {
                 cmd
             })
             .collect();
-        let mut replies: RedisResult<Vec<i64>> = self.run(&commands).await;
-        if matches!(&replies, Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
-        {
-            // Redis restarted or flushed its script cache: load the script and go again.
-            self.load_script().await?;
-            replies = self.run(&commands).await;
-        }
+        let replies: RedisResult<Vec<i64>> = self.run_script(&self.cas, &commands).await;
         record("cas", start, replies.is_ok());
         Ok(replies?.into_iter().map(|applied| applied == 1).collect())
     }
 
-    /// Reads whole values (logs), in order, in one round trip.
-    pub async fn get(&self, keys: &[String]) -> RedisResult<Vec<Option<Vec<u8>>>> {
+    /// Reads a range of records of each log, in order, in one round trip; an absent log
+    /// reads as empty. Only the records asked for cross the network, however long the log.
+    pub async fn log_ranges(&self, ranges: &[LogRange]) -> RedisResult<Vec<Vec<u8>>> {
         let start = Instant::now();
-        let commands: Vec<Cmd> = keys
+        let commands: Vec<Cmd> = ranges
             .iter()
-            .map(|key| redis::cmd("GET").arg(key).clone())
+            .map(|range| {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.range.get_hash())
+                    .arg(1)
+                    .arg(&range.key)
+                    .arg(range.record_size)
+                    .arg(range.from)
+                    .arg(range.to);
+                cmd
+            })
             .collect();
-        let replies = self.run(&commands).await;
-        record("get", start, replies.is_ok());
+        let replies = self.run_script(&self.range, &commands).await;
+        record("log_range", start, replies.is_ok());
         replies
     }
 
@@ -213,13 +249,24 @@ impl Redis {
         Ok(deleted? > 0)
     }
 
-    async fn load_script(&self) -> RedisResult<()> {
-        match &self.connection {
-            Connection::Single(c) => self.cas.load_async(&mut c.clone()).await?,
-            // SCRIPT LOAD is routed to every primary.
-            Connection::Cluster(c) => self.cas.load_async(&mut c.clone()).await?,
-        };
-        Ok(())
+    /// Runs EVALSHA `commands` of `script`; if Redis restarted or flushed its script cache,
+    /// loads the script and goes again.
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        commands: &[Cmd],
+    ) -> RedisResult<Vec<T>> {
+        match self.run(commands).await {
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                match &self.connection {
+                    Connection::Single(c) => script.load_async(&mut c.clone()).await?,
+                    // SCRIPT LOAD is routed to every primary.
+                    Connection::Cluster(c) => script.load_async(&mut c.clone()).await?,
+                };
+                self.run(commands).await
+            }
+            replies => replies,
+        }
     }
 
     async fn run<T: redis::FromRedisValue>(&self, commands: &[Cmd]) -> RedisResult<Vec<T>> {

@@ -60,7 +60,8 @@ pub struct RefinementConfig {
     pub reanchor_after: u32,
     /// Device state expires after this long without an accepted fix.
     pub state_ttl: Duration,
-    /// Accepted fixes per device remembered to recognise a re-sent fix as a replay.
+    /// Accepted fixes per device remembered to recognise a re-sent fix as a replay; the
+    /// device's latest batch is always remembered whole, however large.
     pub replay_history: u32,
     /// Most fixes in one Refine call.
     pub max_batch: u32,

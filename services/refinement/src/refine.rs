@@ -26,6 +26,10 @@ pub struct DeviceState {
     /// Consecutive, mutually consistent SPEED rejections since the last accepted fix.
     #[prost(message, repeated, tag = "3")]
     pub pending: Vec<Fix>,
+    /// The latest re-anchor run as accepted, the fix that completed it last: a retry of that
+    /// fix answers the others as recovered again, or they would never reach storage.
+    #[prost(message, repeated, tag = "4")]
+    pub reanchor_run: Vec<RefinedFix>,
 }
 
 /// Verdicts 1–4, which need no device state. `Err` holds the verdict and why.
@@ -208,10 +212,18 @@ pub fn refine_device(
             changed: false,
         },
     };
-    for (index, fix) in order {
+    for (index, fix) in &order {
         let result = device.step(fix)?;
         device.outcome.results.push((*index, result));
     }
+    // A re-sent run member in this very call is answered in `results` already.
+    device.outcome.recovered.retain(|recovered| {
+        let time = recovered.fix.as_ref().map_or(0, |f| f.time_ms);
+        !recovered.replay
+            || order
+                .binary_search_by_key(&time, |(_, fix)| fix.time_ms)
+                .is_err()
+    });
     Ok(device.outcome)
 }
 
@@ -229,6 +241,7 @@ impl Device<'_> {
         let last_fix = last.fix.clone().unwrap_or_default();
         if fix.time_ms <= last_fix.time_ms {
             if let Some(replay) = self.find_accepted(fix, &last)? {
+                self.recover_again(fix);
                 return Ok(replay);
             }
             return Ok(if fix.time_ms == last_fix.time_ms {
@@ -290,6 +303,26 @@ impl Device<'_> {
         Ok(find(history, fix).map(|record| record.replay(fix)))
     }
 
+    /// `fix` is re-sent: if it completed the latest re-anchor, the rest of its run goes to
+    /// storage again too (the first answer may have been lost with them).
+    fn recover_again(&mut self, fix: &Fix) {
+        let run = &self.outcome.state.reanchor_run;
+        let Some((completing, earlier)) = run.split_last() else {
+            return;
+        };
+        if completing
+            .fix
+            .as_ref()
+            .is_some_and(|c| c.time_ms == fix.time_ms && same_position(c.lat, c.lon, fix))
+        {
+            let again = earlier.iter().map(|accepted| RefinedFix {
+                replay: true,
+                ..accepted.clone()
+            });
+            self.outcome.recovered.extend(again);
+        }
+    }
+
     fn speed_outlier(
         &mut self,
         fix: &Fix,
@@ -327,18 +360,21 @@ impl Device<'_> {
         let run = std::mem::take(pending);
         let segment = last.segment + 1;
         let mut previous = last.fix.clone().unwrap_or_default();
-        let mut current = outlier;
+        let mut accepted_run = Vec::with_capacity(run.len());
         for run_fix in &run {
             let distance_m = distance(&previous, run_fix);
             let dt_ms = run_fix.time_ms - previous.time_ms;
-            let accepted = self.accept(run_fix, segment, distance_m, dt_ms, true);
-            if run_fix.time_ms == fix.time_ms {
-                current = accepted;
-            } else {
-                self.outcome.recovered.push(accepted);
-            }
+            accepted_run.push(self.accept(run_fix, segment, distance_m, dt_ms, true));
             previous = run_fix.clone();
         }
+        // The run ends with `fix` (it is the latest in time), which is answered directly.
+        let current = accepted_run.last().cloned().unwrap_or(outlier);
+        self.outcome.recovered.extend(
+            accepted_run[..accepted_run.len().saturating_sub(1)]
+                .iter()
+                .cloned(),
+        );
+        self.outcome.state.reanchor_run = accepted_run;
         current
     }
 

@@ -138,8 +138,15 @@ impl RefinementService {
         if need_history.is_empty() {
             return Ok(decided);
         }
-        let names: Vec<&str> = need_history.iter().map(|(device, _)| *device).collect();
-        let logs = self.store.history(tenant, &names).await?;
+        let ranges: Vec<(&str, i64, i64)> = need_history
+            .iter()
+            .map(|(device, _)| {
+                let times = by_device[device].iter().map(|(_, fix)| fix.time_ms);
+                let from = times.clone().min().unwrap_or(0);
+                (*device, from, times.max().unwrap_or(0))
+            })
+            .collect();
+        let logs = self.store.history(tenant, &ranges).await?;
         for ((device, loaded), log) in need_history.into_iter().zip(logs) {
             let outcome =
                 refine::refine_device(&loaded.state, Some(&log), &by_device[device], &self.rules)

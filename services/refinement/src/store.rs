@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use prost::Message as _;
-use trackmesh_shared::redis::{Log, Redis, Write};
+use trackmesh_shared::redis::{Log, LogRange, Redis, Write};
 
 use crate::{
     error::Error,
@@ -65,16 +65,24 @@ impl Store {
             .collect()
     }
 
-    pub async fn history(&self, tenant: &str, devices: &[&str]) -> Result<Vec<Vec<Record>>, Error> {
-        let keys: Vec<String> = devices.iter().map(|d| log_key(tenant, d)).collect();
-        let logs = self.redis.get(&keys).await?;
-        Ok(logs
-            .into_iter()
-            .map(|log| {
-                log.map(|bytes| Record::decode_all(&bytes))
-                    .unwrap_or_default()
+    /// Per device, the records of its replay log in the time range `from..=to`: only what a
+    /// batch can match is read, so a retry storm costs what it re-sends, not whole logs.
+    pub async fn history(
+        &self,
+        tenant: &str,
+        ranges: &[(&str, i64, i64)],
+    ) -> Result<Vec<Vec<Record>>, Error> {
+        let ranges: Vec<LogRange> = ranges
+            .iter()
+            .map(|(device, from, to)| LogRange {
+                key: log_key(tenant, device),
+                record_size: Record::SIZE,
+                from: *from,
+                to: *to,
             })
-            .collect())
+            .collect();
+        let logs = self.redis.log_ranges(&ranges).await?;
+        Ok(logs.iter().map(|bytes| Record::decode_all(bytes)).collect())
     }
 
     /// Compare-and-set of each device; `false` where another replica got there first.

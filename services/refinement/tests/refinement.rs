@@ -12,7 +12,10 @@ use trackmesh_proto::v1::{
     Fix, GetDeviceStateRequest, RefineRequest, RefineResponse, RefinedFix, ResetDeviceRequest,
     Verdict, refinement_client::RefinementClient,
 };
-use trackmesh_shared::{config::Duration as ConfigDuration, redis::RedisConfig};
+use trackmesh_shared::{
+    config::Duration as ConfigDuration,
+    redis::{Log, LogRange, Redis, RedisConfig, Write},
+};
 
 const T0: i64 = 1_750_000_000_000;
 
@@ -84,7 +87,10 @@ testkit::on_both_redis!(
     replay_after_lost_response,
     concurrent_replicas_agree_with_serial,
     state_expires,
-    reset_forgets_the_device
+    reset_forgets_the_device,
+    a_retried_max_batch_of_one_device_is_replayed_whole,
+    a_retried_reanchor_stores_its_run,
+    replay_logs_are_read_by_range
 );
 
 async fn verdicts_in_input_order(redis: RedisConfig) {
@@ -176,6 +182,134 @@ async fn replay_after_lost_response(redis: RedisConfig) {
     stranger.lat += 0.5;
     let answer = refine(&mut client, &tenant, &[stranger]).await;
     assert_eq!(verdicts(&answer.results), [Verdict::OutOfOrder]);
+}
+
+async fn a_retried_max_batch_of_one_device_is_replayed_whole(redis: RedisConfig) {
+    // A whole MAX_BATCH of one device, ten times REPLAY_HISTORY: if its answer is lost
+    // (storage failed), the retry must find every fix again, or 9 000 accepted fixes are lost.
+    let (_service, mut client) = start(config(redis)).await;
+    let tenant = testkit::unique("t");
+    let fixes = track("4b1c9a3e-5f7d-4e2a-9c1b-2d3e4f5a6b7c", 10_000, T0);
+    let first = refine(&mut client, &tenant, &fixes).await;
+    assert!(
+        first
+            .results
+            .iter()
+            .all(|r| r.verdict == Verdict::Accepted as i32 && !r.replay)
+    );
+    let retry = refine(&mut client, &tenant, &fixes).await;
+    let replays = retry
+        .results
+        .iter()
+        .filter(|r| r.verdict == Verdict::Accepted as i32 && r.replay)
+        .count();
+    assert_eq!(replays, 10_000, "{:?}", verdicts(&retry.results[..3]));
+    // The next batch trims the log back to REPLAY_HISTORY.
+    let next = refine(
+        &mut client,
+        &tenant,
+        &track(&fixes[0].device_id, 10_001, T0)[10_000..],
+    )
+    .await;
+    assert_eq!(verdicts(&next.results), [Verdict::Accepted]);
+    let old = refine(&mut client, &tenant, &fixes[..1]).await;
+    assert_eq!(verdicts(&old.results), [Verdict::OutOfOrder]);
+}
+
+async fn a_retried_reanchor_stores_its_run(redis: RedisConfig) {
+    let (_service, mut client) = start(config(redis)).await;
+    let tenant = testkit::unique("t");
+    let at = |time_ms: i64, lat: f64| Fix {
+        device_id: "a".into(),
+        time_ms,
+        lat,
+        lon: 13.0,
+        ..Fix::default()
+    };
+    // A bad first fix; then the real track, one fix per call, answered SPEED until the
+    // third re-anchors on them.
+    refine(&mut client, &tenant, &[at(T0, 10.0)]).await;
+    let run = [
+        at(T0 + 60_000, 52.0),
+        at(T0 + 120_000, 52.001),
+        at(T0 + 180_000, 52.002),
+    ];
+    for fix in &run[..2] {
+        let answer = refine(&mut client, &tenant, std::slice::from_ref(fix)).await;
+        assert_eq!(verdicts(&answer.results), [Verdict::Speed]);
+    }
+    let completing = refine(&mut client, &tenant, &run[2..]).await;
+    assert_eq!(completing.recovered.len(), 2);
+    // That answer is lost (storage was down): the retry must bring the run back, or the two
+    // recovered fixes are never stored.
+    let retry = refine(&mut client, &tenant, &run[2..]).await;
+    assert!(retry.results[0].replay);
+    let times = |fixes: &[RefinedFix]| -> Vec<i64> {
+        fixes
+            .iter()
+            .map(|r| r.fix.as_ref().unwrap().time_ms)
+            .collect()
+    };
+    assert_eq!(times(&retry.recovered), times(&completing.recovered));
+    assert!(
+        retry
+            .recovered
+            .iter()
+            .all(|r| r.replay && r.verdict == Verdict::Accepted as i32)
+    );
+}
+
+async fn replay_logs_are_read_by_range(redis_config: RedisConfig) {
+    // A retry storm must cost what is re-sent, not whole logs: only the records in the
+    // asked time range leave Redis.
+    let redis = Redis::connect(&redis_config.target(), Duration::from_secs(2)).unwrap();
+    let key = format!("tm:test-log:{{{}}}", testkit::unique("d"));
+    const SIZE: usize = 45;
+    let mut log = Vec::new();
+    for i in 0..10_000_i64 {
+        let mut record = (T0 + i * 1_000).to_le_bytes().to_vec();
+        record.resize(SIZE, u8::try_from(i % 251).unwrap());
+        log.extend(record);
+    }
+    let write = Write {
+        key: format!("{key}:state"),
+        expected: 0,
+        data: b"s".to_vec(),
+        ttl: Duration::from_secs(60),
+        log: Some(Log {
+            key: key.clone(),
+            append: log.clone(),
+            max_bytes: 1_000 * SIZE,
+        }),
+    };
+    assert_eq!(redis.write(&[write]).await.unwrap(), [true]);
+    let range = |from: i64, to: i64| LogRange {
+        key: key.clone(),
+        record_size: SIZE,
+        from,
+        to,
+    };
+    let read = redis
+        .log_ranges(&[
+            range(T0 + 4_000_000, T0 + 4_002_000),
+            range(T0 + 4_000_500, T0 + 4_000_900),
+            range(T0 - 5_000, T0),
+            range(T0 + 9_999_000, i64::from(i32::MAX) * 1_000),
+            range(0, T0 - 1),
+            LogRange {
+                key: format!("{key}:absent"),
+                ..range(0, i64::MAX / 2)
+            },
+        ])
+        .await
+        .unwrap();
+    // The whole batch of 10 000 stays although REPLAY_HISTORY is 1 000.
+    assert_eq!(read[0], log[4_000 * SIZE..4_003 * SIZE]);
+    assert!(read[1].is_empty(), "no record between two fixes");
+    assert_eq!(read[2], log[..SIZE]);
+    assert_eq!(read[3], log[9_999 * SIZE..]);
+    assert!(read[4].is_empty());
+    assert!(read[5].is_empty());
 }
 
 async fn concurrent_replicas_agree_with_serial(redis: RedisConfig) {
