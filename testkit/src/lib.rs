@@ -420,3 +420,10 @@ pub async fn wait_until(timeout: Duration, what: &str, mut condition: impl Async
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+impl Process {
+    /// The running child's process id, e.g. to read its `/proc/<pid>/status`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(tokio::process::Child::id)
+    }
+}
