@@ -88,13 +88,22 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 #[derive(Clone)]
 pub struct GrpcLayer {
     permits: Arc<Semaphore>,
+    own_limits: Arc<[String]>,
 }
 
 impl GrpcLayer {
     pub fn new(max_concurrent_requests: usize) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_concurrent_requests)),
+            own_limits: Arc::new([]),
         }
+    }
+
+    /// Paths (`/package.Service/Method`) of long-lived calls the service bounds itself: they
+    /// take no permit, so that idle streams cannot hold the permits every other call needs.
+    pub fn with_own_limits(mut self, paths: &[String]) -> Self {
+        self.own_limits = paths.into();
+        self
     }
 }
 
@@ -105,6 +114,7 @@ impl<S> Layer<S> for GrpcLayer {
         GrpcService {
             inner,
             permits: self.permits.clone(),
+            own_limits: self.own_limits.clone(),
         }
     }
 }
@@ -113,6 +123,7 @@ impl<S> Layer<S> for GrpcLayer {
 pub struct GrpcService<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    own_limits: Arc<[String]>,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for GrpcService<S>
@@ -151,7 +162,12 @@ where
 
         let (service, method) = split_path(request.uri().path());
         // Probes and reflection must answer even under overload.
-        let exempt = service.starts_with("grpc.health.") || service.starts_with("grpc.reflection.");
+        let exempt = service.starts_with("grpc.health.")
+            || service.starts_with("grpc.reflection.")
+            || self
+                .own_limits
+                .iter()
+                .any(|path| path == request.uri().path());
         let permit = if exempt {
             None
         } else if let Ok(permit) = self.permits.clone().try_acquire_owned() {

@@ -49,12 +49,32 @@ enum Readiness {
     ShuttingDown,
 }
 
+/// What few services need to change in [`serve_with`].
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Paths (`/package.Service/Method`) of long-lived streaming calls that the service bounds
+    /// itself (per caller, with idle and total timeouts); they hold no MAX_CONCURRENT_REQUESTS
+    /// permit, so that idle streams cannot lock every other call out.
+    pub own_limits: Vec<String>,
+}
+
 /// Serves until `shutdown` completes, then reports NOT_SERVING, refuses new requests and
 /// lets in-flight ones finish within `shutdown_grace`.
 pub async fn serve(
     config: &CommonConfig,
     listener: TcpListener,
     service: Service,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    serve_with(config, listener, service, Options::default(), shutdown).await
+}
+
+/// [`serve`] with [`Options`].
+pub async fn serve_with(
+    config: &CommonConfig,
+    listener: TcpListener,
+    service: Service,
+    options: Options,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let local_addr = listener.local_addr()?;
@@ -103,7 +123,7 @@ pub async fn serve(
         .map(move |accepted| accepted.map(|stream| Conn::new(stream, closing.clone())));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = builder
-        .layer(GrpcLayer::new(max_concurrent))
+        .layer(GrpcLayer::new(max_concurrent).with_own_limits(&options.own_limits))
         .add_routes(Routes::from(router))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stopped.await;

@@ -1,9 +1,11 @@
 //! API keys → tenant. Keys arrive as `authorization: Bearer <key>` or `x-api-key: <key>`,
-//! are compared in constant time, and never logged.
+//! are compared in constant time, and never logged. Checked on the HTTP headers, before any
+//! of the request body is read (see `guard`).
 
+use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::{Status, metadata::MetadataMap};
+use tonic::Status;
 use trackmesh_shared::{config::ConfigError, ids};
 
 /// The configured keys, kept as SHA-256 digests: comparing digests in constant time does
@@ -65,8 +67,8 @@ impl ApiKeys {
     }
 
     /// The tenant whose key the call carries.
-    pub fn tenant(&self, metadata: &MetadataMap) -> Result<String, Status> {
-        let presented = presented_key(metadata).ok_or_else(|| {
+    pub fn tenant(&self, headers: &HeaderMap) -> Result<String, Status> {
+        let presented = presented_key(headers).ok_or_else(|| {
             Status::unauthenticated(
                 "missing API key: send authorization: Bearer <key> or x-api-key",
             )
@@ -85,12 +87,12 @@ impl ApiKeys {
     }
 }
 
-fn presented_key(metadata: &MetadataMap) -> Option<&str> {
-    if let Some(value) = metadata.get("authorization").and_then(|v| v.to_str().ok()) {
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         let (scheme, key) = value.split_once(' ')?;
         return scheme.eq_ignore_ascii_case("bearer").then(|| key.trim());
     }
-    metadata
+    headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
@@ -104,10 +106,10 @@ fn digest(key: &str) -> [u8; 32] {
 mod tests {
     use super::*;
 
-    fn metadata(name: &'static str, value: &str) -> MetadataMap {
-        let mut metadata = MetadataMap::new();
-        metadata.insert(name, value.parse().unwrap());
-        metadata
+    fn metadata(name: &'static str, value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(name, value.parse().unwrap());
+        headers
     }
 
     fn keys() -> ApiKeys {
@@ -137,7 +139,7 @@ mod tests {
     fn missing_or_wrong_keys_are_unauthenticated() {
         let keys = keys();
         for metadata in [
-            MetadataMap::new(),
+            HeaderMap::new(),
             metadata("authorization", "Bearer nope-nope-nope"),
             metadata("authorization", "Basic demo-key-1"),
             metadata("x-api-key", "demo-key-"),

@@ -15,10 +15,14 @@ pub struct Config {
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
-        Ok(Self {
+        let config = Self {
             common: CommonConfig::from_env(DEFAULT_PORT)?,
             gateway: config::from_env()?,
-        })
+        };
+        config
+            .gateway
+            .tenant_max_concurrent_requests(&config.common)?;
+        Ok(config)
     }
 }
 
@@ -55,6 +59,17 @@ pub struct GatewayConfig {
     /// Consecutive failures that open a downstream's circuit breaker, and how long it stays open.
     pub breaker_failures: u32,
     pub breaker_cool_down: Duration,
+    /// Unary calls (and GetTrack streams) in flight per tenant; 0 turns the limit off. Unset:
+    /// 512, or half of MAX_CONCURRENT_REQUESTS if that is less, so that one tenant never holds
+    /// every slot.
+    pub tenant_max_concurrent_requests: Option<u32>,
+    /// IngestStream calls open per tenant; 0 turns the limit off. Streams hold no
+    /// MAX_CONCURRENT_REQUESTS permit: they are bounded by this and by the two timeouts below.
+    pub tenant_max_streams: u32,
+    /// An IngestStream with no message from the client for this long is closed.
+    pub stream_idle_timeout: Duration,
+    /// An IngestStream is closed after this long, however busy; the client opens a new one.
+    pub stream_max_duration: Duration,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -67,6 +82,13 @@ impl std::fmt::Debug for GatewayConfig {
             .field("api_keys", &self.api_keys.as_ref().map(|_| "<redacted>"))
             .field("api_keys_file", &self.api_keys_file)
             .field("max_batch", &self.max_batch)
+            .field(
+                "tenant_max_concurrent_requests",
+                &self.tenant_max_concurrent_requests,
+            )
+            .field("tenant_max_streams", &self.tenant_max_streams)
+            .field("stream_idle_timeout", &self.stream_idle_timeout)
+            .field("stream_max_duration", &self.stream_max_duration)
             .finish_non_exhaustive()
     }
 }
@@ -87,6 +109,10 @@ impl Default for GatewayConfig {
             retry_attempts: 3,
             breaker_failures: 5,
             breaker_cool_down: Duration::from_secs(30),
+            tenant_max_concurrent_requests: None,
+            tenant_max_streams: 256,
+            stream_idle_timeout: Duration::from_secs(60),
+            stream_max_duration: Duration::from_secs(3600),
         }
     }
 }
@@ -103,6 +129,26 @@ impl GatewayConfig {
             text.push_str(&file);
         }
         ApiKeys::parse(&text)
+    }
+
+    /// The per-tenant limit of calls in flight (0: off). It must stay below the server's
+    /// MAX_CONCURRENT_REQUESTS, or one tenant could hold every slot and lock the others out.
+    pub fn tenant_max_concurrent_requests(
+        &self,
+        common: &CommonConfig,
+    ) -> Result<u32, ConfigError> {
+        let global = common.max_concurrent_requests;
+        match self.tenant_max_concurrent_requests {
+            None => Ok(512.min(global / 2).max(1)),
+            Some(limit) if limit == 0 || limit < global => Ok(limit),
+            Some(limit) => Err(ConfigError::new(
+                "TENANT_MAX_CONCURRENT_REQUESTS",
+                limit,
+                format_args!(
+                    "must be below MAX_CONCURRENT_REQUESTS={global}, or one tenant could lock the others out; 0 turns it off"
+                ),
+            )),
+        }
     }
 }
 
@@ -158,6 +204,20 @@ impl Validate for GatewayConfig {
             "BREAKER_COOL_DOWN",
             self.breaker_cool_down,
             Duration::from_millis(10)..=Duration::from_secs(3600),
+        )?;
+        if let Some(limit) = self.tenant_max_concurrent_requests {
+            check_range("TENANT_MAX_CONCURRENT_REQUESTS", limit, 0..=1_000_000)?;
+        }
+        check_range("TENANT_MAX_STREAMS", self.tenant_max_streams, 0..=1_000_000)?;
+        check_range(
+            "STREAM_IDLE_TIMEOUT",
+            self.stream_idle_timeout,
+            Duration::from_millis(100)..=Duration::from_secs(24 * 3600),
+        )?;
+        check_range(
+            "STREAM_MAX_DURATION",
+            self.stream_max_duration,
+            Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600),
         )
     }
 }
@@ -214,6 +274,44 @@ mod tests {
                 ("REFINEMENT_ADDR", "a:1,b:2,http://c:3")
             ])
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn tenant_limit_stays_below_the_global_one() {
+        let common = |global: &str| {
+            CommonConfig::from_vars(
+                DEFAULT_PORT,
+                [("MAX_CONCURRENT_REQUESTS".into(), global.into())],
+            )
+            .unwrap()
+        };
+        let base = ("API_KEYS", "a:a-long-key");
+        let unset = load(&[base]).unwrap();
+        assert_eq!(
+            unset.tenant_max_concurrent_requests(&common("1024")),
+            Ok(512)
+        );
+        assert_eq!(unset.tenant_max_concurrent_requests(&common("100")), Ok(50));
+        let set = load(&[base, ("TENANT_MAX_CONCURRENT_REQUESTS", "1024")]).unwrap();
+        let err = set
+            .tenant_max_concurrent_requests(&common("1024"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "TENANT_MAX_CONCURRENT_REQUESTS=1024: must be below MAX_CONCURRENT_REQUESTS=1024"
+            ),
+            "{err}"
+        );
+        let off = load(&[base, ("TENANT_MAX_CONCURRENT_REQUESTS", "0")]).unwrap();
+        assert_eq!(off.tenant_max_concurrent_requests(&common("10")), Ok(0));
+        let err = load(&[base, ("STREAM_IDLE_TIMEOUT", "1ms")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("STREAM_IDLE_TIMEOUT=1ms: out of range"),
+            "{err}"
         );
     }
 }

@@ -22,7 +22,12 @@ use tonic::{
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-use trackmesh_shared::{breaker::Breaker, config::CommonConfig, grpc::Deadline, tls};
+use trackmesh_shared::{
+    breaker::{Breaker, Permit},
+    config::CommonConfig,
+    grpc::Deadline,
+    tls,
+};
 
 use crate::config::GatewayConfig;
 
@@ -89,6 +94,25 @@ impl Downstream {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// UNAVAILABLE when a call would be refused now (no healthy endpoint, breaker open): for
+    /// work that must not start unless this downstream can take its result.
+    pub fn available(&self) -> Result<(), Status> {
+        if self.healthy_endpoints() == 0 {
+            return Err(Status::unavailable(format!(
+                "{}: no healthy endpoint; nothing was processed, retry later",
+                self.name
+            )));
+        }
+        if !self.breaker.would_allow() {
+            return Err(Status::unavailable(format!(
+                "{}: circuit breaker open, retry in {:?}; nothing was processed",
+                self.name,
+                self.breaker.retry_in()
+            )));
+        }
+        Ok(())
+    }
+
     /// Runs `call(channel, timeout, attempt)`, retrying retryable failures while the deadline
     /// allows. The timeout given to each attempt leaves time for the answer to travel back.
     pub async fn call<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T, Status>
@@ -105,13 +129,15 @@ impl Downstream {
                     self.name
                 )));
             }
-            if !self.breaker.allow() {
+            // Held across the call: if the caller goes away mid-call, dropping the permit
+            // hands a half-open breaker's trial back instead of leaving it half-open forever.
+            let Some(permit) = self.breaker.acquire() else {
                 return Err(Status::unavailable(format!(
                     "{}: circuit breaker open, retry in {:?}",
                     self.name,
                     self.breaker.retry_in()
                 )));
-            }
+            };
             let budget = deadline.budget();
             let result =
                 match tokio::time::timeout(budget, call(self.channel.clone(), budget, attempt))
@@ -125,20 +151,23 @@ impl Downstream {
                 };
             let status = match result {
                 Ok(value) => {
-                    self.record(true);
+                    self.record(permit, true);
                     return Ok(value);
                 }
                 Err(status) => status,
             };
             // Only trouble reaching the service counts against it; a refused request does not.
-            self.record(!matches!(
-                status.code(),
-                Code::Unavailable
-                    | Code::DeadlineExceeded
-                    | Code::Cancelled
-                    | Code::Unknown
-                    | Code::Internal
-            ));
+            self.record(
+                permit,
+                !matches!(
+                    status.code(),
+                    Code::Unavailable
+                        | Code::DeadlineExceeded
+                        | Code::Cancelled
+                        | Code::Unknown
+                        | Code::Internal
+                ),
+            );
             let retryable = matches!(status.code(), Code::Unavailable | Code::Aborted);
             let pause = backoff + backoff.mul_f64(fastrand::f64());
             if !retryable || attempt >= self.attempts || deadline.remaining() <= pause {
@@ -160,11 +189,11 @@ impl Downstream {
         }
     }
 
-    fn record(&self, ok: bool) {
+    fn record(&self, permit: Permit<'_>, ok: bool) {
         if ok {
-            self.breaker.success();
+            permit.success();
         } else {
-            self.breaker.failure();
+            permit.failure();
         }
         let open = if self.breaker.is_open() { 1.0 } else { 0.0 };
         metrics::gauge!("gateway_downstream_breaker_open", "downstream" => self.name).set(open);

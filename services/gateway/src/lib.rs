@@ -1,6 +1,7 @@
 //! gateway: the public trackmesh API (DESIGN.md, "gateway").
 //!
-//! Every call is authenticated by API key (the key decides the tenant), rate-limited per
+//! Every call is authenticated by API key (the key decides the tenant) before its body is
+//! read, held to per-method size limits and per-tenant concurrency limits, rate-limited per
 //! tenant, and fanned out: Ingest runs Refine, then Store (required) and Observe (best effort)
 //! concurrently with the accepted fixes; queries go to storage or learning.
 #![forbid(unsafe_code)]
@@ -9,6 +10,7 @@ mod auth;
 mod config;
 mod downstream;
 mod error;
+mod guard;
 mod limits;
 mod service;
 
@@ -21,7 +23,12 @@ use trackmesh_shared::server::{self, MAX_MESSAGE_BYTES, ready_check};
 
 pub use config::{Config, DEFAULT_PORT, GatewayConfig};
 
-use crate::{downstream::Downstream, limits::Limits, service::Downstreams};
+use crate::{
+    downstream::Downstream,
+    guard::Guard,
+    limits::Limits,
+    service::{Downstreams, StreamTimeouts},
+};
 
 /// Serves the Gateway API on `listener` until `shutdown` completes.
 pub async fn run(
@@ -32,6 +39,7 @@ pub async fn run(
     trackmesh_shared::metrics::register(&["gateway_learning_failures_total"], &[]);
     let settings = &config.gateway;
     let keys = settings.api_keys()?;
+    let tenant_requests = settings.tenant_max_concurrent_requests(&config.common)?;
     let downstreams = Downstreams {
         refinement: Downstream::start(
             "refinement",
@@ -54,11 +62,14 @@ pub async fn run(
         settings.max_batch,
     );
     let service = service::GatewayService::new(
-        keys,
         limits,
         downstreams,
         settings.max_batch as usize,
         settings.downstream_timeout.get(),
+        StreamTimeouts {
+            idle: settings.stream_idle_timeout.get(),
+            max: settings.stream_max_duration.get(),
+        },
     );
     let tidy = service.clone();
     let tidier = tokio::spawn(async move {
@@ -67,11 +78,27 @@ pub async fn run(
             tidy.limits().tidy();
         }
     });
-    let routes = Routes::new(
-        GatewayServer::new(service)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    );
+    let ingest_message_bytes = guard::ingest_message_bytes(settings.max_batch);
+    // The guard refuses oversize messages per method first; tonic's limit is the backstop.
+    let gateway = GatewayServer::new(service)
+        .max_decoding_message_size(ingest_message_bytes)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = Routes::new(Guard::new(
+        gateway,
+        guard::Settings {
+            keys,
+            tenant_requests,
+            tenant_streams: settings.tenant_max_streams,
+            ingest_message_bytes,
+        },
+    ));
+    // Streams are bounded per tenant and by their timeouts instead of holding a global permit.
+    let options = server::Options {
+        own_limits: guard::STREAM_METHODS
+            .iter()
+            .map(|method| format!("/{SERVICE_NAME}/{method}"))
+            .collect(),
+    };
     // Learning is best effort: without it the gateway still ingests, so it is not required.
     let ready = ready_check(move || {
         let (refinement, storage) = (refinement.clone(), storage.clone());
@@ -84,7 +111,7 @@ pub async fn run(
             Ok(())
         }
     });
-    let served = server::serve(
+    let served = server::serve_with(
         &config.common,
         listener,
         server::Service {
@@ -92,6 +119,7 @@ pub async fn run(
             routes,
             ready,
         },
+        options,
         shutdown,
     )
     .await;

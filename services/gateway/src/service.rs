@@ -1,5 +1,6 @@
-//! The Gateway gRPC service: authenticate, limit, validate, then Refine → Store + Observe for
-//! ingest, and scoped queries; the tenant always comes from the API key.
+//! The Gateway gRPC service: limit, validate, then Refine → Store + Observe for ingest, and
+//! scoped queries. The tenant always comes from the API key, checked by `guard` before the
+//! request reached this service.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -20,7 +21,7 @@ use trackmesh_proto::v1::{
 };
 use trackmesh_shared::{grpc::Deadline, ids, server::MAX_MESSAGE_BYTES, telemetry};
 
-use crate::{auth::ApiKeys, downstream::Downstream, error::Error, limits::Limits};
+use crate::{downstream::Downstream, error::Error, guard::Tenant, limits::Limits};
 
 type Propagate = fn(Request<()>) -> Result<Request<()>, Status>;
 /// A channel whose calls pass the current trace on.
@@ -77,13 +78,20 @@ pub struct GatewayService {
 }
 
 struct Inner {
-    keys: ApiKeys,
     limits: Limits,
     refinement: Arc<Downstream>,
     learning: Arc<Downstream>,
     storage: Arc<Downstream>,
     max_batch: usize,
     timeout: Duration,
+    streams: StreamTimeouts,
+}
+
+/// How long an IngestStream may stay idle, and open at all.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamTimeouts {
+    pub idle: Duration,
+    pub max: Duration,
 }
 
 pub struct Downstreams {
@@ -94,21 +102,21 @@ pub struct Downstreams {
 
 impl GatewayService {
     pub fn new(
-        keys: ApiKeys,
         limits: Limits,
         downstreams: Downstreams,
         max_batch: usize,
         timeout: Duration,
+        streams: StreamTimeouts,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                keys,
                 limits,
                 refinement: downstreams.refinement,
                 learning: downstreams.learning,
                 storage: downstreams.storage,
                 max_batch,
                 timeout,
+                streams,
             }),
         }
     }
@@ -119,7 +127,12 @@ impl GatewayService {
 
     /// The caller's tenant and deadline.
     fn caller<T>(&self, request: &Request<T>) -> Result<(String, Deadline), Status> {
-        let tenant = self.inner.keys.tenant(request.metadata())?;
+        // Put there by the guard; without it (a wiring mistake) every call fails closed.
+        let Tenant(tenant) = request
+            .extensions()
+            .get::<Tenant>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no authenticated tenant"))?;
         Ok((
             tenant,
             Deadline::from_metadata(request.metadata(), self.inner.timeout),
@@ -164,6 +177,9 @@ impl Inner {
             ids::check_device(&fix.device_id)
                 .map_err(|rule| Error::invalid(format!("fixes[{index}].device_id"), rule))?;
         }
+        // Refinement commits what it accepts: refuse before it when storage cannot take the
+        // result, or the client's retry would find those fixes already behind the track.
+        self.storage.available()?;
         let refine = RefineRequest {
             tenant_id: tenant.to_owned(),
             fixes: request.fixes,
@@ -247,6 +263,53 @@ impl Inner {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// The client's messages, ended with DEADLINE_EXCEEDED when none arrives within
+/// `timeouts.idle` (waiting time only: the clock starts when the previous message has been
+/// answered) or when the stream has been open for `timeouts.max`. Either way the stream's
+/// slot is given back and the client opens a new stream when it has something to send.
+fn bounded<S>(
+    messages: S,
+    timeouts: StreamTimeouts,
+) -> impl Stream<Item = Result<IngestRequest, Status>>
+where
+    S: Stream<Item = Result<IngestRequest, Status>> + Unpin,
+{
+    let end = tokio::time::Instant::now() + timeouts.max;
+    futures::stream::unfold(Some(messages), move |messages| async move {
+        let mut messages = messages?;
+        let now = tokio::time::Instant::now();
+        let idle_until = now + timeouts.idle;
+        // A client that always has a message ready must not outlive the limit either.
+        let next = if now >= end {
+            None
+        } else {
+            tokio::time::timeout_at(idle_until.min(end), messages.next())
+                .await
+                .ok()
+        };
+        match next {
+            Some(Some(message)) => Some((message, Some(messages))),
+            Some(None) => None,
+            None => {
+                let status = if idle_until < end {
+                    tracing::info!(idle = ?timeouts.idle, "idle ingest stream closed");
+                    Status::deadline_exceeded(format!(
+                        "no message for {:?} (STREAM_IDLE_TIMEOUT): stream closed, open a new one to send more",
+                        timeouts.idle
+                    ))
+                } else {
+                    tracing::info!(open = ?timeouts.max, "ingest stream closed after its longest duration");
+                    Status::deadline_exceeded(format!(
+                        "stream open for {:?} (STREAM_MAX_DURATION): stream closed, open a new one to send more",
+                        timeouts.max
+                    ))
+                };
+                Some((Err(status), None))
+            }
+        }
+    })
+}
+
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     type IngestStreamStream = BoxStream<IngestResponse>;
@@ -270,9 +333,10 @@ impl Gateway for GatewayService {
     ) -> Result<Response<Self::IngestStreamStream>, Status> {
         let (tenant, _) = self.caller(&request)?;
         let this = self.clone();
+        let messages = bounded(request.into_inner(), self.inner.streams);
         // One request at a time, in order: a device's fixes must reach refinement in order, and
         // a slow mesh slows the reader, which back-pressures the device over HTTP/2.
-        let responses = request.into_inner().then(move |message| {
+        let responses = messages.then(move |message| {
             let (this, tenant) = (this.clone(), tenant.clone());
             async move {
                 let message = message?;
