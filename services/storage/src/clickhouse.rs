@@ -3,12 +3,12 @@
 
 use std::time::Instant;
 
-use clickhouse::{Client, Row, query::RowCursor};
+use clickhouse::{Client, Row, query::Query, query::RowCursor};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     config::StorageConfig,
-    schema::{self, ServerVersion},
+    schema::{self, ServerVersion, Step},
 };
 
 /// One stored fix: the `fixes` table's columns, in order.
@@ -28,6 +28,34 @@ pub struct FixRow {
     pub dt_ms: i64,
     pub speed_kmh: f64,
     pub reanchored: u8,
+    /// The Kafka message the row came from: a redelivered message is recognised by it.
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+}
+
+/// One Kafka message's share of a device's day (`daily_parts`): the consumer writes it after
+/// the message's fixes; a redelivery writes the same key again, which collapses.
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct DayPart {
+    pub tenant_id: String,
+    pub device_id: String,
+    /// Days since the epoch (UTC), ClickHouse's `Date`.
+    pub day: u16,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    pub fix_count: u64,
+    pub distance_sum_m: f64,
+    pub speed_max_kmh: f64,
+    pub time_min_ms: i64,
+    pub time_max_ms: i64,
+}
+
+/// A stored copy of a fix: which message stored it.
+#[derive(Clone, Debug, Row, Deserialize)]
+pub struct StoredCopy {
+    pub time_ms: i64,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
 }
 
 /// A fix as a track query returns it.
@@ -132,20 +160,9 @@ impl Db {
             .query(&format!("CREATE DATABASE IF NOT EXISTS {}", self.database))
             .execute()
             .await?;
-        self.client
-            .query(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (
-                    version UInt32, description String, applied_at DateTime DEFAULT now()
-                ) ENGINE = ReplacingMergeTree ORDER BY version",
-            )
-            .execute()
-            .await?;
+        self.client.query(SCHEMA_MIGRATIONS).execute().await?;
         let version = self.server_version().await?.unwrap_or(ServerVersion(0, 0));
-        let applied: Vec<u32> = self
-            .client
-            .query("SELECT version FROM schema_migrations FINAL")
-            .fetch_all()
-            .await?;
+        let applied: Vec<u32> = self.client.query(APPLIED_MIGRATIONS).fetch_all().await?;
         let mut newly = Vec::new();
         for migration in schema::migrations(retention_days) {
             if applied.contains(&migration.version) {
@@ -160,11 +177,16 @@ impl Db {
                 );
                 continue;
             }
-            for statement in &migration.statements {
-                self.client.query(statement).execute().await?;
+            for step in &migration.statements {
+                if let Step::AddColumn { table, column, .. } = step
+                    && self.has_column(table, column).await?
+                {
+                    continue;
+                }
+                self.client.query(&step.sql()).execute().await?;
             }
             self.client
-                .query("INSERT INTO schema_migrations (version, description) VALUES (?, ?)")
+                .query(RECORD_MIGRATION)
                 .bind(migration.version)
                 .bind(migration.description)
                 .execute()
@@ -179,40 +201,68 @@ impl Db {
         Ok(newly)
     }
 
-    /// Inserts `rows` as one RowBinary insert.
-    pub async fn insert(&self, rows: &[FixRow]) -> clickhouse::error::Result<()> {
+    async fn has_column(&self, table: &str, column: &str) -> clickhouse::error::Result<bool> {
+        let count: u64 = self
+            .client
+            .query(HAS_COLUMN)
+            .bind(table)
+            .bind(column)
+            .fetch_one()
+            .await?;
+        Ok(count > 0)
+    }
+
+    /// Inserts `rows` into `table` as one RowBinary insert.
+    pub async fn insert<T>(&self, table: &str, rows: &[&T]) -> clickhouse::error::Result<()>
+    where
+        T: clickhouse::RowWrite + for<'a> Row<Value<'a> = T>,
+    {
         let start = Instant::now();
-        let mut insert = self.client.insert::<FixRow>("fixes").await?;
+        let mut insert = self.client.insert::<T>(table).await?;
         for row in rows {
-            insert.write(row).await?;
+            insert.write(*row).await?;
         }
         insert.end().await?;
         metrics::histogram!("storage_insert_seconds").record(start.elapsed().as_secs_f64());
         Ok(())
     }
 
-    /// Which of `times` a device already has stored (to drop re-sent fixes before insert).
-    pub async fn stored_times(
+    /// The stored copies of a device's fixes at `times`, with the message that stored each
+    /// (to drop re-sent fixes before insert). Queried [`TIMES_PER_QUERY`] times at a time:
+    /// the times are inlined into the SQL text, which `max_query_size` (256 KiB) bounds.
+    pub async fn stored_copies(
         &self,
         tenant: &str,
         device: &str,
         times: &[i64],
-    ) -> clickhouse::error::Result<Vec<i64>> {
-        let (Some(min), Some(max)) = (times.iter().min(), times.iter().max()) else {
-            return Ok(Vec::new());
-        };
+    ) -> clickhouse::error::Result<Vec<StoredCopy>> {
+        let mut sorted = times.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut copies = Vec::new();
+        for chunk in sorted.chunks(TIMES_PER_QUERY) {
+            copies.extend(
+                self.stored_copies_query(tenant, device, chunk)
+                    .fetch_all::<StoredCopy>()
+                    .await?,
+            );
+        }
+        Ok(copies)
+    }
+
+    /// `times` sorted, not empty.
+    fn stored_copies_query(&self, tenant: &str, device: &str, times: &[i64]) -> Query {
+        let (min, max) = (
+            times.first().copied().unwrap_or_default(),
+            times.last().copied().unwrap_or_default(),
+        );
         self.client
-            .query(
-                "SELECT DISTINCT time_ms FROM fixes
-                WHERE tenant_id = ? AND device_id = ? AND time_ms >= ? AND time_ms <= ? AND has(?, time_ms)",
-            )
+            .query(STORED_COPIES)
             .bind(tenant)
             .bind(device)
             .bind(min)
             .bind(max)
             .bind(times)
-            .fetch_all()
-            .await
     }
 
     /// A device's fixes in `[from, to]`, de-duplicated, streamed in time order.
@@ -225,6 +275,19 @@ impl Db {
         descending: bool,
         limit: u64,
     ) -> clickhouse::error::Result<RowCursor<TrackRow>> {
+        self.track_query(tenant, device, from_ms, to_ms, descending, limit)
+            .fetch()
+    }
+
+    fn track_query(
+        &self,
+        tenant: &str,
+        device: &str,
+        from_ms: i64,
+        to_ms: i64,
+        descending: bool,
+        limit: u64,
+    ) -> Query {
         // FINAL collapses fixes stored twice (redelivery, retries) at read time.
         let order = if descending { "DESC" } else { "ASC" };
         let limit = if limit == 0 { u64::MAX } else { limit };
@@ -239,7 +302,6 @@ impl Db {
             .bind(from_ms)
             .bind(to_ms)
             .bind(limit)
-            .fetch()
     }
 
     /// Daily aggregates of a device for days `from_day..=to_day` (days since the epoch, UTC).
@@ -250,21 +312,18 @@ impl Db {
         from_day: i64,
         to_day: i64,
     ) -> clickhouse::error::Result<Vec<DayRow>> {
+        self.daily_query(tenant, device, from_day, to_day)
+            .fetch_all()
+            .await
+    }
+
+    fn daily_query(&self, tenant: &str, device: &str, from_day: i64, to_day: i64) -> Query {
         self.client
-            .query(
-                "SELECT device_id, toString(day) AS day_text, countMerge(fixes) AS fixes,
-                    sumMerge(distance_m) AS distance_m, maxMerge(max_speed_kmh) AS max_speed_kmh,
-                    minMerge(first_ms) AS first_ms, maxMerge(last_ms) AS last_ms
-                FROM daily_stats
-                WHERE tenant_id = ? AND device_id = ? AND toInt64(toUInt16(day)) >= ? AND toInt64(toUInt16(day)) <= ?
-                GROUP BY device_id, day ORDER BY day",
-            )
+            .query(DAILY)
             .bind(tenant)
             .bind(device)
             .bind(from_day)
             .bind(to_day)
-            .fetch_all()
-            .await
     }
 
     /// One page of a tenant's devices. `sort` holds names from [`SORT_FIELDS`] only.
@@ -275,6 +334,18 @@ impl Db {
         offset: u64,
         limit: u64,
     ) -> clickhouse::error::Result<Vec<DeviceRow>> {
+        self.devices_query(tenant, sort, offset, limit)
+            .fetch_all()
+            .await
+    }
+
+    fn devices_query(
+        &self,
+        tenant: &str,
+        sort: &[(&'static str, bool)],
+        offset: u64,
+        limit: u64,
+    ) -> Query {
         let mut order: Vec<String> = sort
             .iter()
             .map(|(field, descending)| {
@@ -287,32 +358,371 @@ impl Db {
         }
         self.client
             .query(&format!(
-                "SELECT device_id, countMerge(fixes) AS fixes, minMerge(first_ms) AS first_ms,
-                    maxMerge(last_ms) AS last_ms, sumMerge(distance_m) AS distance_m,
-                    maxMerge(max_speed_kmh) AS max_speed_kmh
-                FROM daily_stats WHERE tenant_id = ?
-                GROUP BY device_id ORDER BY {} LIMIT ?, ?",
+                "{DEVICES} ORDER BY {} LIMIT ?, ?",
                 order.join(", ")
             ))
             .bind(tenant)
             .bind(offset)
             .bind(limit)
-            .fetch_all()
-            .await
     }
 
     /// Deletes a device's fixes and aggregates (an asynchronous mutation on the server).
     pub async fn delete_device(&self, tenant: &str, device: &str) -> clickhouse::error::Result<()> {
-        for table in ["fixes", "daily_stats"] {
-            self.client
-                .query(&format!(
-                    "ALTER TABLE {table} DELETE WHERE tenant_id = ? AND device_id = ?"
-                ))
-                .bind(tenant)
-                .bind(device)
-                .execute()
-                .await?;
+        for query in self.delete_queries(tenant, device) {
+            query.execute().await?;
         }
         Ok(())
+    }
+
+    fn delete_queries(&self, tenant: &str, device: &str) -> Vec<Query> {
+        DEVICE_TABLES
+            .iter()
+            .map(|table| {
+                self.client
+                    .query(&format!(
+                        "ALTER TABLE {table} DELETE WHERE tenant_id = ? AND device_id = ?"
+                    ))
+                    .bind(tenant)
+                    .bind(device)
+            })
+            .collect()
+    }
+
+    /// Every statement this code sends, for a server of `version`, with sample values bound:
+    /// the migrations, then each query text as built by the methods above, then inserts of
+    /// sample rows (as VALUES: the crate sends RowBinary) split as the consumer splits them.
+    /// `storage-service print-sql` prints them; `scripts/chdb-check` runs them on a current
+    /// engine.
+    pub fn statements_for_check(&self, version: ServerVersion) -> Vec<String> {
+        let mut out = vec![
+            format!("CREATE DATABASE IF NOT EXISTS {}", self.database),
+            format!("USE {}", self.database),
+            SCHEMA_MIGRATIONS.to_owned(),
+            self.client
+                .query(RECORD_MIGRATION)
+                .bind(1u32)
+                .bind("sample")
+                .sql_display()
+                .to_string(),
+            APPLIED_MIGRATIONS.to_owned(),
+            self.client
+                .query(HAS_COLUMN)
+                .bind("fixes")
+                .bind("time_ms")
+                .sql_display()
+                .to_string(),
+        ];
+        for migration in schema::migrations(30) {
+            if migration.requires <= version {
+                out.extend(migration.statements.iter().map(Step::sql));
+            }
+        }
+        // Fixes over 150 months: one insert would touch more partitions than a current
+        // server takes (max_partitions_per_insert_block = 100).
+        let rows: Vec<FixRow> = (0..150i64)
+            .map(|month| FixRow {
+                tenant_id: "t".into(),
+                device_id: "d".into(),
+                time_ms: 1_500_000_000_000 + month * 31 * 86_400_000,
+                lat: 1.0,
+                lon: 2.0,
+                accuracy_m: Some(3.0),
+                speed_mps: None,
+                heading_deg: None,
+                altitude_m: None,
+                segment: 1,
+                distance_m: 5.0,
+                dt_ms: 60_000,
+                speed_kmh: 7.0,
+                reanchored: 0,
+                kafka_partition: 0,
+                kafka_offset: month,
+            })
+            .collect();
+        for chunk in split_by_month(&rows, |row| row.time_ms.div_euclid(DAY_MS)) {
+            let rows: Vec<&FixRow> = chunk.iter().map(|&i| &rows[i]).collect();
+            out.push(values_insert(&self.client, "fixes", &rows, |query, row| {
+                query
+                    .bind(&row.tenant_id)
+                    .bind(&row.device_id)
+                    .bind(row.time_ms)
+                    .bind(row.lat)
+                    .bind(row.lon)
+                    .bind(row.accuracy_m)
+                    .bind(row.speed_mps)
+                    .bind(row.heading_deg)
+                    .bind(row.altitude_m)
+                    .bind(row.segment)
+                    .bind(row.distance_m)
+                    .bind(row.dt_ms)
+                    .bind(row.speed_kmh)
+                    .bind(row.reanchored)
+                    .bind(row.kafka_partition)
+                    .bind(row.kafka_offset)
+            }));
+        }
+        let part = DayPart {
+            tenant_id: "t".into(),
+            device_id: "d".into(),
+            day: 20_000,
+            kafka_partition: 0,
+            kafka_offset: 1,
+            fix_count: 2,
+            distance_sum_m: 3.0,
+            speed_max_kmh: 4.0,
+            time_min_ms: 5,
+            time_max_ms: 6,
+        };
+        out.push(values_insert(
+            &self.client,
+            "daily_parts",
+            &[&part],
+            |query, part| {
+                query
+                    .bind(&part.tenant_id)
+                    .bind(&part.device_id)
+                    .bind(part.day)
+                    .bind(part.kafka_partition)
+                    .bind(part.kafka_offset)
+                    .bind(part.fix_count)
+                    .bind(part.distance_sum_m)
+                    .bind(part.speed_max_kmh)
+                    .bind(part.time_min_ms)
+                    .bind(part.time_max_ms)
+            },
+        ));
+        let times: Vec<i64> = (0..TIMES_PER_QUERY as i64)
+            .map(|i| 1_500_000_000_000 + i)
+            .collect();
+        let queries = [
+            self.stored_copies_query("t", "d", &times),
+            self.track_query("t", "d", 0, i64::MAX, false, 0),
+            self.track_query("t", "d", 0, i64::MAX, true, 10),
+            self.daily_query("t", "d", 0, 30_000),
+            self.devices_query("t", &[], 0, 100),
+            self.devices_query(
+                "t",
+                &SORT_FIELDS.iter().map(|f| (*f, true)).collect::<Vec<_>>(),
+                100,
+                100,
+            ),
+        ];
+        out.extend(queries.iter().map(|q| q.sql_display().to_string()));
+        out.extend(
+            self.delete_queries("t", "d")
+                .iter()
+                .map(|q| q.sql_display().to_string()),
+        );
+        out
+    }
+}
+
+/// `INSERT INTO table (columns) VALUES (…), …` with each row's values bound by `bind`.
+fn values_insert<T: Row>(
+    client: &Client,
+    table: &str,
+    rows: &[&T],
+    bind: impl Fn(Query, &T) -> Query,
+) -> String {
+    let one = format!("({})", vec!["?"; T::COLUMN_NAMES.len()].join(", "));
+    let mut query = client.query(&format!(
+        "INSERT INTO {table} ({}) VALUES {}",
+        T::COLUMN_NAMES.join(", "),
+        vec![one.as_str(); rows.len()].join(", ")
+    ));
+    for row in rows {
+        query = bind(query, row);
+    }
+    query.sql_display().to_string()
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// At most this many replay times go into one lookup's SQL text (~20 KB).
+pub const TIMES_PER_QUERY: usize = 1000;
+
+/// At most this many monthly partitions in one insert: current servers refuse more than
+/// `max_partitions_per_insert_block` (100) by default.
+pub const MONTHS_PER_INSERT: usize = 100;
+
+/// The tables holding rows of a device: DeleteDevice deletes from each.
+const DEVICE_TABLES: [&str; 2] = ["fixes", "daily_parts"];
+
+const SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    version UInt32, description String, applied_at DateTime DEFAULT now()
+) ENGINE = ReplacingMergeTree ORDER BY version";
+
+const RECORD_MIGRATION: &str = "INSERT INTO schema_migrations (version, description) VALUES (?, ?)";
+
+const APPLIED_MIGRATIONS: &str = "SELECT version FROM schema_migrations FINAL";
+
+const HAS_COLUMN: &str = "SELECT count() FROM system.columns
+    WHERE database = currentDatabase() AND table = ? AND name = ?";
+
+const STORED_COPIES: &str = "SELECT time_ms, kafka_partition, kafka_offset FROM fixes
+    WHERE tenant_id = ? AND device_id = ? AND time_ms >= ? AND time_ms <= ? AND has(?, time_ms)";
+
+// The parts of a day are summed; FINAL first collapses parts a redelivery wrote twice.
+const DAILY: &str = "SELECT device_id, toString(day) AS day_text, sum(fix_count) AS fixes,
+        sum(distance_sum_m) AS distance_m, max(speed_max_kmh) AS max_speed_kmh,
+        min(time_min_ms) AS first_ms, max(time_max_ms) AS last_ms
+    FROM daily_parts FINAL
+    WHERE tenant_id = ? AND device_id = ? AND toInt64(toUInt16(day)) >= ? AND toInt64(toUInt16(day)) <= ?
+    GROUP BY device_id, day ORDER BY day";
+
+/// Followed by `ORDER BY … LIMIT ?, ?`; the output names are [`SORT_FIELDS`].
+const DEVICES: &str = "SELECT device_id, sum(fix_count) AS fixes, min(time_min_ms) AS first_ms,
+        max(time_max_ms) AS last_ms, sum(distance_sum_m) AS distance_m,
+        max(speed_max_kmh) AS max_speed_kmh
+    FROM daily_parts FINAL WHERE tenant_id = ?
+    GROUP BY device_id";
+
+/// Groups row indices (in order within each group) so that no group holds more than
+/// [`MONTHS_PER_INSERT`] UTC months, the `fixes` and `daily_parts` partitions.
+pub fn split_by_month<T>(rows: &[T], day_of: impl Fn(&T) -> i64) -> Vec<Vec<usize>> {
+    let mut by_month: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
+    for (index, row) in rows.iter().enumerate() {
+        by_month.entry(month(day_of(row))).or_default().push(index);
+    }
+    let months: Vec<Vec<usize>> = by_month.into_values().collect();
+    months
+        .chunks(MONTHS_PER_INSERT)
+        .map(|chunk| {
+            let mut indices: Vec<usize> = chunk.concat();
+            indices.sort_unstable();
+            indices
+        })
+        .collect()
+}
+
+/// `year * 12 + month` of a day since the epoch (proleptic Gregorian, as ClickHouse's
+/// toYYYYMM for the dates it represents).
+fn month(day: i64) -> i64 {
+    // Howard Hinnant's civil_from_days.
+    let z = day + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    y * 12 + m
+}
+
+/// How an insert failure concerns the rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The server, the network or the schema: retry the same rows later.
+    Transient,
+    /// A smaller insert may pass (ClickHouse's TOO_MANY_PARTS, code 252: too many
+    /// partitions in one block; or too many parts, which is transient when one row fails).
+    TooBig,
+    /// ClickHouse refuses some of these rows and will refuse them again.
+    Rows,
+}
+
+/// Server exception codes that a row's values cause (bad values, failed constraints or
+/// expressions). Anything else, schema and access errors included, is retried, never
+/// dead-lettered: a stall is visible and loses nothing.
+const ROW_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    33,  // CANNOT_READ_ALL_DATA
+    36,  // BAD_ARGUMENTS
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    43,  // ILLEGAL_TYPE_OF_ARGUMENT
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+    469, // VIOLATED_CONSTRAINT
+];
+
+const TOO_MANY_PARTS: u32 = 252;
+
+/// Classifies an insert error by the exception code in the server's answer.
+pub fn failure(error: &clickhouse::error::Error) -> Failure {
+    let clickhouse::error::Error::BadResponse(text) = error else {
+        return Failure::Transient;
+    };
+    match exception_code(text) {
+        Some(TOO_MANY_PARTS) => Failure::TooBig,
+        Some(code) if ROW_CODES.contains(&code) => Failure::Rows,
+        _ => Failure::Transient,
+    }
+}
+
+/// `Code: 395. DB::Exception: …` → 395.
+fn exception_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + "Code: ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_match_clickhouse() {
+        // toYYYYMM of these days: 1970-01, 2000-02, 2000-03, 2024-12, 2025-01.
+        assert_eq!(month(0), 1970 * 12 + 1);
+        assert_eq!(month(11_016), 2000 * 12 + 2); // 2000-02-29
+        assert_eq!(month(11_017), 2000 * 12 + 3);
+        assert_eq!(month(20_088), 2024 * 12 + 12); // 2024-12-31
+        assert_eq!(month(20_089), 2025 * 12 + 1);
+    }
+
+    #[test]
+    fn inserts_touch_at_most_100_months() {
+        // 250 months, interleaved.
+        let days: Vec<i64> = (0..1000).map(|i| (i % 250) * 31).collect();
+        let groups = split_by_month(&days, |d| *d);
+        assert_eq!(groups.len(), 3);
+        let mut all: Vec<usize> = groups.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..1000).collect::<Vec<_>>(), "every row once");
+        for group in &groups {
+            let months: std::collections::BTreeSet<i64> =
+                group.iter().map(|&i| month(days[i])).collect();
+            assert!(months.len() <= MONTHS_PER_INSERT);
+            assert!(group.windows(2).all(|w| w[0] < w[1]), "in order");
+        }
+        assert_eq!(split_by_month(&days[..10], |d| *d).len(), 1);
+    }
+
+    #[test]
+    fn errors_are_classified_by_code() {
+        let bad = |text: &str| clickhouse::error::Error::BadResponse(text.into());
+        assert_eq!(
+            failure(&bad(
+                "Code: 395, e.displayText() = DB::Exception: Value passed to 'throwIf' function is non zero"
+            )),
+            Failure::Rows
+        );
+        assert_eq!(
+            failure(&bad(
+                "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100). (TOO_MANY_PARTS) (version 26.9.1)"
+            )),
+            Failure::TooBig
+        );
+        assert_eq!(
+            failure(&bad(
+                "Code: 16. DB::Exception: No such column kafka_offset in table fixes"
+            )),
+            Failure::Transient
+        );
+        assert_eq!(
+            failure(&clickhouse::error::Error::TimedOut),
+            Failure::Transient
+        );
+        assert_eq!(failure(&bad("no code at all")), Failure::Transient);
     }
 }

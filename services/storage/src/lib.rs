@@ -1,9 +1,9 @@
 //! storage-service: accepted fixes through Kafka into ClickHouse, and queries over them
 //! (DESIGN.md, "storage-service").
 //!
-//! Store produces one message per device (key `tenant/device`) and answers once Kafka has
-//! acknowledged all of them. A consumer group in the same binary batches messages into
-//! ClickHouse and commits offsets only after the insert.
+//! Store produces a device's fixes as consecutive messages under the broker's size limit (key
+//! `tenant/device`) and answers once Kafka has acknowledged all of them. A consumer group in
+//! the same binary batches messages into ClickHouse and commits offsets only after the insert.
 #![forbid(unsafe_code)]
 
 mod clickhouse;
@@ -23,6 +23,7 @@ use trackmesh_shared::server::{self, ready_check};
 
 pub use config::{Config, DEFAULT_PORT, StorageConfig};
 pub use error::Error;
+pub use kafka::split_batch;
 
 use crate::{clickhouse::Db, kafka::Kafka, pipeline::SinkHealth};
 
@@ -46,14 +47,26 @@ pub async fn run(
     let db = Db::new(&config.storage);
     let kafka = Kafka::new(&config.storage)?;
     let health = SinkHealth::default();
+    let grace = config.common.shutdown_grace.get();
     let (stop, stopped) = watch::channel(false);
-    let consumer = tokio::spawn(set_up_then_consume(
+    let mut consumer = tokio::spawn(set_up_then_consume(
         config.storage.clone(),
+        grace,
         db.clone(),
         kafka.clone(),
         health.clone(),
         stopped,
     ));
+    // The consumer stops with the server, not after its drain: both share the grace period.
+    let stop_asked = std::sync::Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let stop_asked = stop_asked.clone();
+        async move {
+            shutdown.await;
+            let _ = stop_asked.set(tokio::time::Instant::now());
+            let _ = stop.send(true);
+        }
+    };
 
     let service = service::StorageService::new(&config.storage, db.clone(), kafka.clone());
     let routes = Routes::new(
@@ -84,17 +97,42 @@ pub async fn run(
         shutdown,
     )
     .await;
-    let _ = stop.send(true);
-    if let Err(error) = consumer.await {
-        tracing::error!(%error, "consumer task failed");
+    // The server may also have ended on its own (an error): stop the consumer then too.
+    let asked = stop_asked
+        .get()
+        .copied()
+        .unwrap_or_else(tokio::time::Instant::now);
+    // The pipeline keeps to the grace period itself; this is the backstop.
+    match tokio::time::timeout_at(asked + grace + Duration::from_secs(1), &mut consumer).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::error!(%error, "consumer task failed"),
+        Err(_) => {
+            tracing::warn!("consumer still busy after the grace period, stopped");
+            consumer.abort();
+        }
     }
     served
+}
+
+/// Every statement the service sends to ClickHouse, as for a current server (all
+/// migrations), with sample values bound; each ends with a line holding only `;`.
+pub fn statements_for_check() -> String {
+    let config = StorageConfig {
+        clickhouse_database: "trackmesh_check".into(),
+        ..StorageConfig::default()
+    };
+    Db::new(&config)
+        .statements_for_check(schema::ServerVersion(u32::MAX, 0))
+        .iter()
+        .map(|statement| format!("{statement}\n;\n"))
+        .collect()
 }
 
 /// Applies the schema and creates the topics (retrying until the backends answer), then
 /// runs the consumer pipeline.
 async fn set_up_then_consume(
     config: StorageConfig,
+    shutdown_grace: Duration,
     db: Db,
     kafka: Kafka,
     health: SinkHealth,
@@ -121,7 +159,7 @@ async fn set_up_then_consume(
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
-    match pipeline::Pipeline::new(&config, db, kafka, health) {
+    match pipeline::Pipeline::new(&config, shutdown_grace, db, kafka, health) {
         Ok(pipeline) => pipeline.run(stopped).await,
         Err(error) => tracing::error!(%error, "cannot create the kafka consumer"),
     }

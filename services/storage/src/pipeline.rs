@@ -1,9 +1,11 @@
-//! The consumer pipeline: Kafka messages → a batch of rows → one ClickHouse insert → offsets
-//! committed. At-least-once: offsets move only after the insert succeeded, so a crash at any
+//! The consumer pipeline: Kafka messages → a batch of rows → ClickHouse inserts → offsets
+//! committed. At-least-once: offsets move only after the inserts succeeded, so a crash at any
 //! point loses nothing; what comes twice collapses in ClickHouse (ReplacingMergeTree + FINAL).
+//! Rows ClickHouse refuses for good go to the dead-letter topic, so one bad row cannot stall
+//! the partition.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -18,17 +20,19 @@ use rdkafka::{
 };
 use tokio::{sync::watch, time::Instant};
 use tracing::Instrument as _;
-use trackmesh_proto::v1::{FixBatch, RefinedFix, Verdict};
+use trackmesh_proto::v1::{Fix, FixBatch, RefinedFix, Verdict};
 use trackmesh_shared::{breaker::Breaker, ids, telemetry};
 
 use crate::{
-    clickhouse::{Db, FixRow},
+    clickhouse::{self as ch, DayPart, Db, Failure, FixRow},
     config::StorageConfig,
     kafka::{self, Context, HeaderCarrier, Kafka, Owned},
 };
 
 /// At most this many traces get a span for the insert their fixes went into.
 const TRACED_PER_BATCH: usize = 64;
+
+const DAY_MS: i64 = 86_400_000;
 
 /// Whether the sink is healthy, for readiness.
 #[derive(Clone, Default)]
@@ -43,7 +47,6 @@ impl SinkHealth {
         self.0.store(ok, Ordering::Relaxed);
     }
 }
-
 pub struct Pipeline {
     consumer: StreamConsumer<Context>,
     context: Arc<Context>,
@@ -56,26 +59,21 @@ pub struct Pipeline {
     breaker: Breaker,
     health: SinkHealth,
     session_timeout: Duration,
+    /// What the pipeline may spend after shutdown was asked (joining, last insert, commit).
+    shutdown_grace: Duration,
 }
 
 /// Rows waiting for their insert, and the offsets to commit after it.
 #[derive(Default)]
 struct Batch {
     rows: Vec<FixRow>,
+    /// Per row: refinement had accepted this fix before (a client re-sent it).
+    replay: Vec<bool>,
     bytes: usize,
-    /// Per row: where it came from and whether it was re-sent.
-    meta: Vec<RowMeta>,
     /// Per partition: the next offset to consume once this batch is stored.
     next_offsets: BTreeMap<i32, i64>,
     started: Option<Instant>,
     traces: Vec<Vec<(String, String)>>,
-}
-
-#[derive(Clone, Copy)]
-struct RowMeta {
-    partition: i32,
-    /// Refinement had accepted this fix before: a client re-sent it.
-    replay: bool,
 }
 
 impl Batch {
@@ -88,17 +86,17 @@ impl Batch {
         let mut flags = keep.iter();
         self.rows.retain(|_| *flags.next().unwrap_or(&true));
         let mut flags = keep.iter();
-        self.meta.retain(|_| *flags.next().unwrap_or(&true));
+        self.replay.retain(|_| *flags.next().unwrap_or(&true));
     }
 
-    fn drop_partitions(&mut self, revoked: &std::collections::BTreeSet<i32>) {
+    fn drop_partitions(&mut self, revoked: &BTreeSet<i32>) {
         if revoked.is_empty() {
             return;
         }
         let keep: Vec<bool> = self
-            .meta
+            .rows
             .iter()
-            .map(|m| !revoked.contains(&m.partition))
+            .map(|row| !revoked.contains(&row.kafka_partition))
             .collect();
         self.retain(&keep);
         self.next_offsets.retain(|p, _| !revoked.contains(p));
@@ -112,6 +110,7 @@ impl Batch {
 impl Pipeline {
     pub fn new(
         config: &StorageConfig,
+        shutdown_grace: Duration,
         db: Db,
         kafka: Kafka,
         health: SinkHealth,
@@ -129,14 +128,17 @@ impl Pipeline {
             breaker: Breaker::new(5, Duration::from_secs(30)),
             health,
             session_timeout: config.kafka_session_timeout.get(),
+            shutdown_grace,
         })
     }
 
-    /// Consumes until `shutdown` turns true, then stores and commits what it holds.
+    /// Consumes until `shutdown` turns true, then stores and commits what it holds, within
+    /// the shutdown grace period: what is not stored by then stays uncommitted in Kafka.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         self.health.set(true);
         let mut batch = Batch::default();
-        loop {
+        // `flush` may have seen the change already: the flag, not the change, ends the loop.
+        while !*shutdown.borrow() {
             let deadline = batch.started.map(|started| started + self.max_wait);
             tokio::select! {
                 biased;
@@ -156,18 +158,28 @@ impl Pipeline {
                     }
                 },
             }
-            batch.drop_partitions(&self.context.take_revoked());
         }
-        self.finish_joining().await;
-        if !batch.is_empty() {
+        let until = Instant::now()
+            + self
+                .shutdown_grace
+                .saturating_sub(Duration::from_millis(500));
+        let last = async {
+            self.finish_joining().await;
+            batch.drop_partitions(&self.context.take_revoked());
+            if batch.is_empty() {
+                return;
+            }
             tracing::info!(
                 rows = batch.rows.len(),
                 "storing the last batch before shutdown"
             );
             // One more attempt; if ClickHouse is down the rows stay uncommitted in Kafka.
-            if self.insert_once(&mut batch).await {
+            if self.store(&mut batch).await {
                 self.commit(&batch, CommitMode::Sync);
             }
+        };
+        if tokio::time::timeout_at(until, last).await.is_err() {
+            tracing::warn!("shutdown grace period over, the last batch stays uncommitted in kafka");
         }
         tracing::info!("consumer stopped");
     }
@@ -185,6 +197,10 @@ impl Pipeline {
 
     /// Adds one message's rows; undecodable messages go to the dead-letter topic.
     async fn add(&self, batch: &mut Batch, message: Owned) {
+        // Partitions revoked before this message was fetched: drop their rows first. After
+        // `add` it would be too late: the message may belong to a partition revoked and
+        // assigned again in the same poll, and its offset would not be read again.
+        batch.drop_partitions(&self.context.take_revoked());
         match decode(&message) {
             Ok(rows) => {
                 if batch.started.is_none() {
@@ -193,10 +209,7 @@ impl Pipeline {
                 batch.bytes += message.payload.len();
                 for (row, replay) in rows {
                     batch.rows.push(row);
-                    batch.meta.push(RowMeta {
-                        partition: message.partition,
-                        replay,
-                    });
+                    batch.replay.push(replay);
                 }
                 if !message.trace.is_empty() && batch.traces.len() < TRACED_PER_BATCH {
                     batch.traces.push(message.trace.clone());
@@ -204,20 +217,24 @@ impl Pipeline {
             }
             Err(reason) => {
                 tracing::warn!(partition = message.partition, offset = message.offset, %reason, "undecodable message, to the dead-letter topic");
-                // The partition must not block on a bad message, nor lose it: retry the DLQ
-                // until it takes the message (a broker that is down is down for the topic too).
-                let mut backoff = Duration::from_millis(100);
-                while let Err(error) = self.kafka.dead_letter(&message, &reason).await {
-                    tracing::warn!(%error, "dead-letter produce failed, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                metrics::counter!("storage_dlq_messages_total").increment(1);
+                self.dead_letter(&message, &reason).await;
             }
         }
         batch
             .next_offsets
             .insert(message.partition, message.offset + 1);
+    }
+
+    /// The partition must not block on a bad message, nor lose it: retries the dead-letter
+    /// topic until it takes the message (a broker that is down is down for the topic too).
+    async fn dead_letter(&self, message: &Owned, reason: &str) {
+        let mut backoff = Duration::from_millis(100);
+        while let Err(error) = self.kafka.dead_letter(message, reason).await {
+            tracing::warn!(%error, "dead-letter produce failed, retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        metrics::counter!("storage_dlq_messages_total").increment(1);
     }
 
     /// Stores the batch, retrying with backoff behind the circuit breaker; consumption is
@@ -231,8 +248,13 @@ impl Pipeline {
         let mut backoff = Duration::from_millis(100);
         loop {
             batch.drop_partitions(&self.context.take_revoked());
-            if self.breaker.allow() && self.insert_once(batch).await {
-                break;
+            if self.breaker.allow() {
+                tokio::select! {
+                    biased;
+                    // Nothing is committed before the inserts succeeded: stopping here is safe.
+                    _ = shutdown.changed() => return,
+                    stored = self.store(batch) => if stored { break },
+                }
             }
             if !paused {
                 paused = self.pause(true);
@@ -261,8 +283,10 @@ impl Pipeline {
         *batch = Batch::default();
     }
 
-    /// One insert attempt, with de-duplication first; updates breaker, health and metrics.
-    async fn insert_once(&self, batch: &mut Batch) -> bool {
+    /// One attempt to store the batch: de-duplication, the fixes (rows ClickHouse refuses
+    /// for good to the dead-letter topic), then the daily parts. Updates breaker, health and
+    /// metrics; true when everything is stored and the offsets may be committed.
+    async fn store(&self, batch: &mut Batch) -> bool {
         let spans: Vec<tracing::Span> = batch
             .traces
             .iter()
@@ -279,7 +303,21 @@ impl Pipeline {
         let span = spans.first().cloned().unwrap_or_else(tracing::Span::none);
         let result = async {
             self.drop_stored_replays(batch).await?;
-            self.db.insert(&batch.rows).await
+            let refused = self.insert_fixes(&batch.rows).await?;
+            if !refused.is_empty() {
+                self.dead_letter_rows(batch, &refused).await;
+                let keep: Vec<bool> = (0..batch.rows.len())
+                    .map(|i| !refused.contains_key(&i))
+                    .collect();
+                // Not stored, not counted; a retry of the daily parts does not send them again.
+                batch.retain(&keep);
+            }
+            let parts = day_parts(&batch.rows);
+            for group in ch::split_by_month(&parts, |part| i64::from(part.day)) {
+                let group: Vec<&DayPart> = group.iter().map(|&i| &parts[i]).collect();
+                self.db.insert("daily_parts", &group).await?;
+            }
+            Ok::<_, clickhouse::error::Error>(())
         }
         .instrument(span)
         .await;
@@ -309,8 +347,77 @@ impl Pipeline {
         }
     }
 
+    /// Inserts the fixes, at most [`ch::MONTHS_PER_INSERT`] monthly partitions at a time.
+    /// An insert ClickHouse refuses for the rows' sake is split in halves until the refused
+    /// rows are alone; returns those (by index) with the reason. Transient errors end the
+    /// attempt: the caller retries everything (rows inserted twice collapse).
+    async fn insert_fixes(
+        &self,
+        rows: &[FixRow],
+    ) -> clickhouse::error::Result<BTreeMap<usize, String>> {
+        let mut refused = BTreeMap::new();
+        for group in ch::split_by_month(rows, |row| row.time_ms.div_euclid(DAY_MS)) {
+            let mut pending = vec![group];
+            while let Some(part) = pending.pop() {
+                let chunk: Vec<&FixRow> = part.iter().map(|&i| &rows[i]).collect();
+                let Err(error) = self.db.insert("fixes", &chunk).await else {
+                    continue;
+                };
+                match (ch::failure(&error), part.len()) {
+                    (Failure::Rows | Failure::TooBig, 2..) => {
+                        tracing::info!(rows = part.len(), %error, "insert refused, splitting it");
+                        let (first, second) = part.split_at(part.len() / 2);
+                        pending.push(second.to_vec());
+                        pending.push(first.to_vec());
+                    }
+                    (Failure::Rows, _) => {
+                        let index = part[0];
+                        tracing::warn!(
+                            partition = rows[index].kafka_partition,
+                            offset = rows[index].kafka_offset,
+                            %error,
+                            "clickhouse refuses a row, to the dead-letter topic"
+                        );
+                        refused.insert(index, error.to_string());
+                    }
+                    // One row and too many parts: merges are behind, which passes.
+                    (Failure::TooBig | Failure::Transient, _) => return Err(error),
+                }
+            }
+        }
+        Ok(refused)
+    }
+
+    /// Each refused row as a message of its own on the dead-letter topic: a FixBatch of the
+    /// one fix, with ClickHouse's reason and the message it came from in the headers.
+    async fn dead_letter_rows(&self, batch: &Batch, refused: &BTreeMap<usize, String>) {
+        for (&index, reason) in refused {
+            let row = &batch.rows[index];
+            let replay = batch.replay.get(index).copied().unwrap_or(false);
+            let message = Owned {
+                partition: row.kafka_partition,
+                offset: row.kafka_offset,
+                key: Some(format!("{}/{}", row.tenant_id, row.device_id).into_bytes()),
+                payload: FixBatch {
+                    tenant_id: row.tenant_id.clone(),
+                    device_id: row.device_id.clone(),
+                    fixes: vec![refined_fix(row, replay)],
+                }
+                .encode_to_vec(),
+                schema_version: Some(kafka::SCHEMA_VERSION.to_owned()),
+                trace: Vec::new(),
+            };
+            self.dead_letter(&message, &format!("clickhouse refused the fix: {reason}"))
+                .await;
+        }
+    }
+
     /// Drops fixes stored twice in this batch, and re-sent fixes (replays) that ClickHouse
-    /// already has, so that the daily aggregates count each fix once.
+    /// already has from an earlier message, so that the daily parts count each fix once.
+    /// Copies stored by the same message or a later one of its partition do not count: they
+    /// are this very batch, inserted before a crash and now delivered again, and the
+    /// decision must come out the same as the first time, or the message's daily parts would
+    /// differ from the ones stored then.
     async fn drop_stored_replays(&self, batch: &mut Batch) -> clickhouse::error::Result<()> {
         let mut seen = HashSet::with_capacity(batch.rows.len());
         let mut keep: Vec<bool> = batch
@@ -321,25 +428,37 @@ impl Pipeline {
         drop(seen);
         // Replays carry a flag from refinement; only those can already be in ClickHouse.
         let mut replays: BTreeMap<(&str, &str), Vec<i64>> = BTreeMap::new();
-        for ((row, meta), kept) in batch.rows.iter().zip(&batch.meta).zip(&keep) {
-            if *kept && meta.replay {
+        for ((row, replay), kept) in batch.rows.iter().zip(&batch.replay).zip(&keep) {
+            if *kept && *replay {
                 replays
                     .entry((&row.tenant_id, &row.device_id))
                     .or_default()
                     .push(row.time_ms);
             }
         }
-        let mut stored: HashSet<(String, String, i64)> = HashSet::new();
+        let mut stored: HashMap<(String, String, i64), Vec<(i32, i64)>> = HashMap::new();
         for ((tenant, device), times) in &replays {
-            for time in self.db.stored_times(tenant, device, times).await? {
-                stored.insert(((*tenant).to_owned(), (*device).to_owned(), time));
+            for copy in self.db.stored_copies(tenant, device, times).await? {
+                stored
+                    .entry(((*tenant).to_owned(), (*device).to_owned(), copy.time_ms))
+                    .or_default()
+                    .push((copy.kafka_partition, copy.kafka_offset));
             }
         }
-        for (row, kept) in batch.rows.iter().zip(keep.iter_mut()) {
-            if *kept
-                && stored.contains(&(row.tenant_id.clone(), row.device_id.clone(), row.time_ms))
-            {
-                *kept = false;
+        if !stored.is_empty() {
+            for ((row, replay), kept) in batch.rows.iter().zip(&batch.replay).zip(keep.iter_mut()) {
+                if !*kept || !*replay {
+                    continue;
+                }
+                let key = (row.tenant_id.clone(), row.device_id.clone(), row.time_ms);
+                let earlier = stored.get(&key).is_some_and(|copies| {
+                    copies.iter().any(|&(partition, offset)| {
+                        partition != row.kafka_partition || offset < row.kafka_offset
+                    })
+                });
+                if earlier {
+                    *kept = false;
+                }
             }
         }
         let dropped = keep.iter().filter(|k| !**k).count();
@@ -390,6 +509,41 @@ impl Pipeline {
     }
 }
 
+/// The daily parts of the rows: one per device, UTC day and Kafka message.
+fn day_parts(rows: &[FixRow]) -> Vec<DayPart> {
+    let mut parts: BTreeMap<(&str, &str, i64, i32, i64), DayPart> = BTreeMap::new();
+    for row in rows {
+        let day = row.time_ms.div_euclid(DAY_MS);
+        let part = parts
+            .entry((
+                &row.tenant_id,
+                &row.device_id,
+                day,
+                row.kafka_partition,
+                row.kafka_offset,
+            ))
+            .or_insert_with(|| DayPart {
+                tenant_id: row.tenant_id.clone(),
+                device_id: row.device_id.clone(),
+                // Date holds 1970…2149; refinement's time bounds keep fixes inside it.
+                day: u16::try_from(day).unwrap_or(if day < 0 { 0 } else { u16::MAX }),
+                kafka_partition: row.kafka_partition,
+                kafka_offset: row.kafka_offset,
+                fix_count: 0,
+                distance_sum_m: 0.0,
+                speed_max_kmh: f64::MIN,
+                time_min_ms: i64::MAX,
+                time_max_ms: i64::MIN,
+            });
+        part.fix_count += 1;
+        part.distance_sum_m += row.distance_m;
+        part.speed_max_kmh = part.speed_max_kmh.max(row.speed_kmh);
+        part.time_min_ms = part.time_min_ms.min(row.time_ms);
+        part.time_max_ms = part.time_max_ms.max(row.time_ms);
+    }
+    parts.into_values().collect()
+}
+
 /// The rows of one message with their replay flags, or why it cannot be stored.
 fn decode(message: &Owned) -> Result<Vec<(FixRow, bool)>, String> {
     if let Some(version) = &message.schema_version
@@ -406,14 +560,19 @@ fn decode(message: &Owned) -> Result<Vec<(FixRow, bool)>, String> {
         .iter()
         .enumerate()
         .map(|(index, refined)| {
-            row(&batch, refined)
+            row(&batch, refined, message.partition, message.offset)
                 .map(|row| (row, refined.replay))
                 .map_err(|why| format!("fixes[{index}]: {why}"))
         })
         .collect()
 }
 
-pub fn row(batch: &FixBatch, refined: &RefinedFix) -> Result<FixRow, &'static str> {
+fn row(
+    batch: &FixBatch,
+    refined: &RefinedFix,
+    kafka_partition: i32,
+    kafka_offset: i64,
+) -> Result<FixRow, &'static str> {
     let fix = refined.fix.as_ref().ok_or("no fix")?;
     if refined.verdict != Verdict::Accepted as i32 {
         return Err("not an accepted fix");
@@ -436,7 +595,33 @@ pub fn row(batch: &FixBatch, refined: &RefinedFix) -> Result<FixRow, &'static st
         dt_ms: refined.dt_ms,
         speed_kmh: refined.speed_kmh,
         reanchored: u8::from(refined.reanchored),
+        kafka_partition,
+        kafka_offset,
     })
+}
+
+/// The fix a row was made of, for the dead-letter topic.
+fn refined_fix(row: &FixRow, replay: bool) -> RefinedFix {
+    RefinedFix {
+        fix: Some(Fix {
+            device_id: row.device_id.clone(),
+            time_ms: row.time_ms,
+            lat: row.lat,
+            lon: row.lon,
+            accuracy_m: row.accuracy_m,
+            speed_mps: row.speed_mps,
+            heading_deg: row.heading_deg,
+            altitude_m: row.altitude_m,
+        }),
+        verdict: Verdict::Accepted as i32,
+        replay,
+        segment: row.segment,
+        distance_m: row.distance_m,
+        dt_ms: row.dt_ms,
+        speed_kmh: row.speed_kmh,
+        detail: String::new(),
+        reanchored: row.reanchored != 0,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

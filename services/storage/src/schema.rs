@@ -21,8 +21,46 @@ pub struct Migration {
     pub description: &'static str,
     /// The oldest server that has what the statements use.
     pub requires: ServerVersion,
-    /// Idempotent statements (`IF NOT EXISTS`), so two replicas starting together are safe.
-    pub statements: Vec<String>,
+    /// Idempotent steps (`IF NOT EXISTS`), so two replicas starting together are safe.
+    pub statements: Vec<Step>,
+}
+
+/// One migration step.
+pub enum Step {
+    Sql(String),
+    /// `ALTER TABLE … ADD COLUMN`, run only when the column is missing: 18.16 has no
+    /// `ADD COLUMN IF NOT EXISTS`.
+    AddColumn {
+        table: &'static str,
+        column: &'static str,
+        definition: &'static str,
+    },
+}
+
+impl Step {
+    /// The statement as sent to the server.
+    pub fn sql(&self) -> String {
+        match self {
+            Self::Sql(sql) => sql.clone(),
+            Self::AddColumn {
+                table,
+                column,
+                definition,
+            } => format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"),
+        }
+    }
+}
+
+impl From<&str> for Step {
+    fn from(sql: &str) -> Self {
+        Self::Sql(sql.to_owned())
+    }
+}
+
+impl From<String> for Step {
+    fn from(sql: String) -> Self {
+        Self::Sql(sql)
+    }
 }
 
 const BASE: ServerVersion = ServerVersion(18, 16);
@@ -78,6 +116,57 @@ pub fn migrations(retention_days: u32) -> Vec<Migration> {
             ],
         },
         Migration {
+            version: 2,
+            description: "daily aggregates per kafka message, exact under redelivery",
+            requires: BASE,
+            statements: vec![
+                // The message each row came from (-1: stored before this migration).
+                Step::AddColumn {
+                    table: "fixes",
+                    column: "kafka_partition",
+                    definition: "Int32 DEFAULT -1",
+                },
+                Step::AddColumn {
+                    table: "fixes",
+                    column: "kafka_offset",
+                    definition: "Int64 DEFAULT -1",
+                },
+                // One row per Kafka message and day, computed by the consumer: a redelivered
+                // message yields the same key and collapses, where a materialized view would
+                // count it twice. Reads use FINAL and sum over the parts.
+                "CREATE TABLE IF NOT EXISTS daily_parts (
+                    tenant_id String,
+                    device_id String,
+                    day Date,
+                    kafka_partition Int32,
+                    kafka_offset Int64,
+                    fix_count UInt64,
+                    distance_sum_m Float64,
+                    speed_max_kmh Float64,
+                    time_min_ms Int64,
+                    time_max_ms Int64
+                ) ENGINE = ReplacingMergeTree
+                PARTITION BY toYYYYMM(day)
+                ORDER BY (tenant_id, device_id, day, kafka_partition, kafka_offset)"
+                    .into(),
+                // The view first, so nothing reaches daily_stats after its copy.
+                "DROP TABLE IF EXISTS daily_stats_mv".into(),
+                // Idempotent: a second copy has the same keys and collapses.
+                "INSERT INTO daily_parts (tenant_id, device_id, day, kafka_partition, kafka_offset,
+                    fix_count, distance_sum_m, speed_max_kmh, time_min_ms, time_max_ms)
+                SELECT tenant_id, device_id, day, -1, -1, countMerge(fixes), sumMerge(distance_m),
+                    maxMerge(max_speed_kmh), minMerge(first_ms), maxMerge(last_ms)
+                FROM daily_stats GROUP BY tenant_id, device_id, day"
+                    .into(),
+            ],
+        },
+        Migration {
+            version: 3,
+            description: "drop daily_stats, copied into daily_parts",
+            requires: BASE,
+            statements: vec!["DROP TABLE IF EXISTS daily_stats".into()],
+        },
+        Migration {
             version: 101,
             description: "fixes.time as DateTime64(3) for analytics",
             requires: ServerVersion(20, 5),
@@ -104,7 +193,17 @@ pub fn migrations(retention_days: u32) -> Vec<Migration> {
             requires: ServerVersion(20, 1),
             statements: vec![format!(
                 "ALTER TABLE fixes MODIFY TTL toDateTime(intDiv(time_ms, 1000)) + INTERVAL {retention_days} DAY"
-            )],
+            )
+            .into()],
+        });
+        all.push(Migration {
+            version: 2_000_000 + retention_days,
+            description: "retention TTL of daily_parts",
+            requires: ServerVersion(20, 1),
+            statements: vec![
+                format!("ALTER TABLE daily_parts MODIFY TTL day + INTERVAL {retention_days} DAY")
+                    .into(),
+            ],
         });
     }
     all
@@ -133,9 +232,12 @@ mod tests {
             .filter(|m| m.requires <= ServerVersion(18, 16))
             .map(|m| m.version)
             .collect();
-        assert_eq!(old, [1]);
-        let base = &migrations(0)[0].statements;
-        for statement in base {
+        assert_eq!(old, [1, 2, 3]);
+        for statement in migrations(0)
+            .iter()
+            .filter(|m| m.requires <= ServerVersion(18, 16))
+            .flat_map(|m| m.statements.iter().map(Step::sql))
+        {
             for missing in [
                 "DateTime64",
                 "TTL",
@@ -155,9 +257,9 @@ mod tests {
             .into_iter()
             .filter(|m| m.requires <= ServerVersion(24, 8))
             .collect();
-        let text: Vec<&str> = modern
+        let text: Vec<String> = modern
             .iter()
-            .flat_map(|m| m.statements.iter().map(String::as_str))
+            .flat_map(|m| m.statements.iter().map(Step::sql))
             .collect();
         let text = text.join("\n");
         assert!(text.contains("DateTime64(3, 'UTC')"));
