@@ -50,6 +50,11 @@ pub struct StorageConfig {
     pub kafka_session_timeout: Duration,
     /// How long a Store may wait for Kafka's acknowledgements.
     pub produce_timeout: Duration,
+    /// Largest Kafka message the producer sends, the broker's `message.max.bytes`: Store splits
+    /// a device's fixes into several messages under it.
+    pub kafka_message_max_bytes: u32,
+    /// How long the producer waits to fill a batch before sending it.
+    pub kafka_linger: Duration,
     /// A ClickHouse insert happens at this many rows…
     pub batch_max_rows: u32,
     /// …or this much encoded data…
@@ -80,6 +85,9 @@ impl Default for StorageConfig {
             kafka_replication_factor: 1,
             kafka_session_timeout: Duration::from_secs(10),
             produce_timeout: Duration::from_secs(10),
+            // Kafka's default `message.max.bytes`.
+            kafka_message_max_bytes: 1_000_000,
+            kafka_linger: Duration::from_millis(5),
             batch_max_rows: 50_000,
             batch_max_bytes: 64 * 1024 * 1024,
             batch_max_wait: Duration::from_secs(1),
@@ -163,6 +171,17 @@ impl Validate for StorageConfig {
             "PRODUCE_TIMEOUT",
             self.produce_timeout,
             Duration::from_millis(100)..=Duration::from_secs(300),
+        )?;
+        // Room for a few fixes after key, headers and record overhead; librdkafka's upper bound.
+        check_range(
+            "KAFKA_MESSAGE_MAX_BYTES",
+            self.kafka_message_max_bytes,
+            16_384..=1_000_000_000,
+        )?;
+        check_range(
+            "KAFKA_LINGER",
+            self.kafka_linger,
+            Duration::from_millis(0)..=Duration::from_secs(5),
         )?;
         check_range("BATCH_MAX_ROWS", self.batch_max_rows, 1..=10_000_000)?;
         check_range(

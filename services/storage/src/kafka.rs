@@ -22,10 +22,61 @@ use rdkafka::{
 use trackmesh_proto::v1::FixBatch;
 use trackmesh_shared::telemetry::{self, Extractor, Injector};
 
-use crate::config::StorageConfig;
+use crate::{config::StorageConfig, error::Error};
 
 /// The version of the message value format, in the `schema-version` header.
 pub const SCHEMA_VERSION: &str = "1";
+
+/// Bytes a record may need beyond its key, value and headers: librdkafka's largest per-record
+/// overhead (36) plus the record batch header (61), with room to spare.
+const RECORD_OVERHEAD: usize = 512;
+
+/// Serialized size of one record header: the two length varints at their largest, and the bytes.
+fn header_len(key: &str, value: &str) -> usize {
+    key.len() + value.len() + 10
+}
+
+/// Splits a device's batch into consecutive batches whose encoded size is at most `limit`
+/// bytes, keeping the fixes in order. An empty batch stays one (empty) message.
+pub fn split_batch(batch: FixBatch, limit: usize) -> Result<Vec<FixBatch>, Error> {
+    let FixBatch {
+        tenant_id,
+        device_id,
+        fixes,
+    } = batch;
+    let empty = || FixBatch {
+        tenant_id: tenant_id.clone(),
+        device_id: device_id.clone(),
+        fixes: Vec::new(),
+    };
+    let base = empty().encoded_len();
+    let mut chunks = Vec::new();
+    let mut current = empty();
+    let mut size = base;
+    for fix in fixes {
+        // Field 3 of FixBatch: tag, length and the message itself.
+        let len = prost::encoding::message::encoded_len(3, &fix);
+        if base + len > limit {
+            // Permanent: a retry cannot succeed, so it is the caller's error, not Kafka's.
+            return Err(Error::invalid(
+                "fixes",
+                format!(
+                    "a fix of device {device_id} needs {} bytes in a kafka message, over the \
+                     {limit} bytes that KAFKA_MESSAGE_MAX_BYTES leaves after key and headers",
+                    base + len
+                ),
+            ));
+        }
+        if size + len > limit {
+            chunks.push(std::mem::replace(&mut current, empty()));
+            size = base;
+        }
+        current.fixes.push(fix);
+        size += len;
+    }
+    chunks.push(current);
+    Ok(chunks)
+}
 
 #[derive(Clone)]
 pub struct Kafka {
@@ -35,6 +86,8 @@ pub struct Kafka {
     dlq_topic: String,
     partitions: u32,
     replication: i32,
+    /// The producer's `message.max.bytes`: no record may be larger.
+    message_max_bytes: usize,
 }
 
 impl Kafka {
@@ -46,7 +99,14 @@ impl Kafka {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", "lz4")
-            .set("linger.ms", "5")
+            .set(
+                "linger.ms",
+                config.kafka_linger.get().as_millis().to_string(),
+            )
+            .set(
+                "message.max.bytes",
+                config.kafka_message_max_bytes.to_string(),
+            )
             .set(
                 "message.timeout.ms",
                 config.produce_timeout.get().as_millis().to_string(),
@@ -60,6 +120,8 @@ impl Kafka {
             dlq_topic: config.kafka_dlq_topic.clone(),
             partitions: config.kafka_partitions,
             replication: i32::try_from(config.kafka_replication_factor).unwrap_or(1),
+            message_max_bytes: usize::try_from(config.kafka_message_max_bytes)
+                .unwrap_or(usize::MAX),
         })
     }
 
@@ -109,17 +171,20 @@ impl Kafka {
         Ok(())
     }
 
-    /// Produces one message per batch (key `tenant/device`) and waits until every one is
-    /// acknowledged by all in-sync replicas, or `timeout` passes.
-    pub async fn produce(&self, batches: &[FixBatch], timeout: Duration) -> Result<(), String> {
+    /// Produces each batch (key `tenant/device`) as one or more consecutive messages under
+    /// `message.max.bytes`, and waits until every one is acknowledged by all in-sync replicas,
+    /// or `timeout` passes.
+    pub async fn produce(&self, batches: Vec<FixBatch>, timeout: Duration) -> Result<(), Error> {
         let start = Instant::now();
         let mut headers = OwnedHeaders::new().insert(Header {
             key: "schema-version",
             value: Some(SCHEMA_VERSION),
         });
+        let mut headers_len = header_len("schema-version", SCHEMA_VERSION);
         let mut carrier = HeaderCarrier(Vec::new());
         telemetry::inject(&mut carrier);
         for (key, value) in &carrier.0 {
+            headers_len += header_len(key, value);
             headers = headers.insert(Header {
                 key: key.as_str(),
                 value: Some(value.as_str()),
@@ -128,27 +193,40 @@ impl Kafka {
         let mut deliveries = Vec::with_capacity(batches.len());
         for batch in batches {
             let key = format!("{}/{}", batch.tenant_id, batch.device_id);
-            let payload = batch.encode_to_vec();
-            let record = FutureRecord::to(&self.topic)
-                .key(&key)
-                .payload(&payload)
-                .headers(headers.clone());
-            match self.producer.send_result(record) {
-                Ok(delivery) => deliveries.push(delivery),
-                Err((err, _)) => return Err(self.failed(format!("kafka queue: {err}"))),
+            let limit = self
+                .message_max_bytes
+                .saturating_sub(key.len() + headers_len + RECORD_OVERHEAD);
+            // Messages of one key go to one partition in the order they are queued, and the
+            // idempotent producer keeps that order through retries: the device stays in order.
+            for chunk in split_batch(batch, limit)? {
+                let payload = chunk.encode_to_vec();
+                let record = FutureRecord::to(&self.topic)
+                    .key(&key)
+                    .payload(&payload)
+                    .headers(headers.clone());
+                match self.producer.send_result(record) {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err((err, _)) => {
+                        return Err(Error::Kafka(self.failed(format!("kafka queue: {err}"))));
+                    }
+                }
             }
         }
+        metrics::histogram!("storage_produce_messages").record(deliveries.len() as f64);
         let acknowledged = tokio::time::timeout(timeout, join_all(deliveries)).await;
         metrics::histogram!("storage_produce_seconds").record(start.elapsed().as_secs_f64());
         let Ok(results) = acknowledged else {
-            return Err(self.failed(format!("kafka did not acknowledge within {timeout:?}")));
+            return Err(Error::Kafka(
+                self.failed(format!("kafka did not acknowledge within {timeout:?}")),
+            ));
         };
         for result in results {
-            match result {
-                Ok(Ok(_)) => {}
-                Ok(Err((err, _))) => return Err(self.failed(format!("kafka: {err}"))),
-                Err(_) => return Err(self.failed("kafka producer went away".into())),
-            }
+            let failure = match result {
+                Ok(Ok(_)) => continue,
+                Ok(Err((err, _))) => format!("kafka: {err}"),
+                Err(_) => "kafka producer went away".into(),
+            };
+            return Err(Error::Kafka(self.failed(failure)));
         }
         Ok(())
     }

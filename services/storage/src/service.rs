@@ -54,7 +54,7 @@ impl StorageService {
         deadline: Deadline,
     ) -> Result<u32, Error> {
         ids::tenant_field(tenant)?;
-        // One message per device keeps a device's fixes in order on one partition.
+        // Messages keyed by device keep a device's fixes in order on one partition.
         let mut by_device: BTreeMap<String, Vec<RefinedFix>> = BTreeMap::new();
         let count = u32::try_from(fixes.len()).unwrap_or(u32::MAX);
         for (index, refined) in fixes.into_iter().enumerate() {
@@ -75,10 +75,7 @@ impl StorageService {
             })
             .collect();
         let timeout = deadline.budget().min(self.produce_timeout);
-        self.kafka
-            .produce(&batches, timeout)
-            .await
-            .map_err(Error::Kafka)?;
+        self.kafka.produce(batches, timeout).await?;
         Ok(count)
     }
 }
