@@ -4,10 +4,16 @@
 //! batches, one batch at a time, so every device's times increase from batch
 //! to batch. Workers run concurrently; with `--rate` each one paces its
 //! batches to its share of the rate, otherwise it sends as fast as the gateway
-//! answers. Batch latencies go into an HDR histogram.
+//! answers. Batch latencies go into an HDR histogram. `--sent` and `--acked`
+//! log every fix sent and every fix the gateway acknowledged as stored, for
+//! checks against what storage holds (scripts/chaos).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    io::{BufWriter, Write as _},
+    path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -38,6 +44,54 @@ pub struct Options {
     pub stream: bool,
     /// Delete the generated devices at the end.
     pub cleanup: bool,
+    /// Write `device,time_ms` of every fix sent (answered or not) to this file.
+    pub sent: Option<PathBuf>,
+    /// Write `device,time_ms` of every fix acknowledged as stored to this file: accepted in a
+    /// call answered with `stored = true`.
+    pub acked: Option<PathBuf>,
+}
+
+/// A CSV log of fixes shared by the workers.
+#[derive(Clone)]
+struct FixLog(Arc<Mutex<BufWriter<File>>>);
+
+impl FixLog {
+    fn create(path: &Option<PathBuf>) -> anyhow::Result<Option<Self>> {
+        let Some(path) = path else { return Ok(None) };
+        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let mut writer = BufWriter::new(file);
+        writeln!(writer, "device,time_ms")?;
+        Ok(Some(Self(Arc::new(Mutex::new(writer)))))
+    }
+
+    /// Appends the fixes of `batch` whose index `keep` accepts.
+    fn write(&self, batch: &[(String, i64)], keep: impl Fn(usize) -> bool) -> anyhow::Result<()> {
+        let mut writer = self
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a fix log writer panicked"))?;
+        for (index, (device, time_ms)) in batch.iter().enumerate() {
+            if keep(index) {
+                writeln!(writer, "{device},{time_ms}")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&self) -> anyhow::Result<()> {
+        let mut writer = self
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a fix log writer panicked"))?;
+        writer.flush().context("writing a fix log")
+    }
+}
+
+/// Where the workers log what they sent and what was acknowledged.
+#[derive(Clone, Default)]
+struct Logs {
+    sent: Option<FixLog>,
+    acked: Option<FixLog>,
 }
 
 /// How far behind now the devices' clocks start: room for more than one fix
@@ -174,6 +228,10 @@ pub async fn run(client: Client, options: Options) -> anyhow::Result<Report> {
     let started = Instant::now();
     let deadline = started + options.duration;
     let base_seed = fastrand::u64(..);
+    let logs = Logs {
+        sent: FixLog::create(&options.sent)?,
+        acked: FixLog::create(&options.acked)?,
+    };
     for w in 0..workers {
         let devices: Vec<Device> = (w..options.devices)
             .step_by(workers)
@@ -194,6 +252,7 @@ pub async fn run(client: Client, options: Options) -> anyhow::Result<Report> {
             options.clone(),
             period,
             deadline,
+            logs.clone(),
         )));
     }
     let mut totals = IngestTotals::default();
@@ -212,6 +271,9 @@ pub async fn run(client: Client, options: Options) -> anyhow::Result<Report> {
         max_clock_lead_ms = max_clock_lead_ms.max(result.max_clock_lead_ms);
     }
     let elapsed_s = started.elapsed().as_secs_f64();
+    for log in [&logs.sent, &logs.acked].into_iter().flatten() {
+        log.finish()?;
+    }
     if options.cleanup {
         let ids: Vec<String> = (0..options.devices)
             .map(|i| format!("{}-{i:05}", options.prefix))
@@ -309,6 +371,7 @@ async fn worker(
     options: Options,
     period: Option<Duration>,
     deadline: Instant,
+    logs: Logs,
 ) -> anyhow::Result<WorkerResult> {
     let mut result = WorkerResult {
         totals: IngestTotals::default(),
@@ -345,12 +408,32 @@ async fn worker(
             .collect();
         sequence += 1;
         let count = fixes.len();
+        let keys: Vec<(String, i64)> = if logs.sent.is_some() || logs.acked.is_some() {
+            fixes
+                .iter()
+                .map(|f| (f.device_id.clone(), f.time_ms))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // Logged before the call: a fix may be stored even if its call fails.
+        if let Some(log) = &logs.sent {
+            log.write(&keys, |_| true)?;
+        }
         let sent = Instant::now();
         match sender.send(IngestRequest { fixes, sequence }).await {
             Ok(response) => {
                 let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
                 result.histogram.saturating_record(micros.max(1));
                 result.totals.add(count, &response);
+                if let (Some(log), true) = (&logs.acked, response.stored) {
+                    let rejected: BTreeSet<usize> = response
+                        .rejections
+                        .iter()
+                        .map(|r| r.index as usize)
+                        .collect();
+                    log.write(&keys, |index| !rejected.contains(&index))?;
+                }
             }
             Err(status)
                 if matches!(

@@ -176,6 +176,12 @@ enum Command {
         /// Delete the generated devices afterwards
         #[arg(long)]
         cleanup: bool,
+        /// Write `device,time_ms` of every fix sent to this CSV file
+        #[arg(long, value_name = "FILE")]
+        sent: Option<std::path::PathBuf>,
+        /// Write `device,time_ms` of every fix acknowledged as stored to this CSV file
+        #[arg(long, value_name = "FILE")]
+        acked: Option<std::path::PathBuf>,
         /// Print the report as JSON on stdout (the human report goes to stderr)
         #[arg(long)]
         json: bool,
@@ -330,6 +336,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             prefix,
             stream,
             cleanup,
+            sent,
+            acked,
             json,
         } => {
             if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
@@ -346,6 +354,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .unwrap_or_else(|| format!("load-{:06x}", fastrand::u32(..0x100_0000))),
                 stream,
                 cleanup,
+                sent,
+                acked,
             };
             eprintln!(
                 "load: sending for {} to {} as devices {}-00000…",
