@@ -116,6 +116,76 @@ async fn main() {
         "  ratio                {:>10.2}",
         service_rate / ceiling_rate
     );
+
+    retry_storm(&service, &tenant).await;
+}
+
+/// A retry storm: 10 000 devices with full replay logs (1 000 accepted fixes each) re-send
+/// one old fix each in one batch. Reports the process's peak memory during the retry; whole
+/// logs would be 10 000 × 45 kB read at once.
+async fn retry_storm(service: &testkit::Service, tenant: &str) {
+    const STORM_DEVICES: usize = 10_000;
+    const LOGGED: usize = 1_000;
+    let mut client = RefinementClient::connect(service.url())
+        .await
+        .expect("connect")
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let start = now_ms() - 20 * 86_400_000;
+    let fix = |device: usize, i: usize| Fix {
+        device_id: format!("storm-{device}"),
+        time_ms: start + i as i64 * 10_000,
+        lat: 40.0 + device as f64 * 0.000_01 + i as f64 * 0.000_1,
+        lon: -74.0,
+        ..Fix::default()
+    };
+    let filled = Instant::now();
+    for chunk in (0..STORM_DEVICES).collect::<Vec<_>>().chunks(10) {
+        let fixes: Vec<Fix> = chunk
+            .iter()
+            .flat_map(|&device| (0..LOGGED).map(move |i| fix(device, i)))
+            .collect();
+        client
+            .refine(RefineRequest {
+                tenant_id: tenant.to_owned(),
+                fixes,
+            })
+            .await
+            .expect("fill");
+    }
+    let filled = filled.elapsed();
+    // Reset the peak (VmHWM) so that it measures the retry alone.
+    std::fs::write("/proc/self/clear_refs", "5").expect("clear_refs");
+    let before = peak_rss_kib();
+    let retry: Vec<Fix> = (0..STORM_DEVICES).map(|device| fix(device, 10)).collect();
+    let sent = Instant::now();
+    let response = client
+        .refine(RefineRequest {
+            tenant_id: tenant.to_owned(),
+            fixes: retry,
+        })
+        .await
+        .expect("retry")
+        .into_inner();
+    let took = sent.elapsed();
+    let replays = response.results.iter().filter(|r| r.replay).count();
+    println!(
+        "retry storm: {STORM_DEVICES} devices x {LOGGED} logged fixes (filled in {filled:?}); one old fix each re-sent in one batch: {replays} replays in {took:?}, peak RSS +{} MiB",
+        (peak_rss_kib().saturating_sub(before)) / 1024
+    );
+}
+
+/// This process's peak resident memory (VmHWM), in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmHWM:"))
+                .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Batch `n` of a client: 10 fixes for each of its 100 devices, moving plausibly, times
