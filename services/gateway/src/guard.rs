@@ -40,6 +40,9 @@ pub fn ingest_message_bytes(max_batch: u32) -> usize {
 /// What the guard enforces.
 pub struct Settings {
     pub keys: ApiKeys,
+    /// Fixes per Ingest message: counted on the wire, so that a message of many tiny (empty)
+    /// fixes is refused before decoding turns its 2 bytes per fix into 80.
+    pub max_batch: u32,
     /// Unary calls and GetTrack streams in flight per tenant; 0: no limit.
     pub tenant_requests: u32,
     /// IngestStream calls open per tenant; 0: no limit.
@@ -56,6 +59,7 @@ pub struct Guard<S> {
 
 struct Shared {
     keys: ApiKeys,
+    max_batch: usize,
     requests: TenantSlots,
     streams: TenantSlots,
     ingest_message_bytes: usize,
@@ -67,6 +71,7 @@ impl<S> Guard<S> {
             inner,
             shared: Arc::new(Shared {
                 keys: settings.keys,
+                max_batch: usize::try_from(settings.max_batch).unwrap_or(usize::MAX),
                 requests: TenantSlots::new(
                     "TENANT_MAX_CONCURRENT_REQUESTS",
                     settings.tenant_requests,
@@ -132,13 +137,17 @@ where
                 return refuse(refused.status());
             }
         };
-        let limit = if method.starts_with("Ingest") {
-            self.shared.ingest_message_bytes
+        let ingest = method.starts_with("Ingest");
+        let (limit, fixes) = if ingest {
+            (
+                self.shared.ingest_message_bytes,
+                Some(self.shared.max_batch),
+            )
         } else {
-            QUERY_MESSAGE_BYTES
+            (QUERY_MESSAGE_BYTES, None)
         };
         request.extensions_mut().insert(Tenant(tenant));
-        let request = request.map(|body| Body::new(Limited::new(body, limit, method)));
+        let request = request.map(|body| Body::new(Limited::new(body, limit, fixes, method)));
         // The service that was polled ready is the one that must be called.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -278,11 +287,13 @@ struct Limited {
     prefix_len: usize,
     /// Bytes of the current message still to come.
     remaining: usize,
+    /// For IngestRequest messages: their fixes counted on the wire.
+    fixes: Option<FixCounter>,
     failed: bool,
 }
 
 impl Limited {
-    fn new(inner: Body, limit: usize, method: String) -> Self {
+    fn new(inner: Body, limit: usize, max_fixes: Option<usize>, method: String) -> Self {
         Self {
             inner,
             limit,
@@ -290,6 +301,7 @@ impl Limited {
             prefix: [0; 5],
             prefix_len: 0,
             remaining: 0,
+            fixes: max_fixes.map(FixCounter::new),
             failed: false,
         }
     }
@@ -299,6 +311,9 @@ impl Limited {
         while !data.is_empty() {
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len());
+                if let Some(fixes) = &mut self.fixes {
+                    fixes.scan(&data[..n])?;
+                }
                 self.remaining -= n;
                 data = &data[n..];
                 continue;
@@ -318,9 +333,128 @@ impl Limited {
                     )));
                 }
                 self.remaining = len;
+                if let Some(fixes) = &mut self.fixes {
+                    fixes.restart();
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// Counts the `fixes` (field 1) of an IngestRequest from its protobuf encoding as it streams
+/// by, without decoding: top-level fields are walked by tag, length-delimited ones skipped.
+/// Encodings it does not expect end the count; prost then judges the message.
+struct FixCounter {
+    max: usize,
+    count: usize,
+    state: Scan,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scan {
+    /// Reading a varint: a field's tag, a length (of a fix when `fix`), or a varint value.
+    Varint {
+        what: VarintOf,
+        value: u64,
+        shift: u32,
+    },
+    /// Bytes of a field's value to pass over.
+    Skip(u64),
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VarintOf {
+    Tag,
+    Length { fix: bool },
+    Value,
+}
+
+impl FixCounter {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            count: 0,
+            state: Scan::Varint {
+                what: VarintOf::Tag,
+                value: 0,
+                shift: 0,
+            },
+        }
+    }
+
+    fn restart(&mut self) {
+        *self = Self::new(self.max);
+    }
+
+    fn scan(&mut self, mut data: &[u8]) -> Result<(), Status> {
+        while let Some(&byte) = data.first() {
+            match &mut self.state {
+                Scan::Done => return Ok(()),
+                Scan::Skip(n) => {
+                    let take = usize::try_from(*n).unwrap_or(usize::MAX).min(data.len());
+                    *n -= take as u64;
+                    data = &data[take..];
+                    if *n == 0 {
+                        self.state = tag();
+                    }
+                }
+                Scan::Varint { what, value, shift } => {
+                    data = &data[1..];
+                    if *shift > 63 {
+                        self.state = Scan::Done;
+                        continue;
+                    }
+                    *value |= u64::from(byte & 0x7f) << *shift;
+                    *shift += 7;
+                    if byte & 0x80 != 0 {
+                        continue;
+                    }
+                    let (what, value) = (*what, *value);
+                    self.state = match what {
+                        VarintOf::Tag => match (value >> 3, value & 7) {
+                            (_, 0) => Scan::Varint {
+                                what: VarintOf::Value,
+                                value: 0,
+                                shift: 0,
+                            },
+                            (_, 1) => Scan::Skip(8),
+                            (field, 2) => Scan::Varint {
+                                what: VarintOf::Length { fix: field == 1 },
+                                value: 0,
+                                shift: 0,
+                            },
+                            (_, 5) => Scan::Skip(4),
+                            _ => Scan::Done,
+                        },
+                        VarintOf::Length { fix } => {
+                            if fix {
+                                self.count += 1;
+                                if self.count > self.max {
+                                    self.state = Scan::Done;
+                                    return Err(trackmesh_shared::grpc::invalid_argument(
+                                        "fixes",
+                                        format!("more than MAX_BATCH={} fixes", self.max),
+                                    ));
+                                }
+                            }
+                            if value == 0 { tag() } else { Scan::Skip(value) }
+                        }
+                        VarintOf::Value => tag(),
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn tag() -> Scan {
+    Scan::Varint {
+        what: VarintOf::Tag,
+        value: 0,
+        shift: 0,
     }
 }
 
@@ -396,13 +530,13 @@ mod tests {
 
     #[test]
     fn framing_is_followed_across_chunks() {
-        let mut limited = Limited::new(Body::empty(), 10, "Ingest".into());
+        let mut limited = Limited::new(Body::empty(), 10, None, "Ingest".into());
         let mut data = framed(10);
         data.extend(framed(0));
         data.extend(framed(3));
         // Every split of the same bytes gives the same answer.
         for chunk in 1..data.len() {
-            let mut limited = Limited::new(Body::empty(), 10, "Ingest".into());
+            let mut limited = Limited::new(Body::empty(), 10, None, "Ingest".into());
             for part in data.chunks(chunk) {
                 limited.inspect(part).unwrap();
             }
@@ -436,5 +570,56 @@ mod tests {
         let off = TenantSlots::new("TENANT_MAX_STREAMS", 0);
         let held: Vec<_> = (0..1000).map(|_| off.try_take("a").ok().unwrap()).collect();
         assert_eq!(held.len(), 1000);
+    }
+
+    /// `fixes` fixes (and every other field set) as an IngestRequest, framed.
+    fn ingest(fixes: usize) -> Vec<u8> {
+        let fix = Fix {
+            device_id: "d".repeat(200),
+            time_ms: 1_750_000_000_000,
+            lat: 1.5,
+            lon: -2.5,
+            accuracy_m: Some(3.0),
+            speed_mps: Some(4.0),
+            heading_deg: None,
+            altitude_m: Some(5.0),
+        };
+        let message = IngestRequest {
+            fixes: vec![fix; fixes],
+            sequence: 300,
+        }
+        .encode_to_vec();
+        let mut data = vec![0];
+        data.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+        data.extend(message);
+        data
+    }
+
+    #[test]
+    fn fixes_are_counted_on_the_wire() {
+        let mut data = ingest(3);
+        data.extend(ingest(3));
+        data.extend(ingest(0));
+        for chunk in [1, 2, 7, 100, data.len()] {
+            let mut limited = Limited::new(Body::empty(), 1 << 20, Some(3), "Ingest".into());
+            for part in data.chunks(chunk) {
+                limited.inspect(part).unwrap();
+            }
+        }
+        for chunk in [1, 3, 64, 10_000] {
+            let mut limited = Limited::new(Body::empty(), 1 << 20, Some(3), "Ingest".into());
+            let err = ingest(4)
+                .chunks(chunk)
+                .try_for_each(|part| limited.inspect(part))
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert_eq!(err.message(), "fixes: more than MAX_BATCH=3 fixes");
+        }
+        // Empty fixes, two bytes each, are fixes too.
+        let mut limited = Limited::new(Body::empty(), 1 << 20, Some(1000), "Ingest".into());
+        let mut data = vec![0];
+        data.extend_from_slice(&2002_u32.to_be_bytes());
+        data.extend([0x0a, 0x00].repeat(1001));
+        assert!(limited.inspect(&data).is_err());
     }
 }

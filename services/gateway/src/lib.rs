@@ -87,6 +87,7 @@ pub async fn run(
         gateway,
         guard::Settings {
             keys,
+            max_batch: settings.max_batch,
             tenant_requests,
             tenant_streams: settings.tenant_max_streams,
             ingest_message_bytes,

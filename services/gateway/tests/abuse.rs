@@ -340,6 +340,40 @@ async fn oversize_messages_are_resource_exhausted_before_decoding() {
 }
 
 #[tokio::test]
+async fn batches_of_tiny_fixes_are_counted_before_decoding() {
+    // Default MAX_BATCH (10 000): the byte limit lets about 900 000 empty fixes through, which
+    // prost would decode into about 80 bytes each.
+    let stack = Stack::start(&[]).await;
+    let channel = stack.channel().await;
+    let before = stack.peak_rss();
+    let body = empty_fixes(1_800_000);
+    let calls = (0..4).map(|_| {
+        raw_call(
+            channel.clone(),
+            "/trackmesh.v1.Gateway/Ingest",
+            Some(stack.key(0)),
+            body.clone(),
+        )
+    });
+    for result in futures::future::join_all(calls).await {
+        let status = result.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(status.message(), "fixes: more than MAX_BATCH=10000 fixes");
+    }
+    let after = stack.peak_rss();
+    report(
+        "4 concurrent Ingest calls of 900 000 empty fixes",
+        before,
+        after,
+    );
+    assert!(
+        after - before < 32 * MIB,
+        "peak RSS grew by {} MiB",
+        (after - before) / MIB
+    );
+}
+
+#[tokio::test]
 async fn one_tenants_idle_streams_do_not_lock_out_another_tenant() {
     let stack = Stack::start(&[
         ("MAX_CONCURRENT_REQUESTS", "64"),
