@@ -6,6 +6,7 @@ use std::{
 };
 
 use futures::StreamExt as _;
+use prost::Message as _;
 use rdkafka::{
     ClientConfig, Message as _,
     consumer::{Consumer as _, StreamConsumer},
@@ -485,6 +486,58 @@ async fn invalid_requests_name_the_field() {
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
+/// The first `n` messages of the dead-letter topic: payload and `dlq-reason`.
+async fn dead_letters(dlq: &str, n: usize) -> Vec<(Vec<u8>, String)> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", testkit::kafka_brokers())
+        .set("group.id", testkit::unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[dlq]).unwrap();
+    let mut messages = Vec::new();
+    while messages.len() < n {
+        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("no message on the dead-letter topic")
+            .unwrap();
+        let reason = message
+            .headers()
+            .unwrap()
+            .iter()
+            .find(|h| h.key == "dlq-reason")
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap();
+        messages.push((message.payload().unwrap_or_default().to_vec(), reason));
+    }
+    messages
+}
+
+/// A client of the test's own database, for what the service does not do (test-only DDL).
+fn clickhouse(config: &Config) -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url(&config.storage.clickhouse_url)
+        .with_database(&config.storage.clickhouse_database)
+        .with_validation(false)
+}
+
+async fn list_totals(client: &mut StorageClient<Channel>, tenant: &str) -> Vec<(String, u64)> {
+    client
+        .list_devices(ListStoredDevicesRequest {
+            tenant_id: tenant.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .devices
+        .into_iter()
+        .map(|d| (d.device_id, d.fixes))
+        .collect()
+}
+
 #[tokio::test]
 async fn poison_message_goes_to_the_dead_letter_topic() {
     let config = config();
@@ -526,27 +579,8 @@ async fn poison_message_goes_to_the_dead_letter_topic() {
         10
     );
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", testkit::kafka_brokers())
-        .set("group.id", testkit::unique("dlq-reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[dlq.as_str()]).unwrap();
-    let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(message.payload().unwrap(), b"\xff\xfe not protobuf");
-    let reason = message
-        .headers()
-        .unwrap()
-        .iter()
-        .find(|h| h.key == "dlq-reason")
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .unwrap();
+    let (payload, reason) = dead_letters(&dlq, 1).await.remove(0);
+    assert_eq!(payload, b"\xff\xfe not protobuf");
     assert!(reason.starts_with("not a FixBatch"), "{reason}");
 }
 
@@ -575,6 +609,215 @@ async fn clickhouse_outage_pauses_and_resumes_without_loss() {
         times(&read),
         times(&fixes),
         "every acknowledged fix, exactly once"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_with_clickhouse_down_ends_within_the_grace_and_loses_nothing() {
+    let mut clickhouse = Backend::start(Kind::ClickHouse);
+    let mut config = config();
+    config.storage.clickhouse_url = clickhouse.addr();
+    let grace = Duration::from_secs(3);
+    config.common.shutdown_grace = ConfigDuration::from_secs(3);
+    let (service, mut client) = start(config.clone()).await;
+    let tenant = testkit::unique("t");
+    let fixes = track("v", 60, T0);
+    store(&mut client, &tenant, &fixes[..10]).await.unwrap();
+    wait_for_track(&mut client, &tenant, "v", 10).await;
+
+    clickhouse.stop();
+    service.wait_ready(503, Duration::from_secs(10)).await;
+    store(&mut client, &tenant, &fixes[10..]).await.unwrap();
+    // The consumer holds the 50 fixes and retries their insert.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let asked = Instant::now();
+    tokio::time::timeout(grace + Duration::from_secs(10), service.shutdown())
+        .await
+        .expect("run() still running 10 s after the grace period")
+        .unwrap();
+    // The server's drain is up to the grace, plus up to 2 s for connections to close.
+    assert!(
+        asked.elapsed() < grace + Duration::from_secs(3),
+        "run() returned {:?} after shutdown was asked (grace {grace:?})",
+        asked.elapsed()
+    );
+
+    // Nothing was committed that was not inserted: the next consumer stores it.
+    clickhouse.restart();
+    let (_service, mut client) = start(config).await;
+    let read = wait_for_track(&mut client, &tenant, "v", 60).await;
+    assert_eq!(times(&read), times(&fixes), "every acknowledged fix, once");
+    assert_eq!(daily_total(&mut client, &tenant, "v").await, 60);
+}
+
+#[tokio::test]
+async fn rows_clickhouse_refuses_go_to_the_dead_letter_topic_and_the_rest_is_stored() {
+    let config = config();
+    let dlq = config.storage.kafka_dlq_topic.clone();
+    let (_service, mut client) = start(config.clone()).await;
+    // A row ClickHouse refuses for good, whatever the batch: a column whose expression
+    // fails for one latitude (as a CHECK constraint would on a current server; 18.16 has
+    // none).
+    clickhouse(&config)
+        .query("ALTER TABLE fixes ADD COLUMN refused UInt8 MATERIALIZED throwIf(lat = 66.6)")
+        .execute()
+        .await
+        .unwrap();
+    let tenant = testkit::unique("t");
+    let mut mixed = track("mixed", 50, T0);
+    mixed[17].fix.as_mut().unwrap().lat = 66.6;
+    let clean = track("clean", 50, T0);
+    // One request, so one batch: the clean device's fixes share the refused insert.
+    let both: Vec<RefinedFix> = mixed.iter().chain(&clean).cloned().collect();
+    store(&mut client, &tenant, &both).await.unwrap();
+    store(&mut client, &tenant, &track("after", 20, T0))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        wait_for_track(&mut client, &tenant, "clean", 50)
+            .await
+            .len(),
+        50
+    );
+    assert_eq!(
+        wait_for_track(&mut client, &tenant, "after", 20)
+            .await
+            .len(),
+        20,
+        "consumption goes on"
+    );
+    let read = wait_for_track(&mut client, &tenant, "mixed", 49).await;
+    let mut expected = times(&mixed);
+    expected.remove(17);
+    assert_eq!(times(&read), expected, "all but the refused fix");
+    assert_eq!(daily_total(&mut client, &tenant, "mixed").await, 49);
+    assert_eq!(daily_total(&mut client, &tenant, "clean").await, 50);
+
+    let (payload, reason) = dead_letters(&dlq, 1).await.remove(0);
+    let parked = trackmesh_proto::v1::FixBatch::decode(payload.as_slice()).unwrap();
+    assert_eq!(
+        (parked.tenant_id.as_str(), parked.device_id.as_str()),
+        (tenant.as_str(), "mixed")
+    );
+    assert_eq!(
+        parked.fixes,
+        vec![mixed[17].clone()],
+        "the refused fix, whole"
+    );
+    assert!(
+        reason.starts_with("clickhouse refused the fix") && reason.contains("395"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_of_100_000_replays_is_stored() {
+    // The lookup of stored copies once put every replay time into one SQL text, over
+    // ClickHouse's max_query_size (256 KiB) from ~20 000 times on.
+    let mut config = config();
+    config.storage.batch_max_rows = 1_000_000;
+    config.storage.batch_max_wait = ConfigDuration::from_secs(5);
+    config.storage.kafka_partitions = 1;
+    let (_service, mut client) = start(config).await;
+    let tenant = testkit::unique("t");
+    let mut fixes = track("v", 100_000, T0);
+    for (i, fix) in fixes.iter_mut().enumerate() {
+        fix.replay = true;
+        // Within latitude's range over 100 000 fixes.
+        fix.fix.as_mut().unwrap().lat = 36.8 + (i % 10_000) as f64 * 0.001;
+    }
+    for chunk in fixes.chunks(10_000) {
+        store(&mut client, &tenant, chunk).await.unwrap();
+    }
+    testkit::wait_until(
+        Duration::from_secs(90),
+        "the 100 000 replays never got stored",
+        async || daily_total(&mut client, &tenant, "v").await == 100_000,
+    )
+    .await;
+    assert_eq!(
+        times(&read_track(&mut client, &tenant, "v").await),
+        times(&fixes)
+    );
+}
+
+#[tokio::test]
+async fn a_batch_delivered_again_after_a_crash_counts_once() {
+    // One partition, so that a sentinel fix read back means everything before it was
+    // consumed.
+    let mut config = config();
+    config.storage.kafka_partitions = 1;
+    let (service, mut client) = start(config.clone()).await;
+    let tenant = testkit::unique("t");
+    let v = track("v", 320, T0);
+    store(&mut client, &tenant, &v[..300]).await.unwrap();
+    store(&mut client, &tenant, &track("w", 50, T0))
+        .await
+        .unwrap();
+    wait_for_track(&mut client, &tenant, "v", 300).await;
+    wait_for_track(&mut client, &tenant, "w", 50).await;
+
+    // The crash: the fixes get inserted, then the daily parts fail, so nothing is
+    // committed; the service stops before they succeed.
+    let db = clickhouse(&config);
+    db.query("ALTER TABLE daily_parts ADD COLUMN crash UInt8 MATERIALIZED throwIf(fix_count > 0)")
+        .execute()
+        .await
+        .unwrap();
+    // Re-sent fixes whose originals are stored (dropped), fresh ones, and re-sent fixes
+    // whose originals never were (stored: counted by this message, whatever happens).
+    let mut again: Vec<RefinedFix> = v[..100].to_vec();
+    again.extend_from_slice(&v[300..310]);
+    let mut lost = v[310..].to_vec();
+    for fix in again[..100].iter_mut().chain(&mut lost) {
+        fix.replay = true;
+    }
+    store(&mut client, &tenant, &again).await.unwrap();
+    store(&mut client, &tenant, &lost).await.unwrap();
+    wait_for_track(&mut client, &tenant, "v", 320).await;
+    service.shutdown().await.unwrap();
+    db.query("ALTER TABLE daily_parts DROP COLUMN crash")
+        .execute()
+        .await
+        .unwrap();
+
+    // A consumer that never saw a commit reads every message again, as after a crash
+    // between insert and commit.
+    let mut config = config;
+    config.storage.kafka_group_id = testkit::unique("again");
+    let (_service, mut client) = start(config).await;
+    store(&mut client, &tenant, &track("sentinel", 1, T0))
+        .await
+        .unwrap();
+    wait_for_track(&mut client, &tenant, "sentinel", 1).await;
+
+    assert_eq!(
+        times(&read_track(&mut client, &tenant, "v").await),
+        times(&v)
+    );
+    assert_eq!(daily_total(&mut client, &tenant, "v").await, 320);
+    assert_eq!(daily_total(&mut client, &tenant, "w").await, 50);
+    let days = client
+        .daily_stats(DailyStatsRequest {
+            tenant_id: tenant.clone(),
+            device_id: "v".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .days;
+    assert!((days.iter().map(|d| d.distance_m).sum::<f64>() - 319.0 * 111.2).abs() < 1e-6);
+    assert_eq!(days[0].first_ms, T0);
+    assert_eq!(days.last().unwrap().last_ms, T0 + 319 * 60_000);
+    assert_eq!(
+        list_totals(&mut client, &tenant).await,
+        [
+            ("sentinel".to_owned(), 1),
+            ("v".to_owned(), 320),
+            ("w".to_owned(), 50)
+        ]
     );
 }
 
