@@ -311,10 +311,14 @@ impl Limited {
         while !data.is_empty() {
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len());
-                if let Some(fixes) = &mut self.fixes {
-                    fixes.scan(&data[..n])?;
-                }
                 self.remaining -= n;
+                if let Some(fixes) = &mut self.fixes {
+                    fixes.scan(&data[..n]);
+                    // Checked with the message's last bytes, before tonic has it whole.
+                    if self.remaining == 0 {
+                        fixes.check()?;
+                    }
+                }
                 data = &data[n..];
                 continue;
             }
@@ -344,7 +348,8 @@ impl Limited {
 
 /// Counts the `fixes` (field 1) of an IngestRequest from its protobuf encoding as it streams
 /// by, without decoding: top-level fields are walked by tag, length-delimited ones skipped.
-/// Encodings it does not expect end the count; prost then judges the message.
+/// Encodings it does not expect end the count; prost then judges the message. The bytes still
+/// reach tonic's buffer (bounded by the byte limit); only decoding them is avoided.
 struct FixCounter {
     max: usize,
     count: usize,
@@ -388,10 +393,22 @@ impl FixCounter {
         *self = Self::new(self.max);
     }
 
-    fn scan(&mut self, mut data: &[u8]) -> Result<(), Status> {
+    /// INVALID_ARGUMENT, as the service itself would answer, when the message that just
+    /// ended had more than `max` fixes.
+    fn check(&self) -> Result<(), Status> {
+        if self.count > self.max {
+            return Err(trackmesh_shared::grpc::invalid_argument(
+                "fixes",
+                format!("{} fixes, more than MAX_BATCH={}", self.count, self.max),
+            ));
+        }
+        Ok(())
+    }
+
+    fn scan(&mut self, mut data: &[u8]) {
         while let Some(&byte) = data.first() {
             match &mut self.state {
-                Scan::Done => return Ok(()),
+                Scan::Done => return,
                 Scan::Skip(n) => {
                     let take = usize::try_from(*n).unwrap_or(usize::MAX).min(data.len());
                     *n -= take as u64;
@@ -429,16 +446,7 @@ impl FixCounter {
                             _ => Scan::Done,
                         },
                         VarintOf::Length { fix } => {
-                            if fix {
-                                self.count += 1;
-                                if self.count > self.max {
-                                    self.state = Scan::Done;
-                                    return Err(trackmesh_shared::grpc::invalid_argument(
-                                        "fixes",
-                                        format!("more than MAX_BATCH={} fixes", self.max),
-                                    ));
-                                }
-                            }
+                            self.count += usize::from(fix);
                             if value == 0 { tag() } else { Scan::Skip(value) }
                         }
                         VarintOf::Value => tag(),
@@ -446,7 +454,6 @@ impl FixCounter {
                 }
             }
         }
-        Ok(())
     }
 }
 
@@ -613,7 +620,7 @@ mod tests {
                 .try_for_each(|part| limited.inspect(part))
                 .unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
-            assert_eq!(err.message(), "fixes: more than MAX_BATCH=3 fixes");
+            assert_eq!(err.message(), "fixes: 4 fixes, more than MAX_BATCH=3");
         }
         // Empty fixes, two bytes each, are fixes too.
         let mut limited = Limited::new(Body::empty(), 1 << 20, Some(1000), "Ingest".into());

@@ -358,7 +358,10 @@ async fn batches_of_tiny_fixes_are_counted_before_decoding() {
     for result in futures::future::join_all(calls).await {
         let status = result.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert_eq!(status.message(), "fixes: more than MAX_BATCH=10000 fixes");
+        assert_eq!(
+            status.message(),
+            "fixes: 900000 fixes, more than MAX_BATCH=10000"
+        );
     }
     let after = stack.peak_rss();
     report(
