@@ -339,6 +339,10 @@ impl Limited {
                 self.remaining = len;
                 if let Some(fixes) = &mut self.fixes {
                     fixes.restart();
+                    // A compressed message cannot be walked (and the gateway accepts none).
+                    if self.prefix[0] != 0 {
+                        fixes.state = Scan::Done;
+                    }
                 }
             }
         }
