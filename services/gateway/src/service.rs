@@ -523,3 +523,58 @@ impl Gateway for GatewayService {
         Ok(Response::new(DeleteDeviceResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+
+    use super::*;
+
+    const TIMEOUTS: StreamTimeouts = StreamTimeouts {
+        idle: Duration::from_secs(10),
+        max: Duration::from_secs(60),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_stream_ends_after_the_idle_timeout() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut messages = std::pin::pin!(bounded(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            TIMEOUTS
+        ));
+        for _ in 0..3 {
+            // Messages 9 s apart keep it open.
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            tx.send(Ok(IngestRequest::default())).await.unwrap();
+            assert!(messages.next().await.unwrap().is_ok());
+        }
+        let start = Instant::now();
+        let status = messages.next().await.unwrap().unwrap_err();
+        assert_eq!(start.elapsed(), TIMEOUTS.idle);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            status.message().contains("STREAM_IDLE_TIMEOUT"),
+            "{status:?}"
+        );
+        assert!(messages.next().await.is_none(), "and then it ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_stream_ends_after_its_longest_duration() {
+        let start = Instant::now();
+        let busy = futures::stream::repeat_with(|| Ok(IngestRequest::default()));
+        let mut messages = std::pin::pin!(bounded(busy, TIMEOUTS));
+        let status = loop {
+            match messages.next().await.unwrap() {
+                Ok(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(start.elapsed(), TIMEOUTS.max);
+        assert!(
+            status.message().contains("STREAM_MAX_DURATION"),
+            "{status:?}"
+        );
+        assert!(messages.next().await.is_none());
+    }
+}
