@@ -381,7 +381,7 @@ async fn one_tenants_idle_streams_do_not_lock_out_another_tenant() {
     let stack = Stack::start(&[
         ("MAX_CONCURRENT_REQUESTS", "64"),
         ("TENANT_MAX_CONCURRENT_REQUESTS", "32"),
-        ("TENANT_MAX_STREAMS", "16"),
+        ("TENANT_MAX_STREAMS", "40"),
     ])
     .await;
     // Tenant A opens more idle streams than the global limit, over several connections.
@@ -395,6 +395,10 @@ async fn one_tenants_idle_streams_do_not_lock_out_another_tenant() {
                 Ok(stream) => open.push(stream.into_inner()),
                 Err(status) => {
                     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                    assert!(
+                        status.message().contains("TENANT_MAX_STREAMS=40"),
+                        "{status:?}"
+                    );
                     refused += 1;
                 }
             }
@@ -402,9 +406,20 @@ async fn one_tenants_idle_streams_do_not_lock_out_another_tenant() {
     }
     assert_eq!(
         open.len(),
-        16,
+        40,
         "TENANT_MAX_STREAMS streams, {refused} refused"
     );
+    // Tenant B opens as many: together more than MAX_CONCURRENT_REQUESTS, as streams hold no
+    // global permit.
+    let mut client = GatewayClient::new(stack.channel().await);
+    for _ in 0..40 {
+        let idle = futures::stream::pending::<IngestRequest>();
+        let stream = client
+            .ingest_stream(authorized(idle, stack.key(1)))
+            .await
+            .expect("tenant B's stream");
+        open.push(stream.into_inner());
+    }
     // Tenant B is served, and so are tenant A's own unary calls.
     for tenant in [1, 0] {
         let mut client = GatewayClient::new(stack.channel().await);
@@ -420,14 +435,36 @@ async fn one_tenants_idle_streams_do_not_lock_out_another_tenant() {
             .into_inner();
         assert_eq!((response.sequence, response.rejected), (7, 1));
     }
-    // Tenant B may open streams of its own.
-    let mut client = GatewayClient::new(stack.channel().await);
-    let idle = futures::stream::pending::<IngestRequest>();
-    client
-        .ingest_stream(authorized(idle, stack.key(1)))
-        .await
-        .expect("tenant B's stream");
     drop(open);
+}
+
+#[test]
+fn bad_limits_exit_64_with_one_line() {
+    testkit::assert_bad_config_exits_64(
+        &testkit::binary("gateway"),
+        &[
+            ("API_KEYS", "demo:demo-key"),
+            ("MAX_CONCURRENT_REQUESTS", "100"),
+        ],
+        &[
+            (
+                "TENANT_MAX_CONCURRENT_REQUESTS",
+                "100",
+                "TENANT_MAX_CONCURRENT_REQUESTS=100: must be below MAX_CONCURRENT_REQUESTS=100",
+            ),
+            ("TENANT_MAX_STREAMS", "-1", "TENANT_MAX_STREAMS=-1"),
+            (
+                "STREAM_IDLE_TIMEOUT",
+                "10ms",
+                "STREAM_IDLE_TIMEOUT=10ms: out of range",
+            ),
+            (
+                "STREAM_MAX_DURATION",
+                "soon",
+                "STREAM_MAX_DURATION=soon: not a duration",
+            ),
+        ],
+    );
 }
 
 #[tokio::test]
