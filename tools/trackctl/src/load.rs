@@ -204,6 +204,8 @@ pub struct Report {
     pub totals: IngestTotals,
     /// Failed calls by gRPC code (not retried: a load test measures them).
     pub errors: BTreeMap<String, u64>,
+    /// Failed calls by `CODE: message` (the first few distinct ones), to tell failures apart.
+    pub error_messages: BTreeMap<String, u64>,
     /// Latency of answered batches, milliseconds.
     pub latency_ms: LatencyMs,
     /// Largest lead of a device's clock over now at the end (should be ≤ 0).
@@ -213,6 +215,7 @@ pub struct Report {
 struct WorkerResult {
     totals: IngestTotals,
     errors: BTreeMap<String, u64>,
+    error_messages: BTreeMap<String, u64>,
     histogram: Histogram<u64>,
     max_clock_lead_ms: i64,
 }
@@ -257,6 +260,7 @@ pub async fn run(client: Client, options: Options) -> anyhow::Result<Report> {
     }
     let mut totals = IngestTotals::default();
     let mut errors = BTreeMap::new();
+    let mut error_messages = BTreeMap::new();
     let mut histogram = new_histogram();
     let mut max_clock_lead_ms = i64::MIN;
     for task in tasks {
@@ -264,6 +268,9 @@ pub async fn run(client: Client, options: Options) -> anyhow::Result<Report> {
         merge_totals(&mut totals, &result.totals);
         for (code, n) in result.errors {
             *errors.entry(code).or_default() += n;
+        }
+        for (message, n) in result.error_messages {
+            add_error_message(&mut error_messages, message, n);
         }
         histogram
             .add(&result.histogram)
@@ -292,9 +299,35 @@ pub async fn run(client: Client, options: Options) -> anyhow::Result<Report> {
         accepted_per_s: totals.accepted as f64 / elapsed_s.max(1e-9),
         totals,
         errors,
+        error_messages,
         latency_ms: LatencyMs::from_histogram(&histogram),
         max_clock_lead_ms,
     })
+}
+
+/// Distinct failure messages kept per run: messages can carry details that vary.
+const MAX_ERROR_MESSAGES: usize = 20;
+
+/// A message with its numbers (retry delays, addresses) as `N`, so alike failures group.
+fn without_numbers(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut in_number = false;
+    for c in message.chars() {
+        let digit = c.is_ascii_digit() || (in_number && c == '.');
+        if digit && !in_number {
+            out.push('N');
+        } else if !digit {
+            out.push(c);
+        }
+        in_number = digit;
+    }
+    out
+}
+
+fn add_error_message(messages: &mut BTreeMap<String, u64>, message: String, n: u64) {
+    if messages.len() < MAX_ERROR_MESSAGES || messages.contains_key(&message) {
+        *messages.entry(message).or_default() += n;
+    }
 }
 
 fn merge_totals(into: &mut IngestTotals, from: &IngestTotals) {
@@ -376,6 +409,7 @@ async fn worker(
     let mut result = WorkerResult {
         totals: IngestTotals::default(),
         errors: BTreeMap::new(),
+        error_messages: BTreeMap::new(),
         histogram: new_histogram(),
         max_clock_lead_ms: i64::MIN,
     };
@@ -448,6 +482,12 @@ async fn worker(
                     .errors
                     .entry(code_name(status.code()).to_owned())
                     .or_default() += 1;
+                let message = format!(
+                    "{}: {}",
+                    code_name(status.code()),
+                    without_numbers(status.message())
+                );
+                add_error_message(&mut result.error_messages, message, 1);
                 // Do not spin on a gateway that is down.
                 if status.code() == Code::Unavailable {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -497,6 +537,9 @@ pub fn print_report(report: &Report, out: &mut dyn std::io::Write) -> std::io::R
             .map(|(code, n)| format!("{code} {n}"))
             .collect();
         writeln!(out, "  failed calls: {}", errors.join(", "))?;
+        for (message, n) in &report.error_messages {
+            writeln!(out, "    {n:>8}  {message}")?;
+        }
     }
     let l = &report.latency_ms;
     writeln!(
@@ -563,6 +606,20 @@ mod tests {
                 previous = Some(fix);
             }
         }
+    }
+
+    #[test]
+    fn failure_messages_group_without_their_numbers() {
+        assert_eq!(
+            without_numbers("storage: breaker open, retry in 22.43s; 127.0.0.1:50053"),
+            "storage: breaker open, retry in Ns; N:N"
+        );
+        let mut messages = BTreeMap::new();
+        for i in 0..30 {
+            add_error_message(&mut messages, format!("m{}", i % 25), 1);
+        }
+        assert_eq!(messages.len(), MAX_ERROR_MESSAGES);
+        assert_eq!(messages["m0"], 2);
     }
 
     #[test]
