@@ -784,7 +784,6 @@ async fn a_batch_delivered_again_after_a_crash_counts_once() {
 
     // A consumer that never saw a commit reads every message again, as after a crash
     // between insert and commit.
-    let mut config = config;
     config.storage.kafka_group_id = testkit::unique("again");
     let (_service, mut client) = start(config).await;
     store(&mut client, &tenant, &track("sentinel", 1, T0))
@@ -819,6 +818,41 @@ async fn a_batch_delivered_again_after_a_crash_counts_once() {
             ("w".to_owned(), 50)
         ]
     );
+}
+
+#[tokio::test]
+async fn partitions_moving_between_consumers_lose_nothing() {
+    // A second consumer joins and leaves the group three times while fixes flow: each time
+    // every partition is revoked and assigned again, mostly while the batches are empty.
+    let config = config();
+    let (_one, mut client) = start(config.clone()).await;
+    let tenant = testkit::unique("t");
+    let mut devices = Vec::new();
+    let mut send = async |client: &mut StorageClient<Channel>, prefix: String| {
+        for d in 0..8 {
+            let device = format!("{prefix}-{d}");
+            store(client, &tenant, &track(&device, 20, T0))
+                .await
+                .unwrap();
+            devices.push(device);
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    };
+    for round in 0..3 {
+        let (two, _) = start(config.clone()).await;
+        send(&mut client, format!("r{round}-joining")).await;
+        two.shutdown().await.unwrap();
+        send(&mut client, format!("r{round}-left")).await;
+    }
+    for device in &devices {
+        let read = wait_for_track(&mut client, &tenant, device, 20).await;
+        assert_eq!(read.len(), 20, "{device}: every fix once");
+        assert_eq!(
+            daily_total(&mut client, &tenant, device).await,
+            20,
+            "{device}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -936,6 +970,44 @@ mod process {
             acknowledged,
             "every acknowledged fix exactly once"
         );
+    }
+
+    #[tokio::test]
+    async fn sigterm_with_clickhouse_down_exits_within_the_grace() {
+        // As reported: ClickHouse stopped, 50 fixes stored, SIGTERM; SHUTDOWN_GRACE is 20 s.
+        let mut clickhouse = Backend::start(Kind::ClickHouse);
+        let mut config = config();
+        config.storage.clickhouse_url = clickhouse.addr();
+        let mut process = Process::start(&config).await;
+        let mut client = process.client().await;
+        let tenant = testkit::unique("t");
+        let fixes = track("v", 60, T0);
+        // First a batch stored, so the consumer has joined the group and holds the next.
+        store(&mut client, &tenant, &fixes[..10]).await.unwrap();
+        wait_for_track(&mut client, &tenant, "v", 10).await;
+        clickhouse.stop();
+        store(&mut client, &tenant, &fixes[10..]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pid = process.child.id().unwrap().to_string();
+        let asked = Instant::now();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), process.child.wait())
+            .await
+            .expect("still running 30 s after SIGTERM")
+            .unwrap();
+        let took = asked.elapsed();
+        eprintln!("storage-service exited {took:?} after SIGTERM with clickhouse down");
+        assert!(status.success(), "{status:?}");
+        assert!(took < Duration::from_secs(20), "exited after {took:?}");
+
+        clickhouse.restart();
+        let process = Process::start(&config).await;
+        let mut client = process.client().await;
+        let read = wait_for_track(&mut client, &tenant, "v", 60).await;
+        assert_eq!(times(&read), times(&fixes), "nothing lost");
     }
 
     #[tokio::test]
