@@ -212,7 +212,6 @@ impl Kafka {
                 }
             }
         }
-        metrics::histogram!("storage_produce_messages").record(deliveries.len() as f64);
         let acknowledged = tokio::time::timeout(timeout, join_all(deliveries)).await;
         metrics::histogram!("storage_produce_seconds").record(start.elapsed().as_secs_f64());
         let Ok(results) = acknowledged else {
