@@ -27,6 +27,9 @@ use crate::{config::StorageConfig, error::Error};
 /// The version of the message value format, in the `schema-version` header.
 pub const SCHEMA_VERSION: &str = "1";
 
+/// Header of a delete marker (see [`Kafka::produce_delete_marker`]).
+pub const DELETE_HEADER: &str = "delete-device";
+
 /// Bytes a record may need beyond its key, value and headers: librdkafka's largest per-record
 /// overhead (36) plus the record batch header (61), with room to spare.
 const RECORD_OVERHEAD: usize = 512;
@@ -235,6 +238,47 @@ impl Kafka {
         reason
     }
 
+    /// Produces a delete marker for a device: an empty FixBatch with the [`DELETE_HEADER`]
+    /// header under the device's key, so it lands on the partition of the device's fixes,
+    /// after those already produced. The consumer deletes the device when it reaches it, so
+    /// fixes still in Kafka at DeleteDevice are deleted too.
+    pub async fn produce_delete_marker(
+        &self,
+        tenant: &str,
+        device: &str,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let key = format!("{tenant}/{device}");
+        let payload = FixBatch {
+            tenant_id: tenant.to_owned(),
+            device_id: device.to_owned(),
+            fixes: Vec::new(),
+        }
+        .encode_to_vec();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "schema-version",
+                value: Some(SCHEMA_VERSION),
+            })
+            .insert(Header {
+                key: DELETE_HEADER,
+                value: Some("1"),
+            });
+        let record = FutureRecord::to(&self.topic)
+            .key(&key)
+            .payload(&payload)
+            .headers(headers);
+        match tokio::time::timeout(timeout, self.producer.send(record, Timeout::After(timeout)))
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((err, _))) => Err(Error::Kafka(self.failed(format!("kafka: {err}")))),
+            Err(_) => Err(Error::Kafka(
+                self.failed(format!("kafka did not acknowledge within {timeout:?}")),
+            )),
+        }
+    }
+
     /// Parks an undecodable message on the dead-letter topic with the reason in a header.
     pub async fn dead_letter(&self, message: &Owned, reason: &str) -> Result<(), KafkaError> {
         let partition = message.partition.to_string();
@@ -308,6 +352,8 @@ pub struct Owned {
     pub schema_version: Option<String>,
     /// `traceparent` / `tracestate` the producer wrote.
     pub trace: Vec<(String, String)>,
+    /// A delete marker: the device's earlier fixes are to be deleted.
+    pub delete_device: bool,
 }
 
 impl Owned {
@@ -315,6 +361,7 @@ impl Owned {
         use rdkafka::Message as _;
         let mut schema_version = None;
         let mut trace = Vec::new();
+        let mut delete_device = false;
         if let Some(headers) = message.headers() {
             for header in headers_iter(headers) {
                 let value = header
@@ -324,6 +371,7 @@ impl Owned {
                 match header.key {
                     "schema-version" => schema_version = Some(value),
                     "traceparent" | "tracestate" => trace.push((header.key.to_owned(), value)),
+                    DELETE_HEADER => delete_device = value == "1",
                     _ => {}
                 }
             }
@@ -335,6 +383,7 @@ impl Owned {
             payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
             schema_version,
             trace,
+            delete_device,
         }
     }
 }

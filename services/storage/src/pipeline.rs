@@ -74,6 +74,10 @@ struct Batch {
     next_offsets: BTreeMap<i32, i64>,
     started: Option<Instant>,
     traces: Vec<Vec<(String, String)>>,
+    /// Devices (tenant, device) whose delete marker is in this batch, with the marker's
+    /// partition: deleted before the batch's rows are inserted, their earlier rows already
+    /// dropped from it.
+    deletes: BTreeMap<(String, String), i32>,
 }
 
 impl Batch {
@@ -89,6 +93,18 @@ impl Batch {
         self.replay.retain(|_| *flags.next().unwrap_or(&true));
     }
 
+    /// A delete marker: the device's rows so far in the batch are not to be stored.
+    fn delete_device(&mut self, tenant: &str, device: &str, partition: i32) {
+        let keep: Vec<bool> = self
+            .rows
+            .iter()
+            .map(|row| row.tenant_id != tenant || row.device_id != device)
+            .collect();
+        self.retain(&keep);
+        self.deletes
+            .insert((tenant.to_owned(), device.to_owned()), partition);
+    }
+
     fn drop_partitions(&mut self, revoked: &BTreeSet<i32>) {
         if revoked.is_empty() {
             return;
@@ -100,6 +116,8 @@ impl Batch {
             .collect();
         self.retain(&keep);
         self.next_offsets.retain(|p, _| !revoked.contains(p));
+        // A marker of a revoked partition comes again to the new owner.
+        self.deletes.retain(|_, p| !revoked.contains(p));
         tracing::info!(
             ?revoked,
             "dropped uncommitted rows of revoked partitions; the new owner re-reads them"
@@ -202,7 +220,14 @@ impl Pipeline {
         // assigned again in the same poll, and its offset would not be read again.
         batch.drop_partitions(&self.context.take_revoked());
         match decode(&message) {
-            Ok(rows) => {
+            Ok((tenant, device, _)) if message.delete_device => {
+                if batch.started.is_none() {
+                    batch.started = Some(Instant::now());
+                }
+                tracing::info!(%tenant, partition = message.partition, offset = message.offset, "delete marker");
+                batch.delete_device(&tenant, &device, message.partition);
+            }
+            Ok((_, _, rows)) => {
                 if batch.started.is_none() {
                     batch.started = Some(Instant::now());
                 }
@@ -302,6 +327,11 @@ impl Pipeline {
             .collect();
         let span = spans.first().cloned().unwrap_or_else(tracing::Span::none);
         let result = async {
+            // Before the insert: a mutation leaves parts inserted after it alone, so the
+            // device's fixes produced after the marker stay.
+            for (tenant, device) in batch.deletes.keys() {
+                self.db.delete_device(tenant, device).await?;
+            }
             self.drop_stored_replays(batch).await?;
             let refused = self.insert_fixes(&batch.rows).await?;
             if !refused.is_empty() {
@@ -406,6 +436,7 @@ impl Pipeline {
                 .encode_to_vec(),
                 schema_version: Some(kafka::SCHEMA_VERSION.to_owned()),
                 trace: Vec::new(),
+                delete_device: false,
             };
             self.dead_letter(&message, &format!("clickhouse refused the fix: {reason}"))
                 .await;
@@ -429,7 +460,13 @@ impl Pipeline {
         // Replays carry a flag from refinement; only those can already be in ClickHouse.
         let mut replays: BTreeMap<(&str, &str), Vec<i64>> = BTreeMap::new();
         for ((row, replay), kept) in batch.rows.iter().zip(&batch.replay).zip(&keep) {
-            if *kept && *replay {
+            // Copies of a device being deleted are about to go (the mutation is asynchronous).
+            if *kept
+                && *replay
+                && !batch
+                    .deletes
+                    .contains_key(&(row.tenant_id.clone(), row.device_id.clone()))
+            {
                 replays
                     .entry((&row.tenant_id, &row.device_id))
                     .or_default()
@@ -544,8 +581,11 @@ fn day_parts(rows: &[FixRow]) -> Vec<DayPart> {
     parts.into_values().collect()
 }
 
-/// The rows of one message with their replay flags, or why it cannot be stored.
-fn decode(message: &Owned) -> Result<Vec<(FixRow, bool)>, String> {
+/// A message's tenant, device, and rows with their replay flags.
+type Decoded = (String, String, Vec<(FixRow, bool)>);
+
+/// The content of one message, or why it cannot be stored.
+fn decode(message: &Owned) -> Result<Decoded, String> {
     if let Some(version) = &message.schema_version
         && version != kafka::SCHEMA_VERSION
     {
@@ -555,7 +595,7 @@ fn decode(message: &Owned) -> Result<Vec<(FixRow, bool)>, String> {
         .map_err(|err| format!("not a FixBatch: {err}"))?;
     ids::check_tenant(&batch.tenant_id).map_err(|rule| format!("tenant_id: {rule}"))?;
     ids::check_device(&batch.device_id).map_err(|rule| format!("device_id: {rule}"))?;
-    batch
+    let rows = batch
         .fixes
         .iter()
         .enumerate()
@@ -564,7 +604,8 @@ fn decode(message: &Owned) -> Result<Vec<(FixRow, bool)>, String> {
                 .map(|row| (row, refined.replay))
                 .map_err(|why| format!("fixes[{index}]: {why}"))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((batch.tenant_id, batch.device_id, rows))
 }
 
 fn row(

@@ -254,6 +254,11 @@ impl Storage for StorageService {
     ) -> Result<Response<DeleteStoredDeviceResponse>, Status> {
         let request = request.into_inner();
         ids::device_fields(&request.tenant_id, &request.device_id)?;
+        // The marker first: fixes of the device still in Kafka are deleted when the consumer
+        // reaches it; what is stored already goes now.
+        self.kafka
+            .produce_delete_marker(&request.tenant_id, &request.device_id, self.produce_timeout)
+            .await?;
         self.db
             .delete_device(&request.tenant_id, &request.device_id)
             .await

@@ -10,7 +10,7 @@ use prost::Message as _;
 use rdkafka::{
     ClientConfig, Message as _,
     consumer::{Consumer as _, StreamConsumer},
-    message::Headers as _,
+    message::{Header, Headers as _, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
 use storage::{Config, StorageConfig, run};
@@ -818,6 +818,75 @@ async fn a_batch_delivered_again_after_a_crash_counts_once() {
             ("w".to_owned(), 50)
         ]
     );
+}
+
+#[tokio::test]
+async fn fixes_still_in_kafka_at_delete_device_are_deleted_too() {
+    let mut config = config();
+    // One partition, so that a sentinel read back means everything before it was consumed.
+    config.storage.kafka_partitions = 1;
+    let topic = config.storage.kafka_topic.clone();
+    // Creates the topic and the schema, then stops: nothing consumes while the fixes wait.
+    let (service, _) = start(config.clone()).await;
+    service.shutdown().await.unwrap();
+    let tenant = testkit::unique("t");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", testkit::kafka_brokers())
+        .create()
+        .unwrap();
+    for device in ["gone", "kept"] {
+        let batch = trackmesh_proto::v1::FixBatch {
+            tenant_id: tenant.clone(),
+            device_id: device.into(),
+            fixes: track(device, 30, T0),
+        };
+        let key = format!("{tenant}/{device}");
+        let payload = batch.encode_to_vec();
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key(&key)
+                    .payload(&payload)
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: "schema-version",
+                        value: Some("1"),
+                    })),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+    // A consumer starts, holding what it reads for 5 s, and the device is deleted before
+    // its fixes are stored.
+    config.storage.batch_max_wait = ConfigDuration::from_secs(5);
+    let (_service, mut client) = start(config).await;
+    client
+        .delete_device(DeleteStoredDeviceRequest {
+            tenant_id: tenant.clone(),
+            device_id: "gone".into(),
+        })
+        .await
+        .unwrap();
+    // What the device sends after the delete stays.
+    let after = track("gone", 5, T0 + DAY_MS);
+    store(&mut client, &tenant, &after).await.unwrap();
+    store(&mut client, &tenant, &track("sentinel", 1, T0))
+        .await
+        .unwrap();
+    wait_for_track(&mut client, &tenant, "sentinel", 1).await;
+    assert_eq!(
+        wait_for_track(&mut client, &tenant, "kept", 30).await.len(),
+        30
+    );
+    testkit::wait_until(
+        Duration::from_secs(30),
+        "fixes in kafka at the delete were stored after it",
+        async || {
+            times(&read_track(&mut client, &tenant, "gone").await) == times(&after)
+                && daily_total(&mut client, &tenant, "gone").await == 5
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
