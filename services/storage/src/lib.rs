@@ -28,7 +28,8 @@ pub use kafka::split_batch;
 use crate::{clickhouse::Db, kafka::Kafka, pipeline::SinkHealth};
 
 /// Serves the Storage API on `listener` and runs the consumer until `shutdown` completes;
-/// then drains requests, stores and commits what the consumer holds, and returns.
+/// then, within `SHUTDOWN_GRACE`, drains requests while the consumer stores and commits
+/// what it holds (what it cannot store stays uncommitted in Kafka), and returns.
 pub async fn run(
     config: Config,
     listener: TcpListener,
