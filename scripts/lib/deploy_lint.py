@@ -27,12 +27,13 @@ import promql_names  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# binary -> (crate folder, default port, gRPC service name)
+# binary -> (crate folder, default port, gRPC health name its readiness probe checks);
+# storage's is its Store part (Kafka only), so a ClickHouse outage does not stop ingest.
 SERVICES = {
     "gateway": ("services/gateway", 50050, "trackmesh.v1.Gateway"),
     "refinement-api": ("services/refinement", 50051, "trackmesh.v1.Refinement"),
     "learning-api": ("services/learning", 50052, "trackmesh.v1.Learning"),
-    "storage-service": ("services/storage", 50053, "trackmesh.v1.Storage"),
+    "storage-service": ("services/storage", 50053, "trackmesh.v1.Storage/Store"),
 }
 # Read by libraries (tracing's EnvFilter, the OpenTelemetry SDK), or only
 # used to build other values in Kubernetes.

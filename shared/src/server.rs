@@ -50,8 +50,12 @@ enum Readiness {
 }
 
 /// What few services need to change in [`serve_with`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Options {
+    /// Parts of the service that can serve while the whole is not ready, each a gRPC health
+    /// name with its own check (storage's Store needs Kafka, not ClickHouse). NOT_SERVING
+    /// while its check fails and while shutting down, like the whole.
+    pub health_parts: Vec<(&'static str, ReadyCheck)>,
     /// Paths (`/package.Service/Method`) of long-lived streaming calls that the service bounds
     /// itself (per caller, with idle and total timeouts); they hold no MAX_CONCURRENT_REQUESTS
     /// permit, so that idle streams cannot lock every other call out.
@@ -82,6 +86,18 @@ pub async fn serve_with(
     crate::metrics::handle();
     let (reporter, health) = tonic_health::server::health_reporter();
     let (readiness, readiness_rx) = watch::channel(Readiness::NotReady("starting".into()));
+    let part_probers: Vec<_> = options
+        .health_parts
+        .iter()
+        .map(|(name, check)| {
+            tokio::spawn(probe_part(
+                check.clone(),
+                config.readiness_interval.get(),
+                reporter.clone(),
+                name,
+            ))
+        })
+        .collect();
     let prober = tokio::spawn(probe(
         service.ready.clone(),
         config.readiness_interval.get(),
@@ -134,6 +150,7 @@ pub async fn serve_with(
     tokio::select! {
         result = &mut server => {
             prober.abort();
+            part_probers.iter().for_each(tokio::task::JoinHandle::abort);
             return result.context("server failed");
         }
         () = shutdown => {}
@@ -142,6 +159,12 @@ pub async fn serve_with(
     prober.abort();
     readiness.send_replace(Readiness::ShuttingDown);
     set_status(&reporter, service.name, ServingStatus::NotServing).await;
+    for (part, (name, _)) in part_probers.iter().zip(&options.health_parts) {
+        part.abort();
+        reporter
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
     tracing::info!(grace = ?config.shutdown_grace.get(), "draining in-flight requests");
     let _ = stop.send(());
     match tokio::time::timeout(config.shutdown_grace.get(), &mut server).await {
@@ -279,6 +302,39 @@ async fn probe(
                 }
                 Readiness::ShuttingDown => {}
             }
+        }
+    }
+}
+
+/// Keeps the health of one part (see [`Options::health_parts`]) up to date.
+async fn probe_part(
+    check: ReadyCheck,
+    interval: Duration,
+    reporter: HealthReporter,
+    name: &'static str,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = None;
+    loop {
+        ticker.tick().await;
+        let timeout = interval.max(Duration::from_secs(1));
+        let result = tokio::time::timeout(timeout, check())
+            .await
+            .unwrap_or_else(|_| Err(format!("check timed out after {timeout:?}")));
+        let serving = result.is_ok();
+        if last != Some(serving) {
+            match &result {
+                Ok(()) => tracing::info!(part = name, "part ready"),
+                Err(reason) => tracing::warn!(part = name, %reason, "part not ready"),
+            }
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status(name, status).await;
+            last = Some(serving);
         }
     }
 }

@@ -50,9 +50,11 @@ struct Target {
 }
 
 impl Downstream {
-    /// Starts watching `addrs` (a comma list of `host:port` or URLs) in the background.
+    /// Starts watching `addrs` (a comma list of `host:port` or URLs) in the background; an
+    /// endpoint takes calls while it reports SERVING for the gRPC health name `health`.
     pub fn start(
         name: &'static str,
+        health: &'static str,
         addrs: &str,
         common: &CommonConfig,
         config: &GatewayConfig,
@@ -74,6 +76,7 @@ impl Downstream {
         let healthy = Arc::new(AtomicUsize::new(0));
         tokio::spawn(watch(
             name,
+            health,
             targets,
             tls,
             changes,
@@ -204,6 +207,7 @@ impl Downstream {
 /// equal to the healthy ones.
 async fn watch(
     name: &'static str,
+    health: &'static str,
     targets: Vec<Target>,
     tls: Option<ClientTlsConfig>,
     changes: Sender<Change<SocketAddr, Endpoint>>,
@@ -234,9 +238,9 @@ async fn watch(
                 }
             }
         }
-        let checks = probes
-            .iter()
-            .map(|(addr, (_, channel))| async move { (*addr, is_serving(channel.clone()).await) });
+        let checks = probes.iter().map(|(addr, (_, channel))| async move {
+            (*addr, is_serving(channel.clone(), health).await)
+        });
         let up: HashSet<SocketAddr> = join_all(checks)
             .await
             .into_iter()
@@ -278,8 +282,10 @@ fn endpoint(
     Ok(endpoint)
 }
 
-async fn is_serving(channel: Channel) -> bool {
-    let mut request = tonic::Request::new(HealthCheckRequest::default());
+async fn is_serving(channel: Channel, health: &str) -> bool {
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: health.to_owned(),
+    });
     request.set_timeout(CHECK_TIMEOUT);
     let mut client = HealthClient::new(channel);
     matches!(

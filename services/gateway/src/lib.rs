@@ -43,17 +43,26 @@ pub async fn run(
     let downstreams = Downstreams {
         refinement: Downstream::start(
             "refinement",
+            "",
             &settings.refinement_addr,
             &config.common,
             settings,
         )?,
         learning: Downstream::start(
             "learning",
+            "",
             &settings.learning_addr,
             &config.common,
             settings,
         )?,
-        storage: Downstream::start("storage", &settings.storage_addr, &config.common, settings)?,
+        // Ingest needs Store only, which works while ClickHouse is down (Kafka buffers).
+        storage: Downstream::start(
+            "storage",
+            trackmesh_proto::STORE_HEALTH_NAME,
+            &settings.storage_addr,
+            &config.common,
+            settings,
+        )?,
     };
     let (refinement, storage) = (downstreams.refinement.clone(), downstreams.storage.clone());
     let limits = Limits::new(
@@ -99,6 +108,7 @@ pub async fn run(
             .iter()
             .map(|method| format!("/{SERVICE_NAME}/{method}"))
             .collect(),
+        ..server::Options::default()
     };
     // Learning is best effort: without it the gateway still ingests, so it is not required.
     let ready = ready_check(move || {

@@ -35,6 +35,10 @@ impl Fake {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (health, service) = tonic_health::server::health_reporter();
+        // Storage's Store part, which the gateway checks; harmless on the other fakes.
+        health
+            .set_service_status(trackmesh_proto::STORE_HEALTH_NAME, ServingStatus::Serving)
+            .await;
         let task = tokio::spawn(async move {
             let _ = Server::builder()
                 .add_service(service)
@@ -505,7 +509,7 @@ async fn ingest_is_refused_before_refinement_when_storage_is_down() {
     stack
         .storage
         .health
-        .set_service_status("", ServingStatus::NotServing)
+        .set_service_status(trackmesh_proto::STORE_HEALTH_NAME, ServingStatus::NotServing)
         .await;
     testkit::wait_http_status(stack.gateway.addr(), "/ready", 503, Duration::from_secs(10)).await;
     let device = testkit::unique("dev");

@@ -75,6 +75,7 @@ pub async fn run(
             .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(server::MAX_MESSAGE_BYTES),
     );
+    let store_kafka = kafka.clone();
     let ready = ready_check(move || {
         let (db, kafka, health) = (db.clone(), kafka.clone(), health.clone());
         async move {
@@ -87,7 +88,16 @@ pub async fn run(
             }
         }
     });
-    let served = server::serve(
+    // Store needs Kafka only: while ClickHouse is down the topic buffers, so ingest goes on.
+    let store_ready = ready_check(move || {
+        let kafka = store_kafka.clone();
+        async move { kafka.ping().await }
+    });
+    let options = server::Options {
+        health_parts: vec![(trackmesh_proto::STORE_HEALTH_NAME, store_ready)],
+        ..server::Options::default()
+    };
+    let served = server::serve_with(
         &config.common,
         listener,
         server::Service {
@@ -95,6 +105,7 @@ pub async fn run(
             routes,
             ready,
         },
+        options,
         shutdown,
     )
     .await;

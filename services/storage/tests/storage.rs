@@ -16,6 +16,9 @@ use rdkafka::{
 use storage::{Config, StorageConfig, run};
 use testkit::{Backend, Kind, Service};
 use tonic::{Code, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use trackmesh_proto::v1::{
     DailyStatsRequest, DeleteStoredDeviceRequest, Fix, ListStoredDevicesRequest, QueryTrackRequest,
     RefinedFix, SortField, StoreRequest, Verdict, storage_client::StorageClient,
@@ -584,6 +587,22 @@ async fn poison_message_goes_to_the_dead_letter_topic() {
     assert!(reason.starts_with("not a FixBatch"), "{reason}");
 }
 
+async fn health(service: &Service, name: &str) -> ServingStatus {
+    let channel = Channel::from_shared(service.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    let response = client
+        .check(HealthCheckRequest {
+            service: name.into(),
+        })
+        .await
+        .unwrap();
+    response.into_inner().status()
+}
+
 #[tokio::test]
 async fn clickhouse_outage_pauses_and_resumes_without_loss() {
     let mut clickhouse = Backend::start(Kind::ClickHouse);
@@ -597,7 +616,13 @@ async fn clickhouse_outage_pauses_and_resumes_without_loss() {
 
     clickhouse.stop();
     service.wait_ready(503, Duration::from_secs(10)).await;
-    // Kafka is up: Store still works, the fixes wait in the topic.
+    // Kafka is up: Store still works, the fixes wait in the topic, and its health part says
+    // so (the gateway checks it before ingesting) while the whole service is NOT_SERVING.
+    assert_eq!(health(&service, "").await, ServingStatus::NotServing);
+    assert_eq!(
+        health(&service, trackmesh_proto::STORE_HEALTH_NAME).await,
+        ServingStatus::Serving
+    );
     store(&mut client, &tenant, &fixes[200..400]).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     store(&mut client, &tenant, &fixes[400..]).await.unwrap();
