@@ -47,9 +47,14 @@ pub struct GatewayConfig {
     pub api_keys_file: Option<String>,
     /// Most fixes per Ingest request.
     pub max_batch: u32,
-    /// Per tenant; 0 turns the limit off.
+    /// Per tenant; 0 turns the limit off. The requests default fits a fleet of 20 000 devices
+    /// sending one fix a second each, with room for bursts.
     pub rate_limit_fixes_per_sec: u32,
     pub rate_limit_requests_per_sec: u32,
+    /// A coalesced batch departs once it holds this many fixes; unset: MAX_BATCH.
+    pub coalesce_max_fixes: Option<u32>,
+    /// Coalesced batches in flight at once; beyond that requests queue and batches grow.
+    pub coalesce_max_in_flight: u32,
     /// Deadline of a downstream call when the client sets none.
     pub downstream_timeout: Duration,
     /// How often downstream names are resolved again and their endpoints health-checked.
@@ -82,6 +87,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("api_keys", &self.api_keys.as_ref().map(|_| "<redacted>"))
             .field("api_keys_file", &self.api_keys_file)
             .field("max_batch", &self.max_batch)
+            .field("coalesce_max_fixes", &self.coalesce_max_fixes())
+            .field("coalesce_max_in_flight", &self.coalesce_max_in_flight)
             .field(
                 "tenant_max_concurrent_requests",
                 &self.tenant_max_concurrent_requests,
@@ -103,7 +110,9 @@ impl Default for GatewayConfig {
             api_keys_file: None,
             max_batch: 10_000,
             rate_limit_fixes_per_sec: 200_000,
-            rate_limit_requests_per_sec: 2_000,
+            rate_limit_requests_per_sec: 50_000,
+            coalesce_max_fixes: None,
+            coalesce_max_in_flight: 4,
             downstream_timeout: Duration::from_secs(10),
             resolve_interval: Duration::from_secs(5),
             retry_attempts: 3,
@@ -129,6 +138,11 @@ impl GatewayConfig {
             text.push_str(&file);
         }
         ApiKeys::parse(&text)
+    }
+
+    /// The size that makes a coalesced batch depart: COALESCE_MAX_FIXES, or MAX_BATCH.
+    pub fn coalesce_max_fixes(&self) -> u32 {
+        self.coalesce_max_fixes.unwrap_or(self.max_batch)
     }
 
     /// The per-tenant limit of calls in flight (0: off). It must stay below the server's
@@ -178,6 +192,21 @@ impl Validate for GatewayConfig {
             ));
         }
         check_range("MAX_BATCH", self.max_batch, 1..=1_000_000)?;
+        if let Some(fixes) = self.coalesce_max_fixes {
+            // Refinement refuses a Refine of more than its MAX_BATCH, which MAX_BATCH mirrors.
+            if !(1..=self.max_batch).contains(&fixes) {
+                return Err(ConfigError::new(
+                    "COALESCE_MAX_FIXES",
+                    fixes,
+                    format_args!("must be 1..=MAX_BATCH={}", self.max_batch),
+                ));
+            }
+        }
+        check_range(
+            "COALESCE_MAX_IN_FLIGHT",
+            self.coalesce_max_in_flight,
+            1..=1024,
+        )?;
         check_range(
             "RATE_LIMIT_FIXES_PER_SEC",
             self.rate_limit_fixes_per_sec,
@@ -306,6 +335,19 @@ mod tests {
         );
         let off = load(&[base, ("TENANT_MAX_CONCURRENT_REQUESTS", "0")]).unwrap();
         assert_eq!(off.tenant_max_concurrent_requests(&common("10")), Ok(0));
+        let err = load(&[base, ("COALESCE_MAX_FIXES", "20000")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("COALESCE_MAX_FIXES=20000: must be 1..=MAX_BATCH=10000"),
+            "{err}"
+        );
+        assert_eq!(
+            load(&[base, ("MAX_BATCH", "500")])
+                .unwrap()
+                .coalesce_max_fixes(),
+            500
+        );
         let err = load(&[base, ("STREAM_IDLE_TIMEOUT", "1ms")])
             .unwrap_err()
             .to_string();

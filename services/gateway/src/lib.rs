@@ -2,11 +2,13 @@
 //!
 //! Every call is authenticated by API key (the key decides the tenant) before its body is
 //! read, held to per-method size limits and per-tenant concurrency limits, rate-limited per
-//! tenant, and fanned out: Ingest runs Refine, then Store (required) and Observe (best effort)
+//! tenant, and fanned out: Ingest requests of all callers are coalesced into shared batches
+//! (`coalesce`); per tenant of a batch, Refine, then Store (required) and Observe (best effort)
 //! concurrently with the accepted fixes; queries go to storage or learning.
 #![forbid(unsafe_code)]
 
 mod auth;
+mod coalesce;
 mod config;
 mod downstream;
 mod error;
@@ -27,7 +29,7 @@ use crate::{
     downstream::Downstream,
     guard::Guard,
     limits::Limits,
-    service::{Downstreams, StreamTimeouts},
+    service::{Coalescing, Downstreams, StreamTimeouts},
 };
 
 /// Serves the Gateway API on `listener` until `shutdown` completes.
@@ -36,7 +38,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    trackmesh_shared::metrics::register(&["gateway_learning_failures_total"], &[]);
+    trackmesh_shared::metrics::register(
+        &["gateway_learning_failures_total"],
+        &["gateway_batches_in_flight"],
+    );
     let settings = &config.gateway;
     let keys = settings.api_keys()?;
     let tenant_requests = settings.tenant_max_concurrent_requests(&config.common)?;
@@ -78,6 +83,10 @@ pub async fn run(
         StreamTimeouts {
             idle: settings.stream_idle_timeout.get(),
             max: settings.stream_max_duration.get(),
+        },
+        Coalescing {
+            max_fixes: settings.coalesce_max_fixes() as usize,
+            max_in_flight: settings.coalesce_max_in_flight as usize,
         },
     );
     let tidy = service.clone();

@@ -1,6 +1,6 @@
-//! The Gateway gRPC service: limit, validate, then Refine → Store + Observe for ingest, and
-//! scoped queries. The tenant always comes from the API key, checked by `guard` before the
-//! request reached this service.
+//! The Gateway gRPC service: limit, validate, then coalesce for ingest (per tenant of a batch:
+//! Refine → Store + Observe), and scoped queries. The tenant always comes from the API key,
+//! checked by `guard` before the request reached this service.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
@@ -11,17 +11,23 @@ use tonic::{
 };
 use trackmesh_proto::v1::{
     DailyStatsRequest, DailyStatsResponse, DeleteDeviceRequest, DeleteDeviceResponse,
-    DeleteStoredDeviceRequest, DevicePlacesRequest, DevicePredictRequest, ForgetRequest,
+    DeleteStoredDeviceRequest, DevicePlacesRequest, DevicePredictRequest, Fix, ForgetRequest,
     GetDailyStatsRequest, GetPlacesRequest, GetPlacesResponse, GetTrackRequest, IngestRequest,
     IngestResponse, ListDevicesRequest, ListDevicesResponse, ListStoredDevicesRequest,
     ObserveRequest, PredictNextRequest, PredictNextResponse, QueryTrackRequest, RefineRequest,
-    RefinedFix, Rejection, ResetDeviceRequest, StoreRequest, TrackChunk, Verdict,
-    gateway_server::Gateway, learning_client::LearningClient, refinement_client::RefinementClient,
+    ResetDeviceRequest, StoreRequest, TrackChunk, gateway_server::Gateway,
+    learning_client::LearningClient, refinement_client::RefinementClient,
     storage_client::StorageClient,
 };
 use trackmesh_shared::{grpc::Deadline, ids, server::MAX_MESSAGE_BYTES, telemetry};
 
-use crate::{downstream::Downstream, error::Error, guard::Tenant, limits::Limits};
+use crate::{
+    coalesce::{self, Coalescer, Entry},
+    downstream::Downstream,
+    error::Error,
+    guard::Tenant,
+    limits::Limits,
+};
 
 type Propagate = fn(Request<()>) -> Result<Request<()>, Status>;
 /// A channel whose calls pass the current trace on.
@@ -79,9 +85,8 @@ pub struct GatewayService {
 
 struct Inner {
     limits: Limits,
-    refinement: Arc<Downstream>,
-    learning: Arc<Downstream>,
-    storage: Arc<Downstream>,
+    downstreams: Arc<Downstreams>,
+    coalescer: Coalescer,
     max_batch: usize,
     timeout: Duration,
     streams: StreamTimeouts,
@@ -100,6 +105,13 @@ pub struct Downstreams {
     pub storage: Arc<Downstream>,
 }
 
+/// How requests are coalesced (see `coalesce`).
+#[derive(Clone, Copy, Debug)]
+pub struct Coalescing {
+    pub max_fixes: usize,
+    pub max_in_flight: usize,
+}
+
 impl GatewayService {
     pub fn new(
         limits: Limits,
@@ -107,13 +119,27 @@ impl GatewayService {
         max_batch: usize,
         timeout: Duration,
         streams: StreamTimeouts,
+        coalescing: Coalescing,
     ) -> Self {
+        let downstreams = Arc::new(downstreams);
+        let mesh = downstreams.clone();
+        let dispatch: coalesce::Dispatch = Arc::new(move |entries, deadline| {
+            let mesh = mesh.clone();
+            Box::pin(async move { mesh.ingest_batch(entries, deadline).await })
+        });
+        let coalescer = Coalescer::new(
+            coalesce::Settings {
+                max_fixes: coalescing.max_fixes,
+                max_in_flight: coalescing.max_in_flight,
+                timeout,
+            },
+            dispatch,
+        );
         Self {
             inner: Arc::new(Inner {
                 limits,
-                refinement: downstreams.refinement,
-                learning: downstreams.learning,
-                storage: downstreams.storage,
+                downstreams,
+                coalescer,
                 max_batch,
                 timeout,
                 streams,
@@ -156,6 +182,8 @@ fn device(device_id: &str) -> Result<(), Error> {
 }
 
 impl Inner {
+    /// Validates one caller's request (so that its bad input never reaches a shared batch),
+    /// then has it coalesced with the others'.
     #[tracing::instrument(name = "ingest", skip_all, fields(tenant = %tenant, fixes = request.fixes.len()))]
     async fn ingest(
         &self,
@@ -177,12 +205,72 @@ impl Inner {
             ids::check_device(&fix.device_id)
                 .map_err(|rule| Error::invalid(format!("fixes[{index}].device_id"), rule))?;
         }
+        if request.fixes.is_empty() {
+            return Ok(IngestResponse {
+                sequence: request.sequence,
+                stored: true,
+                learning_ok: true,
+                ..IngestResponse::default()
+            });
+        }
+        let entry = Entry {
+            tenant: tenant.to_owned(),
+            fixes: request.fixes,
+        };
+        let mut response = self.coalescer.submit(entry, deadline).await?;
+        response.sequence = request.sequence;
+        Ok(response)
+    }
+}
+
+impl Downstreams {
+    /// A coalesced batch: its tenants concurrently, one answer per entry.
+    async fn ingest_batch(&self, entries: Vec<Entry>, deadline: Deadline) -> Vec<coalesce::Answer> {
+        let count = entries.len();
+        let groups = coalesce::by_tenant(entries).into_iter().map(
+            |(tenant, indexes, requests)| async move {
+                let answers = self.ingest(&tenant, requests, deadline).await;
+                (indexes, answers)
+            },
+        );
+        let mut answers: Vec<coalesce::Answer> = (0..count)
+            .map(|_| Err(Status::internal("no answer for this request")))
+            .collect();
+        for (indexes, group) in futures::future::join_all(groups).await {
+            match group {
+                Ok(responses) => {
+                    for (index, response) in indexes.into_iter().zip(responses) {
+                        answers[index] = Ok(response);
+                    }
+                }
+                // Only this tenant's callers fail; each may retry (replays, de-duplication).
+                Err(status) => {
+                    for index in indexes {
+                        answers[index] = Err(status.clone());
+                    }
+                }
+            }
+        }
+        answers
+    }
+
+    /// One tenant's requests of a batch: one Refine of them all, then Store (required) and
+    /// Observe (best effort) concurrently with the accepted and recovered fixes. One response
+    /// per request; an error fails them all.
+    #[tracing::instrument(name = "ingest_tenant", skip_all, fields(tenant = %tenant, requests = requests.len()))]
+    async fn ingest(
+        &self,
+        tenant: &str,
+        requests: Vec<Vec<Fix>>,
+        deadline: Deadline,
+    ) -> Result<Vec<IngestResponse>, Status> {
         // Refinement commits what it accepts: refuse before it when storage cannot take the
         // result, or the client's retry would find those fixes already behind the track.
         self.storage.available()?;
+        let sizes: Vec<usize> = requests.iter().map(Vec::len).collect();
         let refine = RefineRequest {
             tenant_id: tenant.to_owned(),
-            fixes: request.fixes,
+            fixes: requests.into_iter().flatten().collect(),
         };
         let refined = unary(
             &self.refinement,
@@ -192,35 +280,26 @@ impl Inner {
             |mut c, r| async move { c.refine(r).await },
         )
         .await?;
-
-        let mut response = IngestResponse {
-            sequence: request.sequence,
-            recovered: u32::try_from(refined.recovered.len()).unwrap_or(u32::MAX),
-            ..IngestResponse::default()
+        let (mut responses, accepted) = coalesce::split(&sizes, refined)?;
+        let (stored, learning_ok) = if accepted.is_empty() {
+            (true, true)
+        } else {
+            self.store_and_observe(tenant, accepted, deadline).await?
         };
-        let mut accepted: Vec<RefinedFix> =
-            Vec::with_capacity(refined.results.len() + refined.recovered.len());
-        for (index, result) in refined.results.into_iter().enumerate() {
-            if result.verdict == Verdict::Accepted as i32 {
-                response.accepted += 1;
-                response.replayed += u32::from(result.replay);
-                accepted.push(result);
-            } else {
-                response.rejected += 1;
-                response.rejections.push(Rejection {
-                    index: u32::try_from(index).unwrap_or(u32::MAX),
-                    verdict: result.verdict,
-                    detail: result.detail,
-                });
-            }
+        for response in &mut responses {
+            response.stored = stored;
+            response.learning_ok = learning_ok;
         }
-        accepted.extend(refined.recovered);
-        if accepted.is_empty() {
-            response.stored = true;
-            response.learning_ok = true;
-            return Ok(response);
-        }
+        Ok(responses)
+    }
 
+    /// Store (required) and Observe (best effort) `accepted` concurrently: (stored, observed).
+    async fn store_and_observe(
+        &self,
+        tenant: &str,
+        accepted: Vec<trackmesh_proto::v1::RefinedFix>,
+        deadline: Deadline,
+    ) -> Result<(bool, bool), Status> {
         let store = self.storage.call(deadline, |channel, timeout, attempt| {
             let mut fixes = accepted.clone();
             if attempt > 1 {
@@ -248,8 +327,7 @@ impl Inner {
         let (stored, observed) = futures::join!(store, observe);
         // Storage is required: without it the client must retry (safe: replays, de-duplication).
         stored?;
-        response.stored = true;
-        response.learning_ok = match observed {
+        let learning_ok = match observed {
             Ok(_) => true,
             Err(status) => {
                 metrics::counter!("gateway_learning_failures_total").increment(1);
@@ -257,7 +335,7 @@ impl Inner {
                 false
             }
         };
-        Ok(response)
+        Ok((true, learning_ok))
     }
 }
 
@@ -367,6 +445,7 @@ impl Gateway for GatewayService {
         };
         let stream = self
             .inner
+            .downstreams
             .storage
             .call(deadline, |channel, _, _| {
                 // No timeout on the stream itself: a long track takes as long as the client reads.
@@ -393,7 +472,7 @@ impl Gateway for GatewayService {
             to_ms: request.to_ms,
         };
         let stats = unary(
-            &self.inner.storage,
+            &self.inner.downstreams.storage,
             deadline,
             storage,
             &query,
@@ -416,7 +495,7 @@ impl Gateway for GatewayService {
             page_token: request.page_token,
         };
         let devices = unary(
-            &self.inner.storage,
+            &self.inner.downstreams.storage,
             deadline,
             storage,
             &query,
@@ -439,7 +518,7 @@ impl Gateway for GatewayService {
             k: request.k,
         };
         let places = unary(
-            &self.inner.learning,
+            &self.inner.downstreams.learning,
             deadline,
             learning,
             &query,
@@ -462,7 +541,7 @@ impl Gateway for GatewayService {
             k: request.k,
         };
         let predictions = unary(
-            &self.inner.learning,
+            &self.inner.downstreams.learning,
             deadline,
             learning,
             &query,
@@ -479,7 +558,7 @@ impl Gateway for GatewayService {
         self.limit(&tenant, 0)?;
         let device_id = request.into_inner().device_id;
         device(&device_id)?;
-        let inner = &self.inner;
+        let inner = &self.inner.downstreams;
         let reset = ResetDeviceRequest {
             tenant_id: tenant.clone(),
             device_id: device_id.clone(),

@@ -722,3 +722,248 @@ fn bad_configuration_exits_64_with_one_line() {
         ],
     );
 }
+
+/// Coalescing (issue 11): concurrent single-fix callers share downstream batches, and each
+/// gets exactly the answer it would have got alone.
+mod coalescing {
+    use futures::future::join_all;
+
+    use super::*;
+
+    /// The gateway's `name` histogram: (sum, count).
+    async fn histogram(mesh: &Mesh, name: &str) -> (f64, f64) {
+        let (_, body) = testkit::http_get(mesh.gateway.addr(), "/metrics")
+            .await
+            .unwrap();
+        let value = |suffix: &str| {
+            body.lines()
+                .find_map(|line| line.strip_prefix(&format!("{name}{suffix} ")))
+                .map_or(0.0, |v| v.parse().unwrap())
+        };
+        (value("_sum"), value("_count"))
+    }
+
+    /// Per device `i`: a seed fix, then one of four next fixes, by `i % 4`: a normal move, a
+    /// jump at an impossible speed, a latitude out of range, the seed again (a replay).
+    fn seed(device: &str) -> Fix {
+        // One time for every run, so that the same fixes are the same.
+        static START: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| now_ms() - 600_000);
+        Fix {
+            device_id: device.into(),
+            time_ms: *START,
+            lat: 36.9,
+            lon: -76.3,
+            ..Fix::default()
+        }
+    }
+
+    fn next(device: &str, i: usize) -> Fix {
+        let seed = seed(device);
+        match i % 4 {
+            0 => Fix {
+                time_ms: seed.time_ms + 60_000,
+                lat: seed.lat + 0.002,
+                ..seed
+            },
+            1 => Fix {
+                time_ms: seed.time_ms + 60_000,
+                lat: seed.lat + 5.0,
+                ..seed
+            },
+            2 => Fix {
+                time_ms: seed.time_ms + 60_000,
+                lat: 95.0,
+                ..seed
+            },
+            _ => seed,
+        }
+    }
+
+    /// What a caller can compare: counts and each rejection's (index, verdict).
+    fn verdicts(response: &IngestResponse) -> (u32, u32, u32, bool, Vec<(u32, i32)>) {
+        (
+            response.accepted,
+            response.rejected,
+            response.replayed,
+            response.stored,
+            response
+                .rejections
+                .iter()
+                .map(|r| (r.index, r.verdict))
+                .collect(),
+        )
+    }
+
+    fn rows(fixes: &[RefinedFix]) -> Vec<(i64, u32, i64, i64)> {
+        fixes
+            .iter()
+            .map(|f| {
+                let fix = f.fix.as_ref().unwrap();
+                // Distances rounded: only the device id differs between the two runs.
+                (
+                    fix.time_ms,
+                    f.segment,
+                    f.dt_ms,
+                    (f.distance_m * 1000.0).round() as i64,
+                )
+            })
+            .collect()
+    }
+
+    const DEVICES: usize = 100;
+
+    #[tokio::test]
+    async fn concurrent_single_fixes_answer_and_store_as_one_by_one() {
+        let mesh = Mesh::start(Options::default()).await;
+        let clients = [mesh.client(0).await, mesh.client(1).await];
+        // 200 callers: devices 0..100 of each tenant. "one-*" devices get the same fixes
+        // one request at a time, "all-*" devices all at once.
+        let callers: Vec<(usize, usize)> = (0..2)
+            .flat_map(|tenant| (0..DEVICES).map(move |i| (tenant, i)))
+            .collect();
+        let device = |run: &str, i: usize| format!("{run}-{i}");
+        for run in ["one", "all"] {
+            for &(tenant, i) in &callers {
+                let mut client = clients[tenant].clone();
+                let response = ingest(&mut client, vec![seed(&device(run, i))])
+                    .await
+                    .unwrap();
+                assert_eq!(response.accepted, 1);
+            }
+        }
+        let (_, batches_before) = histogram(&mesh, "gateway_coalesced_batch_size").await;
+
+        let mut one_by_one = Vec::new();
+        for &(tenant, i) in &callers {
+            let mut client = clients[tenant].clone();
+            one_by_one.push(
+                ingest(&mut client, vec![next(&device("one", i), i)])
+                    .await
+                    .unwrap(),
+            );
+        }
+        let (sum_before, batches_between) = histogram(&mesh, "gateway_coalesced_batch_size").await;
+        let at_once = join_all(callers.iter().map(|&(tenant, i)| {
+            let mut client = clients[tenant].clone();
+            async move {
+                ingest(&mut client, vec![next(&device("all", i), i)])
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        let (sum_after, batches_after) = histogram(&mesh, "gateway_coalesced_batch_size").await;
+
+        assert_eq!(
+            batches_between - batches_before,
+            callers.len() as f64,
+            "one by one, every request is a batch of its own"
+        );
+        assert_eq!(sum_after - sum_before, callers.len() as f64);
+        assert!(
+            batches_after - batches_between < callers.len() as f64,
+            "concurrent requests share batches: {} batches for {} requests",
+            batches_after - batches_between,
+            callers.len()
+        );
+        for (k, (one, all)) in one_by_one.iter().zip(&at_once).enumerate() {
+            assert_eq!(verdicts(one), verdicts(all), "caller {k}");
+        }
+        // Each kind of verdict is there, so the comparison covers them all.
+        let kinds: std::collections::BTreeSet<_> = at_once
+            .iter()
+            .map(|r| {
+                (
+                    r.accepted,
+                    r.replayed,
+                    r.rejections.first().map(|x| x.verdict),
+                )
+            })
+            .collect();
+        assert_eq!(kinds.len(), 4, "{kinds:?}");
+
+        for &(tenant, i) in &callers {
+            let mut client = clients[tenant].clone();
+            let n = if i % 4 == 0 { 2 } else { 1 };
+            let one = stored(&mut client, &device("one", i), n).await;
+            let all = stored(&mut client, &device("all", i), n).await;
+            assert_eq!(one.len(), n, "tenant {tenant} device {i}");
+            assert_eq!(rows(&one), rows(&all), "tenant {tenant} device {i}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_fix_fails_only_its_caller() {
+        let mesh = Mesh::start(Options::default()).await;
+        let client = mesh.client(0).await;
+        let answers = join_all((0..50).map(|i| {
+            let mut client = client.clone();
+            let device = if i == 25 {
+                String::new()
+            } else {
+                format!("d{i}")
+            };
+            async move { ingest(&mut client, vec![seed(&device)]).await }
+        }))
+        .await;
+        for (i, answer) in answers.iter().enumerate() {
+            if i == 25 {
+                let err = answer.as_ref().unwrap_err();
+                assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+                assert!(err.message().contains("fixes[0].device_id"), "{err:?}");
+            } else {
+                let response = answer.as_ref().unwrap();
+                assert_eq!((response.accepted, response.stored), (1, true), "{i}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn storage_down_fails_the_batch_and_retries_store_each_fix_once() {
+        let mut mesh = Mesh::start(Options::default()).await;
+        let client = mesh.client(0).await;
+        let devices: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+        let send = |fixes: Vec<Fix>| {
+            join_all(fixes.into_iter().map(|fix| {
+                let mut client = client.clone();
+                async move { ingest(&mut client, vec![fix]).await }
+            }))
+        };
+        let firsts: Vec<Fix> = devices.iter().map(|d| seed(d)).collect();
+        for answer in send(firsts).await {
+            assert!(answer.unwrap().stored);
+        }
+        mesh.storage.kill().await;
+        let seconds: Vec<Fix> = devices.iter().map(|d| next(d, 0)).collect();
+        for answer in send(seconds.clone()).await {
+            let err = answer.unwrap_err();
+            assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        }
+        mesh.storage.restart().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for answer in send(seconds).await {
+            let response = answer.unwrap();
+            assert_eq!((response.accepted, response.stored), (1, true));
+        }
+        let mut client = client.clone();
+        for device in &devices {
+            let track = stored(&mut client, device, 2).await;
+            assert_eq!(track.len(), 2, "{device}");
+        }
+        // Once more after the consumer had time to write any copy it would write.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for device in &devices {
+            let days = client
+                .get_daily_stats(GetDailyStatsRequest {
+                    device_id: device.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .days;
+            assert_eq!(days.iter().map(|d| d.fixes).sum::<u64>(), 2, "{device}");
+            assert_eq!(track(&mut client, device).await.len(), 2, "{device}");
+        }
+    }
+}
