@@ -12,7 +12,9 @@ use tonic::{
 use tonic_types::StatusExt;
 use trackmesh_proto::v1::gateway_client::GatewayClient;
 
-pub type Client = GatewayClient<InterceptedService<Channel, ApiKey>>;
+/// A connection to the gateway that carries the API key.
+pub type Authed = InterceptedService<Channel, ApiKey>;
+pub type Client = GatewayClient<Authed>;
 
 /// Adds `authorization: Bearer <key>` to every call.
 #[derive(Clone)]
@@ -52,6 +54,13 @@ pub struct Target {
 impl Target {
     /// Connects now, so that a wrong address fails at once and clearly.
     pub async fn connect(&self) -> anyhow::Result<Client> {
+        Ok(GatewayClient::new(self.connect_authed().await?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+
+    /// A connection for any service on the gateway's port (e.g. gRPC health).
+    pub async fn connect_authed(&self) -> anyhow::Result<Authed> {
         let Some(key) = self.api_key.as_deref() else {
             bail!(
                 "no API key: pass --api-key KEY or set TRACKMESH_API_KEY \
@@ -91,9 +100,7 @@ impl Target {
                 "cannot reach the gateway at {url}{cause} (is the stack up? scripts/stack up)"
             )
         })?;
-        Ok(GatewayClient::with_interceptor(channel, key)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20))
+        Ok(InterceptedService::new(channel, key))
     }
 }
 

@@ -6,7 +6,9 @@
 //! batches to its share of the rate, otherwise it sends as fast as the gateway
 //! answers. Batch latencies go into an HDR histogram. `--sent` and `--acked`
 //! log every fix sent and every fix the gateway acknowledged as stored, for
-//! checks against what storage holds (scripts/chaos).
+//! checks against what storage holds (scripts/chaos). `--noop` sends
+//! `grpc.health.v1.Health/Check` instead, the same way: the gateway's ceiling for
+//! this client, against which single-fix ingest is compared (scripts/bench ingest).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,10 +24,11 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::{sync::mpsc, time::MissedTickBehavior};
 use tonic::{Code, Status};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use trackmesh_proto::v1::{Fix, IngestRequest, IngestResponse};
 
 use crate::{
-    client::{Client, RetryPolicy, code_name, status_error},
+    client::{Authed, Client, RetryPolicy, code_name, status_error},
     query,
     time::now_ms,
     totals::{IngestTotals, thousands},
@@ -196,7 +199,11 @@ pub struct Report {
     pub concurrency: usize,
     pub rate: Option<f64>,
     pub stream: bool,
+    /// No-op calls (gRPC health checks) instead of Ingest.
+    pub noop: bool,
     pub elapsed_s: f64,
+    /// Answered calls per second (for `--batch 1`, equal to fixes/s).
+    pub calls_per_s: f64,
     /// Fixes in answered batches per second.
     pub fixes_per_s: f64,
     pub accepted_per_s: f64,
@@ -225,7 +232,12 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
-pub async fn run(client: Client, options: Options) -> anyhow::Result<Report> {
+/// Runs the load; with `noop`, calls go to this health client instead of Ingest.
+pub async fn run(
+    client: Client,
+    noop: Option<HealthClient<Authed>>,
+    options: Options,
+) -> anyhow::Result<Report> {
     let workers = options.concurrency.clamp(1, options.devices.max(1));
     let mut tasks = Vec::new();
     let started = Instant::now();
@@ -251,6 +263,7 @@ pub async fn run(client: Client, options: Options) -> anyhow::Result<Report> {
         });
         tasks.push(tokio::spawn(worker(
             client.clone(),
+            noop.clone(),
             devices,
             options.clone(),
             period,
@@ -294,7 +307,9 @@ pub async fn run(client: Client, options: Options) -> anyhow::Result<Report> {
         concurrency: workers,
         rate: options.rate,
         stream: options.stream,
+        noop: noop.is_some(),
         elapsed_s,
+        calls_per_s: totals.batches as f64 / elapsed_s.max(1e-9),
         fixes_per_s: totals.fixes_sent as f64 / elapsed_s.max(1e-9),
         accepted_per_s: totals.accepted as f64 / elapsed_s.max(1e-9),
         totals,
@@ -348,6 +363,7 @@ fn merge_totals(into: &mut IngestTotals, from: &IngestTotals) {
 /// Sends batches over unary Ingest, or over one IngestStream reopened after an error.
 struct Sender {
     client: Client,
+    noop: Option<HealthClient<Authed>>,
     stream: Option<(
         mpsc::Sender<IngestRequest>,
         tonic::Streaming<IngestResponse>,
@@ -357,6 +373,15 @@ struct Sender {
 
 impl Sender {
     async fn send(&mut self, request: IngestRequest) -> Result<IngestResponse, Status> {
+        if let Some(health) = &mut self.noop {
+            // Counted as a stored batch of nothing: only the calls and latencies matter.
+            health.check(HealthCheckRequest::default()).await?;
+            return Ok(IngestResponse {
+                stored: true,
+                learning_ok: true,
+                ..IngestResponse::default()
+            });
+        }
         if !self.use_stream {
             return self
                 .client
@@ -400,6 +425,7 @@ fn tokio_stream_from(
 
 async fn worker(
     client: Client,
+    noop: Option<HealthClient<Authed>>,
     mut devices: Vec<Device>,
     options: Options,
     period: Option<Duration>,
@@ -420,6 +446,7 @@ async fn worker(
     });
     let mut sender = Sender {
         client,
+        noop,
         stream: None,
         use_stream: options.stream,
     };
@@ -433,7 +460,12 @@ async fn worker(
             }
         }
         let now = now_ms();
-        let fixes: Vec<Fix> = (0..options.batch)
+        let batch = if sender.noop.is_some() {
+            0
+        } else {
+            options.batch
+        };
+        let fixes: Vec<Fix> = (0..batch)
             .map(|_| {
                 let fix = devices[next_device].next_fix(now);
                 next_device = (next_device + 1) % devices.len();
@@ -510,25 +542,42 @@ pub fn print_report(report: &Report, out: &mut dyn std::io::Write) -> std::io::R
         Some(rate) => format!("target {} fixes/s", thousands(rate as u64)),
         None => "max throughput".to_owned(),
     };
-    writeln!(
-        out,
-        "load: {} devices, batches of {}, concurrency {}, {mode}{}",
-        report.devices,
-        report.batch,
-        report.concurrency,
-        if report.stream { ", IngestStream" } else { "" }
-    )?;
-    writeln!(
-        out,
-        "sent {} fixes in {} batches in {:.1}s: {} fixes/s ({} accepted/s)",
-        thousands(t.fixes_sent),
-        thousands(t.batches),
-        report.elapsed_s,
-        thousands(report.fixes_per_s as u64),
-        thousands(report.accepted_per_s as u64)
-    )?;
-    for line in t.verdict_lines() {
-        writeln!(out, "{line}")?;
+    if report.noop {
+        writeln!(
+            out,
+            "load: no-op calls (grpc.health.v1.Health/Check), concurrency {}, {mode}",
+            report.concurrency
+        )?;
+        writeln!(
+            out,
+            "{} calls in {:.1}s: {} calls/s",
+            thousands(t.batches),
+            report.elapsed_s,
+            thousands(report.calls_per_s as u64)
+        )?;
+    } else {
+        writeln!(
+            out,
+            "load: {} devices, batches of {}, concurrency {}, {mode}{}",
+            report.devices,
+            report.batch,
+            report.concurrency,
+            if report.stream { ", IngestStream" } else { "" }
+        )?;
+    }
+    if !report.noop {
+        writeln!(
+            out,
+            "sent {} fixes in {} batches in {:.1}s: {} fixes/s ({} accepted/s)",
+            thousands(t.fixes_sent),
+            thousands(t.batches),
+            report.elapsed_s,
+            thousands(report.fixes_per_s as u64),
+            thousands(report.accepted_per_s as u64)
+        )?;
+        for line in t.verdict_lines() {
+            writeln!(out, "{line}")?;
+        }
     }
     if !report.errors.is_empty() {
         let errors: Vec<String> = report

@@ -173,6 +173,10 @@ enum Command {
         /// Use the bidirectional IngestStream instead of Ingest
         #[arg(long)]
         stream: bool,
+        /// Send no-op calls (grpc.health.v1.Health/Check) instead: the gateway's ceiling
+        /// for this client, to compare single-fix ingest with
+        #[arg(long, conflicts_with = "stream")]
+        noop: bool,
         /// Delete the generated devices afterwards
         #[arg(long)]
         cleanup: bool,
@@ -335,6 +339,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rate,
             prefix,
             stream,
+            noop,
             cleanup,
             sent,
             acked,
@@ -363,7 +368,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 target.addr,
                 options.prefix
             );
-            let report = load::run(client, options).await?;
+            let noop = if noop {
+                Some(tonic_health::pb::health_client::HealthClient::new(
+                    target.connect_authed().await?,
+                ))
+            } else {
+                None
+            };
+            let report = load::run(client, noop, options).await?;
             if json {
                 load::print_report(&report, &mut std::io::stderr())?;
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -294,9 +294,11 @@ async fn start() -> (Fake, String) {
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let fake = Fake::default();
     let service = GatewayServer::new(fake.clone());
+    let (_, health) = tonic_health::server::health_reporter();
     tokio::spawn(
         Server::builder()
             .add_service(service)
+            .add_service(health)
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     (fake, addr)
@@ -561,6 +563,31 @@ async fn clear_errors_for_keys_and_addresses() {
     assert!(!nobody.status.success());
     assert!(String::from_utf8_lossy(&nobody.stderr).contains("cannot reach the gateway"));
     assert!(String::from_utf8_lossy(&nobody.stderr).contains("refused"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_noop_calls_health_and_ingests_nothing() {
+    let (fake, addr) = start().await;
+    let output = trackctl(
+        &addr,
+        Some(KEY),
+        &[
+            "load",
+            "--noop",
+            "--concurrency",
+            "8",
+            "--duration",
+            "1s",
+            "--json",
+        ],
+    )
+    .await;
+    let report: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(report["noop"], true);
+    assert!(report["batches"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["calls_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["fixes_sent"], 0);
+    assert!(fake.0.lock().unwrap().received.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
