@@ -146,7 +146,6 @@ impl Shared {
             && state.in_flight < max_in_flight
             && (returned || state.in_flight == 0 || state.queued_fixes >= max_fixes)
         {
-            returned = false;
             let now = Instant::now();
             let mut entries = Vec::new();
             let mut replies = Vec::new();
@@ -180,6 +179,7 @@ impl Shared {
             let Some(parent) = span else {
                 continue; // Everyone in it had left: look at the rest of the queue.
             };
+            returned = false;
             metrics::histogram!("gateway_coalesced_batch_size").record(fixes as f64);
             state.in_flight += 1;
             metrics::gauge!("gateway_batches_in_flight").set(state.in_flight as f64);
