@@ -33,6 +33,8 @@ use crate::config::GatewayConfig;
 
 /// How long an endpoint's health check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a call waiting for its answer looks whether every endpoint has been ejected.
+const EJECTED_CHECK: Duration = Duration::from_millis(50);
 
 pub struct Downstream {
     name: &'static str,
@@ -142,16 +144,22 @@ impl Downstream {
                 )));
             };
             let budget = deadline.budget();
-            let result =
-                match tokio::time::timeout(budget, call(self.channel.clone(), budget, attempt))
-                    .await
-                {
+            let attempt_call = call(self.channel.clone(), budget, attempt);
+            // A call sent just before its endpoint died can wait in the balancer, which has
+            // no endpoint left, until the deadline: end it once the endpoint is ejected.
+            let result = tokio::select! {
+                result = tokio::time::timeout(budget, attempt_call) => match result {
                     Ok(result) => result,
                     Err(_) => Err(Status::deadline_exceeded(format!(
                         "{}: no answer within {budget:?}",
                         self.name
                     ))),
-                };
+                },
+                () = self.ejected() => Err(Status::unavailable(format!(
+                    "{}: every endpoint ejected while the call waited",
+                    self.name
+                ))),
+            };
             let status = match result {
                 Ok(value) => {
                     self.record(permit, true);
@@ -189,6 +197,16 @@ impl Downstream {
             tokio::time::sleep(pause).await;
             backoff *= 2;
             attempt += 1;
+        }
+    }
+
+    /// Returns once no endpoint is healthy.
+    async fn ejected(&self) {
+        loop {
+            tokio::time::sleep(EJECTED_CHECK).await;
+            if self.healthy_endpoints() == 0 {
+                return;
+            }
         }
     }
 
