@@ -509,7 +509,10 @@ async fn ingest_is_refused_before_refinement_when_storage_is_down() {
     stack
         .storage
         .health
-        .set_service_status(trackmesh_proto::STORE_HEALTH_NAME, ServingStatus::NotServing)
+        .set_service_status(
+            trackmesh_proto::STORE_HEALTH_NAME,
+            ServingStatus::NotServing,
+        )
         .await;
     testkit::wait_http_status(stack.gateway.addr(), "/ready", 503, Duration::from_secs(10)).await;
     let device = testkit::unique("dev");
