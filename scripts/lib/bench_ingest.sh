@@ -1,0 +1,109 @@
+# Sourced by scripts/bench: `run_ingest`, the device-grade ingest benchmark. One local stack
+# (release, rate limits off), one load client (trackctl load), all runs in one go:
+#   1. the no-op ceiling: grpc.health.v1.Health/Check on the gateway, 256 in flight
+#   2. single-fix Ingest at 1, 16, 256 and 1 024 in flight over 10 000 devices
+#   3. single-fix IngestStream over 256 streams
+#   4. 1 000-fix batches over 100 devices, 4 in flight
+#   5. h2load's no-op ceiling (an independent, low-overhead client) as a cross-check
+# For each: calls/s, fixes/s, p50/p99, the ratio to the no-op ceiling, and CPU per component
+# (process CPU time over the run, in % of one core). Figures only, never asserted.
+
+# CPU ticks (utime + stime) of each running stack process: "name ticks" lines.
+cpu_ticks() {
+    local name pid
+    scripts/stack status | while read -r name _ pidfield _; do
+        pid="${pidfield#pid=}"
+        [[ $pid =~ ^[0-9]+$ ]] || continue
+        awk -v n="$name" '{ print n, $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || true
+    done
+}
+
+run_ingest() {
+    section "ingest: device-grade ingest through the gateway"
+    local dir
+    dir="$(mktemp -d "${TMPDIR:-/tmp}/trackmesh-bench.XXXXXX")"
+    export TM_STACK_DIR="$dir" TM_REDIS_PORT=26390 TM_CLICKHOUSE_HTTP_PORT=28190 TM_CLICKHOUSE_TCP_PORT=29190 \
+        TM_KAFKA_PORT=29290 TM_GATEWAY_PORT=25050 TM_REFINEMENT_PORT=25051 TM_LEARNING_PORT=25052 TM_STORAGE_PORT=25053
+    export RATE_LIMIT_FIXES_PER_SEC=0 RATE_LIMIT_REQUESTS_PER_SEC=0 RUST_LOG=warn
+    # 1 024 callers of one tenant in flight: above the default per-tenant slots.
+    export TENANT_MAX_CONCURRENT_REQUESTS=0 MAX_CONCURRENT_REQUESTS=4096
+    trap 'scripts/stack down --purge >/dev/null 2>&1 || true; cleanup' EXIT
+    scripts/stack up
+    cargo build --release --locked -p trackctl
+    local trackctl=("${CARGO_TARGET_DIR:-target}/release/trackctl" --addr "http://127.0.0.1:$TM_GATEWAY_PORT" --api-key demo-key)
+    local results="$dir/results.jsonl" hz
+    hz="$(getconf CLK_TCK)"
+    : >"$results"
+
+    # one NAME ARGS...: a trackctl load run, its report and the CPU each process used.
+    one() {
+        local name="$1" before after start end
+        shift
+        echo "-- $name"
+        before="$(cpu_ticks)"
+        start="$(date +%s.%N)"
+        TIMEFORMAT="%U %S"
+        { time "${trackctl[@]}" load --duration "${SECONDS_EACH}s" --json "$@" >"$dir/$name.json" 2>"$dir/$name.txt"; } 2>"$dir/$name.time"
+        end="$(date +%s.%N)"
+        after="$(cpu_ticks)"
+        tail -n 3 "$dir/$name.txt"
+        python3 - "$name" "$start" "$end" "$hz" "$dir/$name.json" "$dir/$name.time" "$results" <<PY
+import json, sys
+name, start, end, hz, report, timing, out = sys.argv[1:]
+elapsed = float(end) - float(start)
+before = dict(l.split() for l in """$before""".splitlines() if l.strip())
+after = dict(l.split() for l in """$after""".splitlines() if l.strip())
+cpu = {n: round(100 * (int(after[n]) - int(before.get(n, after[n]))) / int(hz) / elapsed)
+       for n in after}
+user, system = (float(x) for x in open(timing).read().split())
+cpu["client"] = round(100 * (user + system) / elapsed)
+r = json.load(open(report))
+r["name"], r["cpu_percent"] = name, cpu
+open(out, "a").write(json.dumps(r) + "\n")
+PY
+    }
+
+    one noop --noop --concurrency 256
+    one ingest-1 --devices 10000 --batch 1 --concurrency 1
+    one ingest-16 --devices 10000 --batch 1 --concurrency 16
+    one ingest-256 --devices 10000 --batch 1 --concurrency 256
+    one ingest-1024 --devices 10000 --batch 1 --concurrency 1024
+    one stream-256 --devices 10000 --batch 1 --concurrency 256 --stream
+    one batch-1000 --devices 100 --batch 1000 --concurrency 4
+
+    local h2=""
+    if command -v h2load >/dev/null; then
+        echo "-- h2load no-op ceiling, 256 streams on one connection"
+        # An empty HealthCheckRequest as one gRPC frame: no compression, length 0.
+        printf '\x00\x00\x00\x00\x00' >"$dir/empty.grpc"
+        h2load -n 200000 -c 1 -m 256 -d "$dir/empty.grpc" \
+            -H 'content-type: application/grpc' -H 'te: trailers' \
+            "http://127.0.0.1:$TM_GATEWAY_PORT/grpc.health.v1.Health/Check" >"$dir/h2load.txt" 2>&1 || true
+        h2="$(sed -n 's/^finished in .*, \([0-9.]*\) req\/s.*/\1/p' "$dir/h2load.txt")"
+        grep -E '^(finished|requests|status codes)' "$dir/h2load.txt" || true
+    else
+        echo "-- h2load not installed (Debian nghttp2-client): no cross-check"
+    fi
+
+    python3 - "$results" "${h2:-0}" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+h2 = float(sys.argv[2] or 0)
+ceiling = next(r["calls_per_s"] for r in rows if r["name"] == "noop")
+names = ["gateway", "refinement-api", "learning-api", "storage-service", "redis", "kafka", "clickhouse", "client"]
+short = ["gw", "ref", "learn", "stor", "redis", "kafka", "ch", "client"]
+print()
+print(f"{'run':<12} {'calls/s':>9} {'fixes/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'÷ no-op':>8}   CPU % of one core: " + " ".join(f"{s:>6}" for s in short))
+for r in rows:
+    ratio = r["calls_per_s"] / ceiling if ceiling else 0
+    fixes = "" if r["noop"] else f"{r['fixes_per_s']:.0f}"
+    cpu = " ".join(f"{r['cpu_percent'].get(n, 0):>6}" for n in names)
+    print(f"{r['name']:<12} {r['calls_per_s']:>9.0f} {fixes:>9} {r['latency_ms']['p50']:>8.2f} {r['latency_ms']['p99']:>8.2f} {ratio:>8.2f}                      {cpu}")
+    if r.get("errors"):
+        print(f"{'':<12} failed calls: {r['errors']}")
+if h2:
+    print(f"\nh2load no-op ceiling: {h2:.0f} calls/s (trackctl's: {ceiling:.0f}, {ceiling / h2:.2f} of it); "
+          f"single-fix Ingest at 256 in flight is {next(r['calls_per_s'] for r in rows if r['name'] == 'ingest-256') / h2:.2f} of h2load's ceiling")
+PY
+    scripts/stack down --purge
+}
