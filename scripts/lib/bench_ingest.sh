@@ -63,7 +63,7 @@ open(out, "a").write(json.dumps(r) + "\n")
 PY
     }
 
-    one noop --noop --concurrency 256
+    one noop --noop --devices 10000 --concurrency 256
     one ingest-1 --devices 10000 --batch 1 --concurrency 1
     one ingest-16 --devices 10000 --batch 1 --concurrency 16
     one ingest-256 --devices 10000 --batch 1 --concurrency 256
