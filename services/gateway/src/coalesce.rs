@@ -2,10 +2,12 @@
 //! every caller and tenant, leave for the mesh together in shared batches, and each caller gets
 //! exactly its own part of the answer back.
 //!
-//! Natural batching, no timer: a request that finds no batch in flight leaves at once (an idle
-//! gateway answers a lone fix without waiting); otherwise it waits in the queue, which departs
-//! as one batch when a batch in flight returns, or as soon as it holds `max_fixes` fixes. At
-//! most `max_in_flight` batches are in flight: beyond that the queue grows, and so do batches.
+//! Natural batching, no timer: a request that finds a free slot (fewer than `max_in_flight`
+//! batches in flight) leaves at once, so an idle gateway answers a lone fix without waiting;
+//! otherwise it waits in the queue, which departs as one batch (of at most `max_fixes` fixes)
+//! as soon as a batch in flight returns. The busier the mesh, the larger the batches; with one
+//! slot, the next batch fills exactly while the previous one flies. Several slots keep the
+//! mesh's round trips overlapping, so large requests still pipeline.
 //! The queue needs no bound of its own: every queued request is a caller holding one of its
 //! tenant's concurrency slots.
 //!
@@ -65,8 +67,6 @@ struct Shared {
 #[derive(Default)]
 struct State {
     queue: VecDeque<Waiting>,
-    /// Fixes in `queue`, callers that left included until their entry is dropped.
-    queued_fixes: usize,
     in_flight: usize,
 }
 
@@ -103,7 +103,6 @@ impl Coalescer {
         let (reply, answer) = oneshot::channel();
         let batches = {
             let mut state = self.shared.lock();
-            state.queued_fixes += entry.fixes.len();
             state.queue.push_back(Waiting {
                 entry,
                 deadline,
@@ -111,7 +110,7 @@ impl Coalescer {
                 span: tracing::Span::current(),
                 reply,
             });
-            self.shared.depart(&mut state, false)
+            self.shared.depart(&mut state)
         };
         self.shared.launch(batches);
         // Leaving (timeout or a dropped future) drops `answer`; a departing batch skips it.
@@ -134,18 +133,14 @@ impl Shared {
     }
 
     /// Takes the batches that should leave now off the queue (counting them in flight).
-    /// `returned`: a batch in flight just returned, which lets the queue leave however small.
-    fn depart(&self, state: &mut State, mut returned: bool) -> Vec<Batch> {
+    fn depart(&self, state: &mut State) -> Vec<Batch> {
         let Settings {
             max_fixes,
             max_in_flight,
             timeout,
         } = self.settings;
         let mut batches = Vec::new();
-        while !state.queue.is_empty()
-            && state.in_flight < max_in_flight
-            && (returned || state.in_flight == 0 || state.queued_fixes >= max_fixes)
-        {
+        while !state.queue.is_empty() && state.in_flight < max_in_flight {
             let now = Instant::now();
             let mut entries = Vec::new();
             let mut replies = Vec::new();
@@ -160,7 +155,6 @@ impl Shared {
                 let Some(waiting) = state.queue.pop_front() else {
                     break;
                 };
-                state.queued_fixes -= n;
                 if waiting.reply.is_closed() {
                     continue;
                 }
@@ -179,7 +173,6 @@ impl Shared {
             let Some(parent) = span else {
                 continue; // Everyone in it had left: look at the rest of the queue.
             };
-            returned = false;
             metrics::histogram!("gateway_coalesced_batch_size").record(fixes as f64);
             state.in_flight += 1;
             metrics::gauge!("gateway_batches_in_flight").set(state.in_flight as f64);
@@ -244,7 +237,7 @@ impl Drop for InFlight {
             if !self.returned {
                 return;
             }
-            self.shared.depart(&mut state, true)
+            self.shared.depart(&mut state)
         };
         self.shared.launch(batches);
     }
@@ -414,7 +407,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lone_request_leaves_at_once_and_the_next_ones_fill_while_it_flies() {
-        let (coalescer, mut fake) = fake(100, 4);
+        let (coalescer, mut fake) = fake(100, 1);
         let first = submit(&coalescer, entry("a", 1), TIMEOUT);
         let (sizes, release_first) = fake.batches.recv().await.unwrap();
         assert_eq!(sizes, [1], "an idle coalescer sends a lone fix at once");
@@ -446,24 +439,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_full_queue_leaves_without_waiting_and_in_flight_is_bounded() {
+    async fn free_slots_take_requests_at_once_and_the_size_bound_splits() {
         let (coalescer, mut fake) = fake(10, 2);
         let _first = submit(&coalescer, entry("a", 1), TIMEOUT);
         let (_, release_first) = fake.batches.recv().await.unwrap();
-        // 4 + 4 fit in 10; the third 4 would not: the first two leave as a full batch.
-        let _rest: Vec<_> = (0..6)
+        let _second = submit(&coalescer, entry("a", 4), TIMEOUT);
+        let (sizes, _release_second) = fake.batches.recv().await.unwrap();
+        assert_eq!(sizes, [4], "a free slot takes a request at once");
+        let _rest: Vec<_> = (0..5)
             .map(|_| submit(&coalescer, entry("a", 4), TIMEOUT))
             .collect();
-        let (sizes, _release_second) = fake.batches.recv().await.unwrap();
-        assert_eq!(sizes, [4, 4], "the size bound splits");
         settle().await;
         assert!(
             fake.batches.try_recv().is_err(),
             "two in flight: the queue waits although it is full"
         );
         release_first.send(()).unwrap();
-        let (sizes, _) = fake.batches.recv().await.unwrap();
-        assert_eq!(sizes, [4, 4]);
+        // 4 + 4 fit in 10; the third 4 would not.
+        let (sizes, _release_third) = fake.batches.recv().await.unwrap();
+        assert_eq!(sizes, [4, 4], "the size bound splits");
+        settle().await;
+        assert!(fake.batches.try_recv().is_err(), "two in flight again");
     }
 
     #[tokio::test(start_paused = true)]
