@@ -87,7 +87,8 @@ impl Default for StorageConfig {
             produce_timeout: Duration::from_secs(10),
             // Kafka's default `message.max.bytes`.
             kafka_message_max_bytes: 1_000_000,
-            kafka_linger: Duration::from_millis(5),
+            // The gateway coalesces requests into batches: waiting here only adds latency.
+            kafka_linger: Duration::from_millis(0),
             batch_max_rows: 50_000,
             batch_max_bytes: 64 * 1024 * 1024,
             batch_max_wait: Duration::from_secs(1),
