@@ -7,6 +7,8 @@
 #   5. h2load's no-op ceiling (an independent, low-overhead client) as a cross-check
 # For each: calls/s, fixes/s, p50/p99, the ratio to the no-op ceiling, and CPU per component
 # (process CPU time over the run, in % of one core). Figures only, never asserted.
+# Each run gets a fresh stack: tansu keeps every message in memory and slows down as its log
+# grows, so a run after others would measure the earlier runs too.
 
 # CPU ticks (utime + stime) of each running stack process: "name ticks" lines.
 cpu_ticks() {
@@ -18,20 +20,37 @@ cpu_ticks() {
     done
 }
 
+# h2load's no-op ceiling on the running stack (an independent, low-overhead client): sets h2.
+h2load_ceiling() {
+    h2=""
+    if ! command -v h2load >/dev/null; then
+        echo "-- h2load not installed (Debian nghttp2-client): no cross-check"
+        return
+    fi
+    echo "-- h2load no-op ceiling, 256 streams on one connection"
+    # An empty HealthCheckRequest as one gRPC frame: no compression, length 0.
+    printf '\x00\x00\x00\x00\x00' >"$dir/empty.grpc"
+    h2load -n 200000 -c 1 -m 256 -d "$dir/empty.grpc" \
+        -H 'content-type: application/grpc' -H 'te: trailers' \
+        "http://127.0.0.1:$TM_GATEWAY_PORT/grpc.health.v1.Health/Check" >"$dir/h2load.txt" 2>&1 || true
+    h2="$(sed -n 's/^finished in .*, \([0-9.]*\) req\/s.*/\1/p' "$dir/h2load.txt")"
+    grep -E '^(finished|requests|status codes)' "$dir/h2load.txt" || true
+}
+
 run_ingest() {
     section "ingest: device-grade ingest through the gateway"
     local dir
     dir="$(mktemp -d "${TMPDIR:-/tmp}/trackmesh-bench.XXXXXX")"
-    export TM_STACK_DIR="$dir" TM_REDIS_PORT=26390 TM_CLICKHOUSE_HTTP_PORT=28190 TM_CLICKHOUSE_TCP_PORT=29190 \
+    # The stack's own folder, deleted by each `down --purge`; the results stay in $dir.
+    export TM_STACK_DIR="$dir/stack" TM_REDIS_PORT=26390 TM_CLICKHOUSE_HTTP_PORT=28190 TM_CLICKHOUSE_TCP_PORT=29190 \
         TM_KAFKA_PORT=29290 TM_GATEWAY_PORT=25050 TM_REFINEMENT_PORT=25051 TM_LEARNING_PORT=25052 TM_STORAGE_PORT=25053
     export RATE_LIMIT_FIXES_PER_SEC=0 RATE_LIMIT_REQUESTS_PER_SEC=0 RUST_LOG=warn
     # 1 024 callers of one tenant in flight: above the default per-tenant slots.
     export TENANT_MAX_CONCURRENT_REQUESTS=0 MAX_CONCURRENT_REQUESTS=4096
     trap 'scripts/stack down --purge >/dev/null 2>&1 || true; cleanup' EXIT
-    scripts/stack up
     cargo build --release --locked -p trackctl
     local trackctl=("${CARGO_TARGET_DIR:-target}/release/trackctl" --addr "http://127.0.0.1:$TM_GATEWAY_PORT" --api-key demo-key)
-    local results="$dir/results.jsonl" hz
+    local results="$dir/results.jsonl" hz h2=""
     hz="$(getconf CLK_TCK)"
     : >"$results"
 
@@ -40,12 +59,14 @@ run_ingest() {
         local name="$1" before after start end
         shift
         echo "-- $name"
+        scripts/stack up >"$dir/$name.stack.txt" 2>&1
         before="$(cpu_ticks)"
         start="$(date +%s.%N)"
         TIMEFORMAT="%U %S"
         { time "${trackctl[@]}" load --duration "${SECONDS_EACH}s" --json "$@" >"$dir/$name.json" 2>"$dir/$name.txt"; } 2>"$dir/$name.time"
         end="$(date +%s.%N)"
         after="$(cpu_ticks)"
+        [[ $name == noop ]] || scripts/stack down --purge >/dev/null
         tail -n 3 "$dir/$name.txt"
         python3 - "$name" "$start" "$end" "$hz" "$dir/$name.json" "$dir/$name.time" "$results" <<PY
 import json, sys
@@ -64,26 +85,14 @@ PY
     }
 
     one noop --noop --devices 10000 --concurrency 256
+    h2load_ceiling
+    scripts/stack down --purge >/dev/null
     one ingest-1 --devices 10000 --batch 1 --concurrency 1
     one ingest-16 --devices 10000 --batch 1 --concurrency 16
     one ingest-256 --devices 10000 --batch 1 --concurrency 256
     one ingest-1024 --devices 10000 --batch 1 --concurrency 1024
     one stream-256 --devices 10000 --batch 1 --concurrency 256 --stream
     one batch-1000 --devices 100 --batch 1000 --concurrency 4
-
-    local h2=""
-    if command -v h2load >/dev/null; then
-        echo "-- h2load no-op ceiling, 256 streams on one connection"
-        # An empty HealthCheckRequest as one gRPC frame: no compression, length 0.
-        printf '\x00\x00\x00\x00\x00' >"$dir/empty.grpc"
-        h2load -n 200000 -c 1 -m 256 -d "$dir/empty.grpc" \
-            -H 'content-type: application/grpc' -H 'te: trailers' \
-            "http://127.0.0.1:$TM_GATEWAY_PORT/grpc.health.v1.Health/Check" >"$dir/h2load.txt" 2>&1 || true
-        h2="$(sed -n 's/^finished in .*, \([0-9.]*\) req\/s.*/\1/p' "$dir/h2load.txt")"
-        grep -E '^(finished|requests|status codes)' "$dir/h2load.txt" || true
-    else
-        echo "-- h2load not installed (Debian nghttp2-client): no cross-check"
-    fi
 
     python3 - "$results" "${h2:-0}" <<'PY'
 import json, sys
@@ -105,5 +114,4 @@ if h2:
     print(f"\nh2load no-op ceiling: {h2:.0f} calls/s (trackctl's: {ceiling:.0f}, {ceiling / h2:.2f} of it); "
           f"single-fix Ingest at 256 in flight is {next(r['calls_per_s'] for r in rows if r['name'] == 'ingest-256') / h2:.2f} of h2load's ceiling")
 PY
-    scripts/stack down --purge
 }
