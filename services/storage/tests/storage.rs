@@ -5,6 +5,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::{config, start};
 use futures::StreamExt as _;
 use prost::Message as _;
 use rdkafka::{
@@ -13,7 +16,7 @@ use rdkafka::{
     message::{Header, Headers as _, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
-use storage::{Config, StorageConfig, run};
+use storage::Config;
 use testkit::{Backend, Kind, Service};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{
@@ -23,40 +26,10 @@ use trackmesh_proto::v1::{
     DailyStatsRequest, DeleteStoredDeviceRequest, Fix, ListStoredDevicesRequest, QueryTrackRequest,
     RefinedFix, SortField, StoreRequest, Verdict, storage_client::StorageClient,
 };
-use trackmesh_shared::config::{CommonConfig, Duration as ConfigDuration};
+use trackmesh_shared::config::Duration as ConfigDuration;
 
 const T0: i64 = 1_750_000_000_000;
 const DAY_MS: i64 = 86_400_000;
-
-/// A storage config of its own: database, topic and group no other test uses.
-fn config() -> Config {
-    let name = testkit::unique("st");
-    let mut common = CommonConfig::with_port(storage::DEFAULT_PORT);
-    common.readiness_interval = ConfigDuration::from_millis(100);
-    Config {
-        common,
-        storage: StorageConfig {
-            clickhouse_url: testkit::clickhouse_url(),
-            clickhouse_database: name.clone(),
-            kafka_brokers: testkit::kafka_brokers(),
-            kafka_topic: format!("{name}.fixes"),
-            kafka_dlq_topic: format!("{name}.dlq"),
-            kafka_group_id: name,
-            kafka_partitions: 4,
-            kafka_session_timeout: ConfigDuration::from_secs(6),
-            produce_timeout: ConfigDuration::from_secs(5),
-            batch_max_wait: ConfigDuration::from_millis(200),
-            ..StorageConfig::default()
-        },
-    }
-}
-
-async fn start(config: Config) -> (Service, StorageClient<Channel>) {
-    let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
-    service.wait_ready(200, Duration::from_secs(30)).await;
-    let client = StorageClient::connect(service.url()).await.unwrap();
-    (service, client)
-}
 
 /// Accepted fixes of a vessel, one a minute.
 fn track(device: &str, n: usize, start_ms: i64) -> Vec<RefinedFix> {

@@ -1,57 +1,32 @@
 //! Store splits a device's fixes into Kafka messages under `KAFKA_MESSAGE_MAX_BYTES`: against
 //! the real tansu broker and ClickHouse, and the splitter itself as a property.
 
+mod common;
+
 use std::time::Duration;
 
+use common::start;
 use futures::StreamExt as _;
 use proptest::prelude::*;
 use prost::Message as _;
-use storage::{Config, StorageConfig, run, split_batch};
-use testkit::Service;
+use storage::{Config, split_batch};
 use tonic::{Code, transport::Channel};
 use trackmesh_proto::v1::{
     DailyStatsRequest, Fix, FixBatch, QueryTrackRequest, RefinedFix, StoreRequest, Verdict,
     storage_client::StorageClient,
 };
-use trackmesh_shared::config::{CommonConfig, Duration as ConfigDuration};
+use trackmesh_shared::config::Duration as ConfigDuration;
 
 const T0: i64 = 1_750_000_000_000;
 /// A UUID, the longest device id seen in the field.
 const UUID: &str = "7f3c2a9e-5b1d-4e8f-a6c0-2d9b8e1f4a7c";
 
-/// A storage config of its own: database, topic and group no other test uses.
+/// A storage of its own whose Kafka messages stay under `message_max_bytes`.
 fn config(message_max_bytes: u32) -> Config {
-    let name = testkit::unique("split");
-    let mut common = CommonConfig::with_port(storage::DEFAULT_PORT);
-    common.readiness_interval = ConfigDuration::from_millis(100);
-    Config {
-        common,
-        storage: StorageConfig {
-            clickhouse_url: testkit::clickhouse_url(),
-            clickhouse_database: name.clone(),
-            kafka_brokers: testkit::kafka_brokers(),
-            kafka_topic: format!("{name}.fixes"),
-            kafka_dlq_topic: format!("{name}.dlq"),
-            kafka_group_id: name,
-            kafka_partitions: 4,
-            kafka_session_timeout: ConfigDuration::from_secs(6),
-            kafka_message_max_bytes: message_max_bytes,
-            produce_timeout: ConfigDuration::from_secs(10),
-            batch_max_wait: ConfigDuration::from_millis(200),
-            ..StorageConfig::default()
-        },
-    }
-}
-
-async fn start(config: Config) -> (Service, StorageClient<Channel>) {
-    let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
-    service.wait_ready(200, Duration::from_secs(30)).await;
-    let client = StorageClient::connect(service.url())
-        .await
-        .unwrap()
-        .max_decoding_message_size(64 * 1024 * 1024)
-        .max_encoding_message_size(64 * 1024 * 1024);
-    (service, client)
+    let mut config = common::config();
+    config.storage.kafka_message_max_bytes = message_max_bytes;
+    config.storage.produce_timeout = ConfigDuration::from_secs(10);
+    config
 }
 
 /// Accepted fixes one second apart with every optional field set: the largest a fix gets.
