@@ -179,7 +179,13 @@ impl Downstream {
                         | Code::Internal
                 ),
             );
-            let retryable = matches!(status.code(), Code::Unavailable | Code::Aborted);
+            // CANCELLED from below: the connection went away with the call on it (a replica
+            // killed mid-call). Every call made here is safe to repeat (replays, watermarks,
+            // de-duplication), so it is retried like UNAVAILABLE.
+            let retryable = matches!(
+                status.code(),
+                Code::Unavailable | Code::Aborted | Code::Cancelled
+            );
             let pause = backoff + backoff.mul_f64(fastrand::f64());
             if !retryable || attempt >= self.attempts || deadline.remaining() <= pause {
                 return Err(match status.code() {
@@ -310,4 +316,74 @@ async fn is_serving(channel: Channel, health: &str) -> bool {
         tokio::time::timeout(CHECK_TIMEOUT, client.check(request)).await,
         Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::transport::Server;
+
+    use super::*;
+
+    /// A downstream whose one endpoint answers health checks only: `call` gets its channel.
+    async fn healthy() -> Arc<Downstream> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_, health) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            Server::builder()
+                .add_service(health)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let config = GatewayConfig {
+            resolve_interval: trackmesh_shared::config::Duration::from_millis(20),
+            ..GatewayConfig::default()
+        };
+        let downstream = Downstream::start(
+            "test",
+            "",
+            &addr.to_string(),
+            &CommonConfig::default(),
+            &config,
+        )
+        .unwrap();
+        while downstream.healthy_endpoints() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        downstream
+    }
+
+    #[tokio::test]
+    async fn a_call_cut_off_with_its_connection_is_retried() {
+        let downstream = healthy().await;
+        let answer = downstream
+            .call(
+                Deadline::after(Duration::from_secs(5)),
+                |_, _, attempt| async move {
+                    if attempt == 1 {
+                        Err(Status::cancelled("operation was canceled"))
+                    } else {
+                        Ok(attempt)
+                    }
+                },
+            )
+            .await;
+        assert_eq!(answer.unwrap(), 2);
+        let refused = downstream
+            .call(
+                Deadline::after(Duration::from_secs(5)),
+                |_, _, attempt| async move {
+                    if attempt == 1 {
+                        Err::<u32, _>(Status::invalid_argument("fixes[0].lat"))
+                    } else {
+                        Ok(attempt)
+                    }
+                },
+            )
+            .await;
+        assert_eq!(
+            refused.unwrap_err().code(),
+            Code::InvalidArgument,
+            "not retried"
+        );
+    }
 }
