@@ -266,13 +266,14 @@ async fn wait_rows(env: &Env, n: u64) -> (Instant, u64) {
 }
 
 fn tsv<'a>(tenant: &str, rows: impl Iterator<Item = (&'a str, &'a RefinedFix)>) -> Vec<u8> {
-    let mut out = String::with_capacity(ROWS * 120);
+    let mut out = String::with_capacity(ROWS * 130);
     let opt = |v: Option<f32>| v.map_or("\\N".to_owned(), |v| v.to_string());
-    for (device, refined) in rows {
+    // The service also writes each row's Kafka partition and offset: so does the baseline.
+    for (offset, (device, refined)) in rows.enumerate() {
         let fix = refined.fix.as_ref().expect("fix");
         let _ = writeln!(
             out,
-            "{tenant}\t{device}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{tenant}\t{device}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t0\t{offset}",
             fix.time_ms,
             fix.lat,
             fix.lon,
