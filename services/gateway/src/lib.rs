@@ -12,6 +12,8 @@ mod coalesce;
 mod config;
 mod downstream;
 mod error;
+#[allow(dead_code)] // wired by the HTTP routes (issue 12)
+mod export;
 mod guard;
 mod limits;
 mod service;
