@@ -125,6 +125,7 @@ impl Downstream {
         F: FnMut(Channel, Duration, u32) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        let _in_flight = InFlight::start(self.name);
         let mut backoff = Duration::from_millis(20);
         let mut attempt = 1;
         loop {
@@ -224,6 +225,23 @@ impl Downstream {
         }
         let open = if self.breaker.is_open() { 1.0 } else { 0.0 };
         metrics::gauge!("gateway_downstream_breaker_open", "downstream" => self.name).set(open);
+    }
+}
+
+/// Counts a call in `gateway_downstream_in_flight` until it ends, however it ends (a caller
+/// that leaves drops the call).
+struct InFlight(&'static str);
+
+impl InFlight {
+    fn start(name: &'static str) -> Self {
+        metrics::gauge!("gateway_downstream_in_flight", "downstream" => name).increment(1);
+        Self(name)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("gateway_downstream_in_flight", "downstream" => self.0).decrement(1);
     }
 }
 

@@ -313,17 +313,18 @@ impl Downstreams {
             };
             async move { storage(channel).store(with_timeout(store, timeout)).await }
         });
-        let observe = ObserveRequest {
-            tenant_id: tenant.to_owned(),
-            fixes: accepted.clone(),
-        };
-        let observe = unary(
-            &self.learning,
-            deadline,
-            learning,
-            &observe,
-            |mut c, r| async move { c.observe(r).await },
-        );
+        // Each attempt copies the fixes once, straight from `accepted`.
+        let observe = self.learning.call(deadline, |channel, timeout, _| {
+            let observe = ObserveRequest {
+                tenant_id: tenant.to_owned(),
+                fixes: accepted.clone(),
+            };
+            async move {
+                learning(channel)
+                    .observe(with_timeout(observe, timeout))
+                    .await
+            }
+        });
         let (stored, observed) = futures::join!(store, observe);
         // Storage is required: without it the client must retry (safe: replays, de-duplication).
         stored?;

@@ -2,8 +2,11 @@
 //! the consumer group (with its rebalance and statistics callbacks) that feeds ClickHouse.
 
 use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -19,13 +22,18 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord, Producer as _},
     util::Timeout,
 };
-use trackmesh_proto::v1::FixBatch;
+use trackmesh_proto::v1::{FixBatch, FixBatches};
 use trackmesh_shared::telemetry::{self, Extractor, Injector};
 
 use crate::{config::StorageConfig, error::Error};
 
-/// The version of the message value format, in the `schema-version` header.
+/// The `schema-version` header of a message whose value is one `FixBatch` (one device: delete
+/// markers, dead letters, and every message of releases before version 2).
 pub const SCHEMA_VERSION: &str = "1";
+
+/// The `schema-version` header of a message whose value is a `FixBatches` (several devices of
+/// one partition).
+pub const SCHEMA_VERSION_BATCHES: &str = "2";
 
 /// Header of a delete marker (see [`Kafka::produce_delete_marker`]).
 pub const DELETE_HEADER: &str = "delete-device";
@@ -81,6 +89,52 @@ pub fn split_batch(batch: FixBatch, limit: usize) -> Result<Vec<FixBatch>, Error
     Ok(chunks)
 }
 
+/// Bytes a `FixBatch` needs in a `FixBatches` beyond its own: a tag and a length varint.
+const BATCH_FRAME: usize = 6;
+
+/// Packs device batches into messages of at most `limit` encoded bytes, in order; a device's
+/// batch over the limit is split over consecutive messages (see [`split_batch`]).
+pub fn pack(batches: Vec<FixBatch>, limit: usize) -> Result<Vec<FixBatches>, Error> {
+    let mut messages = Vec::new();
+    let mut current = FixBatches::default();
+    let mut size = 0;
+    for batch in batches {
+        for chunk in split_batch(batch, limit.saturating_sub(BATCH_FRAME))? {
+            let len = prost::encoding::message::encoded_len(1, &chunk);
+            if size + len > limit && !current.batches.is_empty() {
+                messages.push(std::mem::take(&mut current));
+                size = 0;
+            }
+            size += len;
+            current.batches.push(chunk);
+        }
+    }
+    if !current.batches.is_empty() {
+        messages.push(current);
+    }
+    Ok(messages)
+}
+
+/// The partition of a device key: librdkafka's default partitioner (`consistent_random`, the
+/// CRC-32 of the key), so that every message of a device, whatever its schema version or
+/// producer, lands on one partition and stays in order.
+pub fn partition_of(key: &str, partitions: i32) -> i32 {
+    let mut crc = !0u32;
+    for &byte in key.as_bytes() {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    let partitions = u32::try_from(partitions.max(1)).unwrap_or(1);
+    // The remainder is below `partitions`, an i32.
+    i32::try_from(!crc % partitions).unwrap_or(0)
+}
+
+pub fn device_key(tenant: &str, device: &str) -> String {
+    format!("{tenant}/{device}")
+}
+
 #[derive(Clone)]
 pub struct Kafka {
     producer: Arc<FutureProducer>,
@@ -88,6 +142,8 @@ pub struct Kafka {
     topic: String,
     dlq_topic: String,
     partitions: u32,
+    /// The topic's partition count as the broker reports it, once known (0 before).
+    topic_partitions: Arc<AtomicI32>,
     replication: i32,
     /// The producer's `message.max.bytes`: no record may be larger.
     message_max_bytes: usize,
@@ -122,6 +178,7 @@ impl Kafka {
             topic: config.kafka_topic.clone(),
             dlq_topic: config.kafka_dlq_topic.clone(),
             partitions: config.kafka_partitions,
+            topic_partitions: Arc::new(AtomicI32::new(0)),
             replication: i32::try_from(config.kafka_replication_factor).unwrap_or(1),
             message_max_bytes: usize::try_from(config.kafka_message_max_bytes)
                 .unwrap_or(usize::MAX),
@@ -174,16 +231,50 @@ impl Kafka {
         Ok(())
     }
 
-    /// Produces each batch (key `tenant/device`) as one or more consecutive messages under
-    /// `message.max.bytes`, and waits until every one is acknowledged by all in-sync replicas,
-    /// or `timeout` passes.
+    /// The topic's partition count, asked of the broker once. A count raised later is not
+    /// seen until restart, which keeps every device on its partition meanwhile.
+    async fn topic_partitions(&self) -> Result<i32, Error> {
+        let known = self.topic_partitions.load(Ordering::Relaxed);
+        if known > 0 {
+            return Ok(known);
+        }
+        let (producer, topic) = (self.producer.clone(), self.topic.clone());
+        let count = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .map(|metadata| {
+                    metadata
+                        .topics()
+                        .first()
+                        .map_or(0, |topic| topic.partitions().len())
+                })
+        })
+        .await
+        .map_err(|err| Error::Kafka(self.failed(format!("kafka metadata: {err}"))))?
+        .map_err(|err| Error::Kafka(self.failed(format!("kafka metadata: {err}"))))?;
+        let count = i32::try_from(count).unwrap_or(i32::MAX);
+        if count == 0 {
+            return Err(Error::Kafka(self.failed(format!(
+                "kafka topic {} has no partitions yet",
+                self.topic
+            ))));
+        }
+        self.topic_partitions.store(count, Ordering::Relaxed);
+        Ok(count)
+    }
+
+    /// Produces the device batches of one Store call: one message (or more, under
+    /// `message.max.bytes`) per partition, each device on the partition of its key, and waits
+    /// until every one is acknowledged by all in-sync replicas, or `timeout` passes.
     pub async fn produce(&self, batches: Vec<FixBatch>, timeout: Duration) -> Result<(), Error> {
         let start = Instant::now();
+        let partitions = self.topic_partitions().await?;
         let mut headers = OwnedHeaders::new().insert(Header {
             key: "schema-version",
-            value: Some(SCHEMA_VERSION),
+            value: Some(SCHEMA_VERSION_BATCHES),
         });
-        let mut headers_len = header_len("schema-version", SCHEMA_VERSION);
+        let mut headers_len = header_len("schema-version", SCHEMA_VERSION_BATCHES);
         let mut carrier = HeaderCarrier(Vec::new());
         telemetry::inject(&mut carrier);
         for (key, value) in &carrier.0 {
@@ -193,18 +284,22 @@ impl Kafka {
                 value: Some(value.as_str()),
             });
         }
-        let mut deliveries = Vec::with_capacity(batches.len());
+        let limit = self
+            .message_max_bytes
+            .saturating_sub(headers_len + RECORD_OVERHEAD);
+        let mut by_partition: BTreeMap<i32, Vec<FixBatch>> = BTreeMap::new();
         for batch in batches {
-            let key = format!("{}/{}", batch.tenant_id, batch.device_id);
-            let limit = self
-                .message_max_bytes
-                .saturating_sub(key.len() + headers_len + RECORD_OVERHEAD);
-            // Messages of one key go to one partition in the order they are queued, and the
-            // idempotent producer keeps that order through retries: the device stays in order.
-            for chunk in split_batch(batch, limit)? {
-                let payload = chunk.encode_to_vec();
-                let record = FutureRecord::to(&self.topic)
-                    .key(&key)
+            let partition = partition_of(&device_key(&batch.tenant_id, &batch.device_id), partitions);
+            by_partition.entry(partition).or_default().push(batch);
+        }
+        let mut deliveries = Vec::with_capacity(by_partition.len());
+        for (partition, batches) in by_partition {
+            // Messages of one partition are appended in the order they are queued, and the
+            // idempotent producer keeps that order through retries: each device stays in order.
+            for message in pack(batches, limit)? {
+                let payload = message.encode_to_vec();
+                let record = FutureRecord::<(), _>::to(&self.topic)
+                    .partition(partition)
                     .payload(&payload)
                     .headers(headers.clone());
                 match self.producer.send_result(record) {
@@ -239,7 +334,7 @@ impl Kafka {
     }
 
     /// Produces a delete marker for a device: an empty FixBatch with the [`DELETE_HEADER`]
-    /// header under the device's key, so it lands on the partition of the device's fixes,
+    /// header on the partition of the device's key, so it lands on the partition of its fixes,
     /// after those already produced. The consumer deletes the device when it reaches it, so
     /// fixes still in Kafka at DeleteDevice are deleted too.
     pub async fn produce_delete_marker(
@@ -248,7 +343,8 @@ impl Kafka {
         device: &str,
         timeout: Duration,
     ) -> Result<(), Error> {
-        let key = format!("{tenant}/{device}");
+        let partitions = self.topic_partitions().await?;
+        let key = device_key(tenant, device);
         let payload = FixBatch {
             tenant_id: tenant.to_owned(),
             device_id: device.to_owned(),
@@ -265,6 +361,7 @@ impl Kafka {
                 value: Some("1"),
             });
         let record = FutureRecord::to(&self.topic)
+            .partition(partition_of(&key, partitions))
             .key(&key)
             .payload(&payload)
             .headers(headers);

@@ -23,7 +23,7 @@ use trackmesh_shared::server::{self, ready_check};
 
 pub use config::{Config, DEFAULT_PORT, StorageConfig};
 pub use error::Error;
-pub use kafka::split_batch;
+pub use kafka::{pack, partition_of, split_batch};
 
 use crate::{clickhouse::Db, kafka::Kafka, pipeline::SinkHealth};
 

@@ -20,7 +20,7 @@ use rdkafka::{
 };
 use tokio::{sync::watch, time::Instant};
 use tracing::Instrument as _;
-use trackmesh_proto::v1::{Fix, FixBatch, RefinedFix, Verdict};
+use trackmesh_proto::v1::{Fix, FixBatch, FixBatches, RefinedFix, Verdict};
 use trackmesh_shared::{breaker::Breaker, ids, telemetry};
 
 use crate::{
@@ -220,19 +220,21 @@ impl Pipeline {
         // assigned again in the same poll, and its offset would not be read again.
         batch.drop_partitions(&self.context.take_revoked());
         match decode(&message) {
-            Ok((tenant, device, _)) if message.delete_device => {
+            Ok(devices) if message.delete_device => {
                 if batch.started.is_none() {
                     batch.started = Some(Instant::now());
                 }
-                tracing::info!(%tenant, partition = message.partition, offset = message.offset, "delete marker");
-                batch.delete_device(&tenant, &device, message.partition);
+                for (tenant, device, _) in devices {
+                    tracing::info!(%tenant, partition = message.partition, offset = message.offset, "delete marker");
+                    batch.delete_device(&tenant, &device, message.partition);
+                }
             }
-            Ok((_, _, rows)) => {
+            Ok(devices) => {
                 if batch.started.is_none() {
                     batch.started = Some(Instant::now());
                 }
                 batch.bytes += message.payload.len();
-                for (row, replay) in rows {
+                for (row, replay) in devices.into_iter().flat_map(|(_, _, rows)| rows) {
                     batch.rows.push(row);
                     batch.replay.push(replay);
                 }
@@ -427,7 +429,7 @@ impl Pipeline {
             let message = Owned {
                 partition: row.kafka_partition,
                 offset: row.kafka_offset,
-                key: Some(format!("{}/{}", row.tenant_id, row.device_id).into_bytes()),
+                key: Some(kafka::device_key(&row.tenant_id, &row.device_id).into_bytes()),
                 payload: FixBatch {
                     tenant_id: row.tenant_id.clone(),
                     device_id: row.device_id.clone(),
@@ -460,24 +462,22 @@ impl Pipeline {
         // Replays carry a flag from refinement; only those can already be in ClickHouse.
         let mut replays: BTreeMap<(&str, &str), Vec<i64>> = BTreeMap::new();
         for ((row, replay), kept) in batch.rows.iter().zip(&batch.replay).zip(&keep) {
-            // Copies of a device being deleted are about to go (the mutation is asynchronous).
-            if *kept
-                && *replay
-                && !batch
-                    .deletes
-                    .contains_key(&(row.tenant_id.clone(), row.device_id.clone()))
-            {
+            if *kept && *replay {
                 replays
                     .entry((&row.tenant_id, &row.device_id))
                     .or_default()
                     .push(row.time_ms);
             }
         }
-        let mut stored: HashMap<(String, String, i64), Vec<(i32, i64)>> = HashMap::new();
-        for ((tenant, device), times) in &replays {
+        // Copies of a device being deleted are about to go (the mutation is asynchronous).
+        for (tenant, device) in batch.deletes.keys() {
+            replays.remove(&(tenant.as_str(), device.as_str()));
+        }
+        let mut stored: HashMap<(&str, &str, i64), Vec<(i32, i64)>> = HashMap::new();
+        for (&(tenant, device), times) in &replays {
             for copy in self.db.stored_copies(tenant, device, times).await? {
                 stored
-                    .entry(((*tenant).to_owned(), (*device).to_owned(), copy.time_ms))
+                    .entry((tenant, device, copy.time_ms))
                     .or_default()
                     .push((copy.kafka_partition, copy.kafka_offset));
             }
@@ -487,7 +487,7 @@ impl Pipeline {
                 if !*kept || !*replay {
                     continue;
                 }
-                let key = (row.tenant_id.clone(), row.device_id.clone(), row.time_ms);
+                let key = (row.tenant_id.as_str(), row.device_id.as_str(), row.time_ms);
                 let earlier = stored.get(&key).is_some_and(|copies| {
                     copies.iter().any(|&(partition, offset)| {
                         partition != row.kafka_partition || offset < row.kafka_offset
@@ -581,18 +581,32 @@ fn day_parts(rows: &[FixRow]) -> Vec<DayPart> {
     parts.into_values().collect()
 }
 
-/// A message's tenant, device, and rows with their replay flags.
+/// One device's part of a message: its tenant, device, and rows with their replay flags.
 type Decoded = (String, String, Vec<(FixRow, bool)>);
 
-/// The content of one message, or why it cannot be stored.
-fn decode(message: &Owned) -> Result<Decoded, String> {
-    if let Some(version) = &message.schema_version
-        && version != kafka::SCHEMA_VERSION
-    {
-        return Err(format!("unknown schema-version {version}"));
+/// The content of one message, device by device, or why it cannot be stored.
+fn decode(message: &Owned) -> Result<Vec<Decoded>, String> {
+    let payload = message.payload.as_slice();
+    match message.schema_version.as_deref() {
+        None | Some(kafka::SCHEMA_VERSION) => {
+            let batch =
+                FixBatch::decode(payload).map_err(|err| format!("not a FixBatch: {err}"))?;
+            Ok(vec![decode_batch(batch, message)?])
+        }
+        Some(kafka::SCHEMA_VERSION_BATCHES) => FixBatches::decode(payload)
+            .map_err(|err| format!("not a FixBatches: {err}"))?
+            .batches
+            .into_iter()
+            .enumerate()
+            .map(|(index, batch)| {
+                decode_batch(batch, message).map_err(|why| format!("batches[{index}].{why}"))
+            })
+            .collect(),
+        Some(version) => Err(format!("unknown schema-version {version}")),
     }
-    let batch = FixBatch::decode(message.payload.as_slice())
-        .map_err(|err| format!("not a FixBatch: {err}"))?;
+}
+
+fn decode_batch(batch: FixBatch, message: &Owned) -> Result<Decoded, String> {
     ids::check_tenant(&batch.tenant_id).map_err(|rule| format!("tenant_id: {rule}"))?;
     ids::check_device(&batch.device_id).map_err(|rule| format!("device_id: {rule}"))?;
     let rows = batch

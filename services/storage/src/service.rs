@@ -54,7 +54,7 @@ impl StorageService {
         deadline: Deadline,
     ) -> Result<u32, Error> {
         ids::tenant_field(tenant)?;
-        // Messages keyed by device keep a device's fixes in order on one partition.
+        // A device's fixes go to Kafka in order, on the partition of its key.
         let mut by_device: BTreeMap<String, Vec<RefinedFix>> = BTreeMap::new();
         let count = u32::try_from(fixes.len()).unwrap_or(u32::MAX);
         for (index, refined) in fixes.into_iter().enumerate() {

@@ -9,7 +9,7 @@ use common::start;
 use futures::StreamExt as _;
 use proptest::prelude::*;
 use prost::Message as _;
-use storage::{Config, split_batch};
+use storage::{Config, pack, partition_of, split_batch};
 use tonic::{Code, transport::Channel};
 use trackmesh_proto::v1::{
     DailyStatsRequest, Fix, FixBatch, QueryTrackRequest, RefinedFix, StoreRequest, Verdict,
@@ -261,6 +261,41 @@ proptest! {
         let joined: Vec<RefinedFix> = chunks.into_iter().flat_map(|c| c.fixes).collect();
         prop_assert_eq!(joined, batch.fixes);
     }
+
+    /// Packing devices into shared messages keeps each under the limit and every device's
+    /// fixes once, in order.
+    #[test]
+    fn pack_keeps_every_device_in_order_under_the_limit(
+        devices in proptest::collection::vec(proptest::collection::vec(arb_fix(), 0..60), 0..20),
+        limit in 1_000usize..20_000,
+    ) {
+        let batches: Vec<FixBatch> = devices
+            .into_iter()
+            .enumerate()
+            .map(|(d, fixes)| FixBatch { tenant_id: "t".into(), device_id: format!("d{d}"), fixes })
+            .collect();
+        let messages = pack(batches.clone(), limit).unwrap();
+        for message in &messages {
+            prop_assert!(message.encoded_len() <= limit, "{} > {limit}", message.encoded_len());
+            prop_assert!(!message.batches.is_empty());
+        }
+        for batch in &batches {
+            let packed: Vec<RefinedFix> = messages
+                .iter()
+                .flat_map(|m| &m.batches)
+                .filter(|b| b.device_id == batch.device_id)
+                .flat_map(|b| b.fixes.clone())
+                .collect();
+            prop_assert_eq!(&packed, &batch.fixes);
+        }
+    }
+}
+
+/// `partition_of` is the CRC-32 (IEEE) librdkafka's partitioner uses: its standard check value.
+#[test]
+fn partition_of_is_crc32_of_the_key() {
+    assert_eq!(partition_of("123456789", i32::MAX), (0xCBF4_3926u32 % i32::MAX as u32) as i32);
+    assert_eq!(partition_of("", 12), 0);
 }
 
 #[test]
