@@ -15,6 +15,8 @@ mod error;
 #[allow(dead_code)] // wired by the HTTP routes (issue 12)
 mod export;
 mod guard;
+#[allow(dead_code)] // wired by the HTTP routes (issue 12)
+mod http;
 mod limits;
 mod service;
 
