@@ -155,7 +155,6 @@ pub fn timestamp(field: &str, text: &str) -> Result<i64, BadFix> {
 }
 
 /// `-?digits(.digits)?`: the sign, the integer part (None when it overflows) and the fraction digits.
-#[allow(clippy::type_complexity)]
 fn decimal(text: &str) -> Option<(bool, i64, &str)> {
     let (negative, rest) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),

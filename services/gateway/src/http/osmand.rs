@@ -3,7 +3,8 @@
 //!
 //! Protocol facts (Traccar's `OsmAndProtocolDecoder`): in parameters `speed` is in knots, in
 //! JSON it is m/s, and there a negative `speed`, `heading` or battery `level` means "unknown";
-//! without a `timestamp` the fix is taken as of now (the server's clock).
+//! without a `timestamp` the fix is taken as of now (the server's clock). Traccar picks JSON
+//! when the Content-Type starts with `application/json`, else parameters (query, then form).
 //!
 //! Choices: unknown parameters are ignored, but a recognised one with a malformed value is
 //! refused (even `batt` and `hdop`, which the fix does not keep), because a 400 naming it is
@@ -57,14 +58,16 @@ fn percent_decode(input: &[u8]) -> Vec<u8> {
     while i < input.len() {
         match input[i] {
             b'+' => out.push(b' '),
-            b'%' => match (input.get(i + 1), input.get(i + 2)) {
-                (Some(&hi), Some(&lo)) if hex(hi).is_some() && hex(lo).is_some() => {
-                    let byte = hex(hi).unwrap_or(0) * 16 + hex(lo).unwrap_or(0);
-                    out.push(byte as u8);
-                    i += 2;
+            b'%' => {
+                let digit = |at: usize| input.get(at).and_then(|&b| hex(b));
+                match (digit(i + 1), digit(i + 2)) {
+                    (Some(hi), Some(lo)) => {
+                        out.push((hi * 16 + lo) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
                 }
-                _ => out.push(b'%'),
-            },
+            }
             b => out.push(b),
         }
         i += 1;
@@ -417,6 +420,10 @@ mod tests {
             .into_iter()
             .chain(decode_form(b"id=body").unwrap());
         assert_eq!(parse_params(pairs, NOW).unwrap().device_id, "body");
+        // What form_urlencoded::parse yields works as well.
+        let cows = [("id", "c"), ("lat", "1"), ("lon", "2")]
+            .map(|(k, v)| (std::borrow::Cow::Borrowed(k), std::borrow::Cow::Borrowed(v)));
+        assert_eq!(parse_params(cows, NOW), Ok(fix("c", NOW, 1.0, 2.0)));
     }
 
     #[test]
