@@ -123,7 +123,8 @@ pub async fn serve_with(
         .into_axum_router()
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(move || ready_handler(readiness_rx.clone())))
-        .route("/metrics", get(metrics_handler));
+        .route("/metrics", get(metrics_handler))
+        .fallback(not_found);
 
     let mut builder = Server::builder()
         .accept_http1(true)
@@ -356,6 +357,21 @@ async fn ready_handler(readiness: watch::Receiver<Readiness>) -> impl IntoRespon
             "shutting down\n".to_owned(),
         ),
     }
+}
+
+/// An unknown path: gRPC's UNIMPLEMENTED for a gRPC call, a plain 404 for anything else
+/// (tonic's own fallback answers every HTTP/1.1 path 200 with a gRPC trailer).
+async fn not_found(request: axum::extract::Request) -> axum::response::Response {
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented(format!("no such method: {}", request.uri().path()))
+            .into_http::<axum::body::Body>();
+    }
+    (StatusCode::NOT_FOUND, "not found\n").into_response()
 }
 
 async fn metrics_handler() -> impl IntoResponse {

@@ -1,6 +1,8 @@
-//! API keys → tenant. Keys arrive as `authorization: Bearer <key>` or `x-api-key: <key>`,
-//! are compared in constant time, and never logged. Checked on the HTTP headers, before any
-//! of the request body is read (see `guard`).
+//! API keys and ingest tokens → tenant. They arrive as `authorization: Bearer <key>` or
+//! `x-api-key: <key>` (device protocols: in the URL or as a Basic password), are compared in
+//! constant time, and never logged. Checked on the HTTP headers, before any of the request
+//! body is read (see `guard`). An ingest token can send fixes and do nothing else, so a key
+//! on a phone cannot read or delete the tenant's data.
 
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
@@ -24,8 +26,9 @@ impl std::fmt::Debug for ApiKeys {
 }
 
 impl ApiKeys {
-    /// Parses `tenant:key` entries separated by commas or newlines; blank entries are skipped.
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+    /// Parses `tenant:key` entries separated by commas or newlines (blank entries skipped);
+    /// errors name the setting `var`.
+    pub fn parse(var: &str, text: &str) -> Result<Self, ConfigError> {
         let mut keys = Vec::new();
         for entry in text
             .split([',', '\n'])
@@ -34,21 +37,21 @@ impl ApiKeys {
         {
             let Some((tenant, key)) = entry.split_once(':') else {
                 return Err(ConfigError::new(
-                    "API_KEYS",
+                    var,
                     "<redacted>",
                     "each entry is tenant:key",
                 ));
             };
             if let Err(rule) = ids::check_tenant(tenant) {
                 return Err(ConfigError::new(
-                    "API_KEYS",
+                    var,
                     tenant,
                     format_args!("tenant: {rule}"),
                 ));
             }
             if key.len() < 8 {
                 return Err(ConfigError::new(
-                    "API_KEYS",
+                    var,
                     format_args!("{tenant}:<redacted>"),
                     "keys must be at least 8 characters",
                 ));
@@ -66,24 +69,59 @@ impl ApiKeys {
         self.keys.is_empty()
     }
 
-    /// The tenant whose key the call carries.
-    pub fn tenant(&self, headers: &HeaderMap) -> Result<String, Status> {
-        let presented = presented_key(headers).ok_or_else(|| {
-            Status::unauthenticated(
-                "missing API key: send authorization: Bearer <key> or x-api-key",
-            )
-        })?;
+    /// The tenant of `presented`, if it is one of these keys.
+    pub fn lookup(&self, presented: &str) -> Option<&str> {
         let presented = digest(presented);
         // Every key is compared, so the time taken does not tell which one matched.
         let mut tenant = None;
         for (key, owner) in &self.keys {
             if bool::from(key.ct_eq(&presented)) {
-                tenant = Some(owner);
+                tenant = Some(owner.as_str());
             }
         }
         tenant
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("invalid API key"))
+    }
+}
+
+/// What a call may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Send fixes: an API key or an ingest token.
+    Ingest,
+    /// Anything else: an API key only.
+    Full,
+}
+
+/// API keys and ingest tokens.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    pub keys: ApiKeys,
+    pub ingest: ApiKeys,
+}
+
+impl Credentials {
+    /// The tenant of the key or token `presented`, for a call of `scope`.
+    pub fn tenant_of(&self, presented: &str, scope: Scope) -> Result<String, Status> {
+        if let Some(tenant) = self.keys.lookup(presented) {
+            return Ok(tenant.to_owned());
+        }
+        match self.ingest.lookup(presented) {
+            Some(tenant) if scope == Scope::Ingest => Ok(tenant.to_owned()),
+            Some(_) => Err(Status::permission_denied(
+                "an ingest token can only send fixes; use an API key",
+            )),
+            None => Err(Status::unauthenticated("invalid API key or ingest token")),
+        }
+    }
+
+    /// The tenant whose key (or, for `Scope::Ingest`, token) the call's headers carry.
+    pub fn tenant(&self, headers: &HeaderMap, scope: Scope) -> Result<String, Status> {
+        let presented = presented_key(headers).ok_or_else(|| {
+            Status::unauthenticated(
+                "missing API key: send authorization: Bearer <key> or x-api-key",
+            )
+        })?;
+        self.tenant_of(presented, scope)
     }
 }
 
@@ -112,25 +150,29 @@ mod tests {
         headers
     }
 
-    fn keys() -> ApiKeys {
-        ApiKeys::parse("demo:demo-key-1, other:other-key-2\nfleet:fleet-key-3").unwrap()
+    fn keys() -> Credentials {
+        Credentials {
+            keys: ApiKeys::parse("API_KEYS", "demo:demo-key-1, other:other-key-2\nfleet:fleet-key-3")
+                .unwrap(),
+            ingest: ApiKeys::parse("INGEST_TOKENS", "demo:demo-ingest").unwrap(),
+        }
     }
 
     #[test]
     fn bearer_and_x_api_key() {
         let keys = keys();
         assert_eq!(
-            keys.tenant(&metadata("authorization", "Bearer demo-key-1"))
+            keys.tenant(&metadata("authorization", "Bearer demo-key-1"), Scope::Full)
                 .unwrap(),
             "demo"
         );
         assert_eq!(
-            keys.tenant(&metadata("authorization", "bearer other-key-2"))
+            keys.tenant(&metadata("authorization", "bearer other-key-2"), Scope::Full)
                 .unwrap(),
             "other"
         );
         assert_eq!(
-            keys.tenant(&metadata("x-api-key", "fleet-key-3")).unwrap(),
+            keys.tenant(&metadata("x-api-key", "fleet-key-3"), Scope::Ingest).unwrap(),
             "fleet"
         );
     }
@@ -144,7 +186,7 @@ mod tests {
             metadata("authorization", "Basic demo-key-1"),
             metadata("x-api-key", "demo-key-"),
         ] {
-            let err = keys.tenant(&metadata).unwrap_err();
+            let err = keys.tenant(&metadata, Scope::Ingest).unwrap_err();
             assert_eq!(err.code(), tonic::Code::Unauthenticated);
             assert!(!err.message().contains("demo-key"), "no key in messages");
         }
@@ -152,14 +194,24 @@ mod tests {
 
     #[test]
     fn bad_entries_are_refused_without_echoing_keys() {
-        let err = ApiKeys::parse("demo").unwrap_err().to_string();
+        let err = ApiKeys::parse("API_KEYS", "demo").unwrap_err().to_string();
         assert!(err.contains("tenant:key"), "{err}");
-        let err = ApiKeys::parse("a/b:longenough").unwrap_err().to_string();
+        let err = ApiKeys::parse("API_KEYS", "a/b:longenough").unwrap_err().to_string();
         assert!(err.contains("tenant"), "{err}");
-        let err = ApiKeys::parse("demo:short").unwrap_err().to_string();
+        let err = ApiKeys::parse("INGEST_TOKENS", "demo:short").unwrap_err().to_string();
         assert!(
-            err.contains("at least 8") && !err.contains("short"),
+            err.starts_with("INGEST_TOKENS=") && err.contains("at least 8") && !err.contains("short"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ingest_tokens_send_fixes_and_nothing_else() {
+        let keys = keys();
+        let token = metadata("x-api-key", "demo-ingest");
+        assert_eq!(keys.tenant(&token, Scope::Ingest).unwrap(), "demo");
+        let err = keys.tenant(&token, Scope::Full).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert_eq!(keys.tenant_of("demo-key-1", Scope::Ingest).unwrap(), "demo");
     }
 }

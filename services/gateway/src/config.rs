@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use trackmesh_shared::config::{self, CommonConfig, ConfigError, Duration, Validate, check_range};
 
-use crate::auth::ApiKeys;
+use crate::auth::{ApiKeys, Credentials};
 
 pub const DEFAULT_PORT: u16 = 50050;
 
@@ -45,6 +45,10 @@ pub struct GatewayConfig {
     pub api_keys: Option<String>,
     /// A file of `tenant:key` entries (lines or commas), e.g. a mounted Secret.
     pub api_keys_file: Option<String>,
+    /// Write-only tokens for devices, `tenant:token` like API keys: they can send fixes
+    /// (`Ingest`, `IngestStream`, `/osmand/<token>`, `/owntracks`, `/v1/ingest`) and nothing else.
+    pub ingest_tokens: Option<String>,
+    pub ingest_tokens_file: Option<String>,
     /// Most fixes per Ingest request.
     pub max_batch: u32,
     /// Per tenant; 0 turns the limit off. The requests default fits a fleet of 20 000 devices
@@ -86,6 +90,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("storage_addr", &self.storage_addr)
             .field("api_keys", &self.api_keys.as_ref().map(|_| "<redacted>"))
             .field("api_keys_file", &self.api_keys_file)
+            .field("ingest_tokens", &self.ingest_tokens.as_ref().map(|_| "<redacted>"))
+            .field("ingest_tokens_file", &self.ingest_tokens_file)
             .field("max_batch", &self.max_batch)
             .field("coalesce_max_fixes", &self.coalesce_max_fixes())
             .field("coalesce_max_in_flight", &self.coalesce_max_in_flight)
@@ -108,6 +114,8 @@ impl Default for GatewayConfig {
             storage_addr: "127.0.0.1:50053".into(),
             api_keys: None,
             api_keys_file: None,
+            ingest_tokens: None,
+            ingest_tokens_file: None,
             max_batch: 10_000,
             rate_limit_fixes_per_sec: 200_000,
             rate_limit_requests_per_sec: 50_000,
@@ -129,15 +137,23 @@ impl Default for GatewayConfig {
 impl GatewayConfig {
     /// The API keys from `API_KEYS` and `API_KEYS_FILE` together.
     pub fn api_keys(&self) -> Result<ApiKeys, ConfigError> {
-        let mut text = self.api_keys.clone().unwrap_or_default();
-        if let Some(path) = &self.api_keys_file {
-            let file = std::fs::read_to_string(path).map_err(|err| {
-                ConfigError::new("API_KEYS_FILE", path, format_args!("cannot read: {err}"))
-            })?;
-            text.push(',');
-            text.push_str(&file);
-        }
-        ApiKeys::parse(&text)
+        keys("API_KEYS", self.api_keys.as_deref(), self.api_keys_file.as_deref())
+    }
+
+    /// The ingest tokens from `INGEST_TOKENS` and `INGEST_TOKENS_FILE` together.
+    pub fn ingest_tokens(&self) -> Result<ApiKeys, ConfigError> {
+        keys(
+            "INGEST_TOKENS",
+            self.ingest_tokens.as_deref(),
+            self.ingest_tokens_file.as_deref(),
+        )
+    }
+
+    pub fn credentials(&self) -> Result<Credentials, ConfigError> {
+        Ok(Credentials {
+            keys: self.api_keys()?,
+            ingest: self.ingest_tokens()?,
+        })
     }
 
     /// The size that makes a coalesced batch depart: COALESCE_MAX_FIXES, or MAX_BATCH.
@@ -166,6 +182,19 @@ impl GatewayConfig {
     }
 }
 
+/// `tenant:key` entries from the setting `var` and the file of `{var}_FILE`.
+fn keys(var: &'static str, text: Option<&str>, file: Option<&str>) -> Result<ApiKeys, ConfigError> {
+    let mut text = text.unwrap_or_default().to_owned();
+    if let Some(path) = file {
+        let file = std::fs::read_to_string(path).map_err(|err| {
+            ConfigError::new(&format!("{var}_FILE"), path, format_args!("cannot read: {err}"))
+        })?;
+        text.push(',');
+        text.push_str(&file);
+    }
+    ApiKeys::parse(var, &text)
+}
+
 impl Validate for GatewayConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         for (var, value) in [
@@ -184,6 +213,7 @@ impl Validate for GatewayConfig {
                 }
             }
         }
+        self.ingest_tokens()?;
         if self.api_keys()?.is_empty() {
             return Err(ConfigError::new(
                 "API_KEYS",

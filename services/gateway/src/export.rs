@@ -129,10 +129,6 @@ impl Encoder {
         }
     }
 
-    pub fn format(&self) -> Format {
-        self.format
-    }
-
     /// The document's opening.
     pub fn begin(&mut self) -> Vec<u8> {
         let mut out = String::new();

@@ -17,7 +17,7 @@ use http_body::{Frame, SizeHint};
 use tonic::{Status, body::Body, codegen::Bytes, server::NamedService};
 use tower::Service;
 
-use crate::auth::ApiKeys;
+use crate::auth::{Credentials, Scope};
 
 /// The authenticated tenant of a call, put into the request's extensions for the handlers.
 #[derive(Clone, Debug)]
@@ -39,7 +39,7 @@ pub fn ingest_message_bytes(max_batch: u32) -> usize {
 
 /// What the guard enforces.
 pub struct Settings {
-    pub keys: ApiKeys,
+    pub keys: Credentials,
     /// Fixes per Ingest message: counted on the wire, so that a message of many tiny (empty)
     /// fixes is refused before decoding turns its 2 bytes per fix into 80.
     pub max_batch: u32,
@@ -58,7 +58,7 @@ pub struct Guard<S> {
 }
 
 struct Shared {
-    keys: ApiKeys,
+    keys: Credentials,
     max_batch: usize,
     requests: TenantSlots,
     streams: TenantSlots,
@@ -80,6 +80,32 @@ impl<S> Guard<S> {
                 ingest_message_bytes: settings.ingest_message_bytes,
             }),
         }
+    }
+}
+
+impl<S> Guard<S> {
+    /// The same credentials and tenant slots, for the HTTP front door.
+    pub fn admission(&self) -> Admission {
+        Admission(self.shared.clone())
+    }
+}
+
+/// What the guard checks, for front doors other than gRPC (see `http::api`).
+#[derive(Clone)]
+pub struct Admission(Arc<Shared>);
+
+impl Admission {
+    pub fn credentials(&self) -> &Credentials {
+        &self.0.keys
+    }
+
+    /// One of the tenant's TENANT_MAX_CONCURRENT_REQUESTS slots, held while the slot lives.
+    pub fn slot(&self, tenant: &str) -> Result<Slot, Status> {
+        self.0.requests.try_take(tenant).map_err(|refused| {
+            metrics::counter!("gateway_tenant_limited_total", "tenant" => tenant.to_owned(), "kind" => refused.setting)
+                .increment(1);
+            refused.status()
+        })
     }
 }
 
@@ -119,7 +145,9 @@ where
             .to_owned();
         // The request body is not touched before this point: a caller without a valid key
         // costs the headers only, whatever it sends after them.
-        let tenant = match self.shared.keys.tenant(request.headers()) {
+        let ingest = method.starts_with("Ingest");
+        let scope = if ingest { Scope::Ingest } else { Scope::Full };
+        let tenant = match self.shared.keys.tenant(request.headers(), scope) {
             Ok(tenant) => tenant,
             Err(status) => return refuse(status),
         };
@@ -137,7 +165,6 @@ where
                 return refuse(refused.status());
             }
         };
-        let ingest = method.starts_with("Ingest");
         let (limit, fixes) = if ingest {
             (
                 self.shared.ingest_message_bytes,
@@ -172,7 +199,7 @@ struct TenantSlots {
 }
 
 /// One call's place in its tenant's count, given back when dropped.
-struct Slot {
+pub struct Slot {
     in_use: Option<Arc<Mutex<HashMap<String, usize>>>>,
     tenant: String,
 }

@@ -12,10 +12,8 @@ mod coalesce;
 mod config;
 mod downstream;
 mod error;
-#[allow(dead_code)] // wired by the HTTP routes (issue 12)
 mod export;
 mod guard;
-#[allow(dead_code)] // wired by the HTTP routes (issue 12)
 mod http;
 mod limits;
 mod service;
@@ -47,7 +45,7 @@ pub async fn run(
         &["gateway_batches_in_flight"],
     );
     let settings = &config.gateway;
-    let keys = settings.api_keys()?;
+    let keys = settings.credentials()?;
     let tenant_requests = settings.tenant_max_concurrent_requests(&config.common)?;
     let downstreams = Downstreams {
         refinement: Downstream::start(
@@ -93,7 +91,7 @@ pub async fn run(
             max_in_flight: settings.coalesce_max_in_flight as usize,
         },
     );
-    let tidy = service.clone();
+    let (tidy, http_service) = (service.clone(), service.clone());
     let tidier = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(60)).await;
@@ -105,7 +103,7 @@ pub async fn run(
     let gateway = GatewayServer::new(service)
         .max_decoding_message_size(ingest_message_bytes)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let routes = Routes::new(Guard::new(
+    let guard = Guard::new(
         gateway,
         guard::Settings {
             keys,
@@ -114,7 +112,17 @@ pub async fn run(
             tenant_streams: settings.tenant_max_streams,
             ingest_message_bytes,
         },
-    ));
+    );
+    let api = http::api::Api {
+        service: http_service,
+        admission: guard.admission(),
+        ingest_body_bytes: http::api::ingest_body_bytes(settings.max_batch),
+    };
+    let routes = Routes::from(
+        Routes::new(guard)
+            .into_axum_router()
+            .merge(http::api::router(api)),
+    );
     // Streams are bounded per tenant and by their timeouts instead of holding a global permit.
     let options = server::Options {
         own_limits: guard::STREAM_METHODS

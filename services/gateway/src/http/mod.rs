@@ -1,5 +1,7 @@
-//! Parsing for the HTTP front door (issue 12): device protocols and the JSON API, pure functions.
+//! The HTTP front door: the routes (`api`), and the pure parsing of the device protocols and
+//! the JSON API behind them.
 
+pub mod api;
 pub mod fields;
 pub mod ingest_json;
 pub mod osmand;

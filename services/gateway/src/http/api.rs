@@ -1,0 +1,632 @@
+//! The HTTP routes: device protocols (OsmAnd / Traccar Client, OwnTracks) and the JSON API,
+//! served on the gateway's port beside gRPC. Each route authenticates from the headers (or the
+//! URL token) and takes its tenant's slot before reading a byte of the body, reads the body
+//! under a size limit, then calls the very `Gateway` method gRPC calls, so limits, coalescing
+//! and error meanings are the same; this module only converts.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Path, RawQuery, Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use base64::Engine as _;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use tonic::{Code, Status};
+use tonic_types::StatusExt as _;
+use trackmesh_proto::v1::{
+    DailyStat, DeleteDeviceRequest, DevicePlacesRequest, DevicePredictRequest, DeviceSummary, Fix,
+    GetDailyStatsRequest, GetTrackRequest, IngestRequest, IngestResponse, ListDevicesRequest,
+    Place, PlaceLabel, SortField, Verdict, gateway_server::Gateway as _,
+};
+
+use super::{
+    fields::BadFix,
+    ingest_json, osmand, owntracks,
+};
+use crate::{
+    auth::Scope,
+    export::{Encoder, Format},
+    guard::{Admission, Slot, Tenant},
+    service::GatewayService,
+};
+
+/// Body limit of the device protocols: one fix, with room for the parameters apps add.
+pub const DEVICE_BODY_BYTES: usize = 16 * 1024;
+
+/// Body limit of `POST /v1/ingest`: `max_batch` fixes of up to 512 bytes of JSON each (every
+/// field, long names, a 128-byte device id), plus room.
+pub fn ingest_body_bytes(max_batch: u32) -> usize {
+    usize::try_from(max_batch).unwrap_or(usize::MAX / 1024) * 512 + 64 * 1024
+}
+
+/// What the routes share.
+#[derive(Clone)]
+pub struct Api {
+    pub service: GatewayService,
+    pub admission: Admission,
+    /// Body limit of `POST /v1/ingest`: MAX_BATCH fixes of generous JSON.
+    pub ingest_body_bytes: usize,
+}
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/osmand/{token}", get(osmand_fix).post(osmand_fix))
+        .route("/owntracks", post(owntracks_fix))
+        .route("/v1/ingest", post(ingest))
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/{id}", axum::routing::delete(delete_device))
+        .route("/v1/devices/{id}/track", get(track))
+        .route("/v1/devices/{id}/stats", get(stats))
+        .route("/v1/devices/{id}/places", get(places))
+        .route("/v1/devices/{id}/predict", get(predict))
+        .with_state(api)
+}
+
+/// An HTTP error: the gRPC code's HTTP status, and a one-line JSON body.
+#[derive(Debug)]
+pub struct Failure {
+    code: Code,
+    message: String,
+    retry_after_s: Option<u64>,
+}
+
+impl Failure {
+    fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retry_after_s: None,
+        }
+    }
+
+    fn too_large(limit: usize) -> Self {
+        Self::new(
+            Code::OutOfRange,
+            format!("body: over the limit of {limit} bytes"),
+        )
+    }
+}
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        let retry_after_s = match status.code() {
+            Code::ResourceExhausted | Code::Unavailable => Some(
+                status
+                    .get_details_retry_info()
+                    .and_then(|info| info.retry_delay)
+                    .map_or(1, |delay| delay.as_secs_f64().ceil().max(1.0) as u64),
+            ),
+            _ => None,
+        };
+        Self {
+            code: status.code(),
+            message: status.message().to_owned(),
+            retry_after_s,
+        }
+    }
+}
+
+impl From<BadFix> for Failure {
+    fn from(bad: BadFix) -> Self {
+        Self::new(Code::InvalidArgument, bad.to_string())
+    }
+}
+
+impl From<crate::error::Error> for Failure {
+    fn from(error: crate::error::Error) -> Self {
+        Status::from(error).into()
+    }
+}
+
+/// The HTTP status of a gRPC code (OUT_OF_RANGE is used here for a body over its limit).
+fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::InvalidArgument | Code::FailedPrecondition => StatusCode::BAD_REQUEST,
+        Code::OutOfRange => StatusCode::PAYLOAD_TOO_LARGE,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unavailable | Code::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let status = http_status(self.code);
+        let body = json!({ "code": code_name(self.code), "message": self.message });
+        let mut response = (status, [(header::CONTENT_TYPE, "application/json")], format!("{body}\n"))
+            .into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+fn code_name(code: Code) -> String {
+    // `Code`'s Debug is CamelCase; the JSON error uses gRPC's canonical names.
+    let mut name = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+type Answer = Result<Response, Failure>;
+
+impl Api {
+    /// The caller's tenant and slot, from the headers alone.
+    fn admit(&self, headers: &HeaderMap, scope: Scope) -> Result<(String, Slot), Failure> {
+        let tenant = self.admission.credentials().tenant(headers, scope)?;
+        let slot = self.admission.slot(&tenant)?;
+        Ok((tenant, slot))
+    }
+
+    /// Sends `fixes` through the same path as gRPC `Ingest`.
+    async fn ingest(
+        &self,
+        tenant: String,
+        fixes: Vec<Fix>,
+        protocol: &'static str,
+    ) -> Result<IngestResponse, Failure> {
+        let response = self
+            .service
+            .ingest(request(tenant, IngestRequest { fixes, sequence: 0 }))
+            .await?
+            .into_inner();
+        for rejection in &response.rejections {
+            let verdict = Verdict::try_from(rejection.verdict).unwrap_or_default();
+            metrics::counter!("gateway_http_rejected_total", "protocol" => protocol, "verdict" => verdict.as_str_name())
+                .increment(1);
+        }
+        Ok(response)
+    }
+}
+
+/// A gRPC request as the guard hands it on: the tenant in its extensions.
+fn request<T>(tenant: String, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.extensions_mut().insert(Tenant(tenant));
+    request
+}
+
+/// The body, refused with 413 beyond `limit` bytes (by its declared length before reading).
+async fn body(request: Request, limit: usize) -> Result<Bytes, Failure> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(Failure::too_large(limit));
+    }
+    axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| Failure::too_large(limit))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
+}
+
+/// `GET|POST /osmand/<token>`: OsmAnd and Traccar Client. 200 once the fix is stored (or
+/// refused by refinement, which a resend cannot change).
+async fn osmand_fix(
+    State(api): State<Api>,
+    Path(token): Path<String>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Answer {
+    let tenant = api
+        .admission
+        .credentials()
+        .tenant_of(&token, Scope::Ingest)?;
+    let _slot = api.admission.slot(&tenant)?;
+    let json = is_json(request.headers());
+    let form = request.method() == Method::POST && !json;
+    let body = body(request, DEVICE_BODY_BYTES).await?;
+    let fix = if json {
+        osmand::parse_json(&body, now_ms())?
+    } else {
+        let mut pairs = osmand::decode_form(query.as_deref().unwrap_or_default().as_bytes())?;
+        if form {
+            pairs.extend(osmand::decode_form(&body)?);
+        }
+        osmand::parse_params(pairs, now_ms())?
+    };
+    api.ingest(tenant, vec![fix], "osmand").await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+/// `POST /owntracks`: OwnTracks HTTP mode, Basic auth `tenant:ingest-token`. Answers `[]`
+/// only once the fix is durable: OwnTracks takes any answer as delivered.
+async fn owntracks_fix(State(api): State<Api>, request: Request) -> Answer {
+    let (user, password) = basic_auth(request.headers()).ok_or_else(|| {
+        Failure::new(
+            Code::Unauthenticated,
+            "missing Basic authorization: user = tenant, password = ingest token",
+        )
+    })?;
+    let tenant = api
+        .admission
+        .credentials()
+        .tenant_of(&password, Scope::Ingest)?;
+    if tenant != user {
+        return Err(Failure::new(
+            Code::Unauthenticated,
+            "invalid API key or ingest token",
+        ));
+    }
+    let _slot = api.admission.slot(&tenant)?;
+    let (limit_user, limit_device) = (
+        header_text(request.headers(), "x-limit-u"),
+        header_text(request.headers(), "x-limit-d"),
+    );
+    let body = body(request, DEVICE_BODY_BYTES).await?;
+    let user_device = limit_user.as_deref().zip(limit_device.as_deref());
+    if let Some(fix) = owntracks::parse(&body, user_device)? {
+        api.ingest(tenant, vec![fix], "owntracks").await?;
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json")], "[]").into_response())
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name)?.to_str().ok().map(str::to_owned)
+}
+
+/// `user:password` of a Basic `authorization` header.
+fn basic_auth(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let (user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+/// `POST /v1/ingest`: an `IngestRequest` in proto3 JSON; the `IngestResponse` likewise.
+async fn ingest(State(api): State<Api>, request: Request) -> Answer {
+    let (tenant, _slot) = api.admit(request.headers(), Scope::Ingest)?;
+    let body = body(request, api.ingest_body_bytes).await?;
+    let message = ingest_json::parse_request(&body)?;
+    let response = api.ingest(tenant, message.fixes, "json").await?;
+    let mut response = ingest_json::ingest_response_json(&response);
+    if let Some(sequence) = response.get_mut("sequence") {
+        *sequence = json!(message.sequence.to_string());
+    }
+    Ok(json_response(&response))
+}
+
+fn json_response(value: &Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{value}\n"),
+    )
+        .into_response()
+}
+
+/// The query parameters, strictly decoded (a bad one is a 400 naming it).
+fn params(query: Option<&str>) -> Result<Vec<(String, String)>, Failure> {
+    Ok(osmand::decode_form(query.unwrap_or_default().as_bytes())?)
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .rev()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_str())
+}
+
+fn number<T: std::str::FromStr + Default>(
+    params: &[(String, String)],
+    name: &str,
+) -> Result<T, Failure> {
+    param(params, name).map_or(Ok(T::default()), |text| {
+        text.parse().map_err(|_| {
+            Failure::new(
+                Code::InvalidArgument,
+                format!("{name}: not a whole number ({})", super::fields::quoted(text)),
+            )
+        })
+    })
+}
+
+/// `GET /v1/devices?page_size=&page_token=&sort=-last_ms,device_id` (`-`: descending).
+async fn list_devices(
+    State(api): State<Api>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Answer {
+    let (tenant, _slot) = api.admit(&headers, Scope::Full)?;
+    let params = params(query.as_deref())?;
+    let sort = param(&params, "sort")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|field| !field.is_empty())
+        .map(|field| SortField {
+            field: field.trim_start_matches('-').to_owned(),
+            descending: field.starts_with('-'),
+        })
+        .collect();
+    let message = ListDevicesRequest {
+        sort,
+        page_size: number(&params, "page_size")?,
+        page_token: param(&params, "page_token").unwrap_or_default().to_owned(),
+    };
+    let response = api
+        .service
+        .list_devices(request(tenant, message))
+        .await?
+        .into_inner();
+    Ok(json_response(&json!({
+        "devices": response.devices.iter().map(device_json).collect::<Vec<_>>(),
+        "nextPageToken": response.next_page_token,
+    })))
+}
+
+/// `GET /v1/devices/{id}/track?from=&to=&format=json|geojson|gpx|csv`: streamed, one chunk
+/// from storage at a time. An error after the first byte can only cut the body short.
+async fn track(
+    State(api): State<Api>,
+    Path(device_id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Answer {
+    let (tenant, slot) = api.admit(&headers, Scope::Full)?;
+    let params = params(query.as_deref())?;
+    let format: Format = param(&params, "format")
+        .unwrap_or("json")
+        .parse()
+        .map_err(|err: crate::export::UnknownFormat| {
+            Failure::new(Code::InvalidArgument, err.to_string())
+        })?;
+    let message = GetTrackRequest {
+        device_id: device_id.clone(),
+        from_ms: number(&params, "from")?,
+        to_ms: number(&params, "to")?,
+        ..GetTrackRequest::default()
+    };
+    let chunks = api
+        .service
+        .get_track(request(tenant, message))
+        .await?
+        .into_inner();
+    let encoder = Encoder::new(format, &device_id);
+    // State: the chunks, the encoder (None once done), the slot (held as long as the body
+    // lives), whether the document has begun.
+    let body = futures::stream::unfold(
+        (chunks, Some(encoder), slot, false),
+        |(mut chunks, encoder, slot, begun)| async move {
+            let mut encoder = encoder?;
+            if !begun {
+                let bytes = Bytes::from(encoder.begin());
+                return Some((Ok(bytes), (chunks, Some(encoder), slot, true)));
+            }
+            match chunks.next().await {
+                Some(Ok(chunk)) => {
+                    let bytes = Bytes::from(encoder.chunk(&chunk.fixes));
+                    Some((Ok(bytes), (chunks, Some(encoder), slot, true)))
+                }
+                Some(Err(status)) => {
+                    tracing::warn!(code = ?status.code(), message = status.message(), "track export cut short");
+                    Some((Err(status), (chunks, None, slot, true)))
+                }
+                None => Some((Ok(Bytes::from(encoder.finish())), (chunks, None, slot, true))),
+            }
+        },
+    );
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    if let Ok(disposition) = HeaderValue::from_str(&format!(
+        "inline; filename=\"track.{}\"",
+        format.extension()
+    )) {
+        headers.insert(header::CONTENT_DISPOSITION, disposition);
+    }
+    Ok(response)
+}
+
+/// `GET /v1/devices/{id}/stats?from=&to=`: daily stats (UTC days).
+async fn stats(
+    State(api): State<Api>,
+    Path(device_id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Answer {
+    let (tenant, _slot) = api.admit(&headers, Scope::Full)?;
+    let params = params(query.as_deref())?;
+    let message = GetDailyStatsRequest {
+        device_id,
+        from_ms: number(&params, "from")?,
+        to_ms: number(&params, "to")?,
+    };
+    let response = api
+        .service
+        .get_daily_stats(request(tenant, message))
+        .await?
+        .into_inner();
+    Ok(json_response(&json!({
+        "days": response.days.iter().map(day_json).collect::<Vec<_>>(),
+    })))
+}
+
+/// `GET /v1/devices/{id}/places?k=`: learned places, most dwell first.
+async fn places(
+    State(api): State<Api>,
+    Path(device_id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Answer {
+    let (tenant, _slot) = api.admit(&headers, Scope::Full)?;
+    let params = params(query.as_deref())?;
+    let message = DevicePlacesRequest {
+        device_id,
+        k: number(&params, "k")?,
+    };
+    let response = api
+        .service
+        .get_places(request(tenant, message))
+        .await?
+        .into_inner();
+    Ok(json_response(&json!({
+        "places": response.places.iter().map(place_json).collect::<Vec<_>>(),
+    })))
+}
+
+/// `GET /v1/devices/{id}/predict?k=`: the next places, most likely first.
+async fn predict(
+    State(api): State<Api>,
+    Path(device_id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Answer {
+    let (tenant, _slot) = api.admit(&headers, Scope::Full)?;
+    let params = params(query.as_deref())?;
+    let message = DevicePredictRequest {
+        device_id,
+        k: number(&params, "k")?,
+    };
+    let response = api
+        .service
+        .predict_next(request(tenant, message))
+        .await?
+        .into_inner();
+    let predictions: Vec<Value> = response
+        .predictions
+        .iter()
+        .map(|p| {
+            json!({
+                "place": p.place.as_ref().map(place_json),
+                "probability": p.probability,
+            })
+        })
+        .collect();
+    Ok(json_response(&json!({ "predictions": predictions })))
+}
+
+/// `DELETE /v1/devices/{id}`: the device's fixes, stats and learned state.
+async fn delete_device(
+    State(api): State<Api>,
+    Path(device_id): Path<String>,
+    headers: HeaderMap,
+) -> Answer {
+    let (tenant, _slot) = api.admit(&headers, Scope::Full)?;
+    api.service
+        .delete_device(request(tenant, DeleteDeviceRequest { device_id }))
+        .await?;
+    Ok(json_response(&json!({})))
+}
+
+// proto3 JSON of the query answers: lowerCamelCase names, 64-bit integers as strings.
+
+fn device_json(device: &DeviceSummary) -> Value {
+    json!({
+        "deviceId": device.device_id,
+        "fixes": device.fixes.to_string(),
+        "firstMs": device.first_ms.to_string(),
+        "lastMs": device.last_ms.to_string(),
+        "distanceM": device.distance_m,
+        "maxSpeedKmh": device.max_speed_kmh,
+    })
+}
+
+fn day_json(day: &DailyStat) -> Value {
+    json!({
+        "deviceId": day.device_id,
+        "day": day.day,
+        "fixes": day.fixes.to_string(),
+        "distanceM": day.distance_m,
+        "maxSpeedKmh": day.max_speed_kmh,
+        "firstMs": day.first_ms.to_string(),
+        "lastMs": day.last_ms.to_string(),
+    })
+}
+
+fn place_json(place: &Place) -> Value {
+    let label = PlaceLabel::try_from(place.label).unwrap_or_default();
+    json!({
+        "placeId": place.place_id,
+        "lat": place.lat,
+        "lon": place.lon,
+        "visits": place.visits,
+        "totalDwellMs": place.total_dwell_ms.to_string(),
+        "firstVisitMs": place.first_visit_ms.to_string(),
+        "lastVisitMs": place.last_visit_ms.to_string(),
+        "label": label.as_str_name(),
+        "dwellByHourMs": place.dwell_by_hour_ms.iter().map(i64::to_string).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_map_to_http_statuses_and_canonical_names() {
+        assert_eq!(http_status(Code::InvalidArgument), StatusCode::BAD_REQUEST);
+        assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
+        assert_eq!(http_status(Code::PermissionDenied), StatusCode::FORBIDDEN);
+        assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(http_status(Code::ResourceExhausted), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(http_status(Code::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
+    }
+
+    #[test]
+    fn retry_after_comes_from_retry_info() {
+        let status = Status::from(crate::error::Error::RateLimited {
+            kind: "requests",
+            retry_after: std::time::Duration::from_millis(2500),
+        });
+        let response = Failure::from(status).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+    }
+
+    #[test]
+    fn basic_auth_is_decoded() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Basic ZGVtbzpkZW1vLWluZ2VzdA==".parse().unwrap());
+        assert_eq!(
+            basic_auth(&headers),
+            Some(("demo".into(), "demo-ingest".into()))
+        );
+        headers.insert(header::AUTHORIZATION, "Basic !!!".parse().unwrap());
+        assert_eq!(basic_auth(&headers), None);
+    }
+}

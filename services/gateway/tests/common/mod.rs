@@ -1,0 +1,195 @@
+//! The whole mesh for the gateway's integration tests: the four binaries as processes against
+//! the real Redis, ClickHouse and tansu that scripts/test started, and a gRPC client.
+#![allow(dead_code)] // each test file uses its own part
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use testkit::Process;
+use tonic::{
+    Request, Status,
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+use trackmesh_proto::v1::{
+    Fix, GetTrackRequest, IngestRequest, IngestResponse, RefinedFix, gateway_client::GatewayClient,
+};
+
+pub type Client = GatewayClient<InterceptedService<Channel, Auth>>;
+
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The four services with their own tenants, database and topic.
+pub struct Mesh {
+    pub refinement: Vec<Process>,
+    pub learning: Process,
+    pub storage: Process,
+    pub gateway: Process,
+    /// (tenant, key) pairs the gateway accepts.
+    pub tenants: Vec<(String, String)>,
+}
+
+#[derive(Default)]
+pub struct Options {
+    pub refinement_replicas: usize,
+    pub gateway_env: Vec<(&'static str, String)>,
+    /// For all four services.
+    pub env: Vec<(&'static str, String)>,
+}
+
+impl Mesh {
+    pub async fn start(options: Options) -> Self {
+        let redis = testkit::redis_addr();
+        let common = |extra: &[(&'static str, String)]| {
+            let mut env = vec![
+                ("READINESS_INTERVAL", "100ms".to_owned()),
+                ("RUST_LOG", "info".to_owned()),
+            ];
+            env.extend_from_slice(&options.env);
+            env.extend_from_slice(extra);
+            env
+        };
+        let mut refinement = Vec::new();
+        for _ in 0..options.refinement_replicas.max(1) {
+            refinement.push(
+                Process::start("refinement-api", &common(&[("REDIS_ADDR", redis.clone())])).await,
+            );
+        }
+        let learning =
+            Process::start("learning-api", &common(&[("REDIS_ADDR", redis.clone())])).await;
+        let name = testkit::unique("mesh");
+        let storage = Process::start(
+            "storage-service",
+            &common(&[
+                ("CLICKHOUSE_URL", testkit::clickhouse_url()),
+                ("CLICKHOUSE_DATABASE", name.clone()),
+                ("KAFKA_BROKERS", testkit::kafka_brokers()),
+                ("KAFKA_TOPIC", format!("{name}.fixes")),
+                ("KAFKA_DLQ_TOPIC", format!("{name}.dlq")),
+                ("KAFKA_GROUP_ID", name.clone()),
+                ("KAFKA_PARTITIONS", "4".into()),
+                ("KAFKA_SESSION_TIMEOUT", "6s".into()),
+                ("BATCH_MAX_WAIT", "200ms".into()),
+            ]),
+        )
+        .await;
+        let tenants: Vec<(String, String)> = (0..2)
+            .map(|i| {
+                (
+                    testkit::unique(&format!("tenant{i}")),
+                    format!("key-{i}-{}", testkit::unique("k")),
+                )
+            })
+            .collect();
+        let keys: Vec<String> = tenants.iter().map(|(t, k)| format!("{t}:{k}")).collect();
+        let refinement_addrs: Vec<String> = refinement.iter().map(Process::url).collect();
+        let mut gateway_env = common(&[
+            ("REFINEMENT_ADDR", refinement_addrs.join(",")),
+            ("LEARNING_ADDR", learning.url()),
+            ("STORAGE_ADDR", storage.url()),
+            ("API_KEYS", keys.join(",")),
+            ("RESOLVE_INTERVAL", "100ms".into()),
+        ]);
+        gateway_env.extend(options.gateway_env);
+        let gateway = Process::start("gateway", &gateway_env).await;
+        Self {
+            refinement,
+            learning,
+            storage,
+            gateway,
+            tenants,
+        }
+    }
+
+    pub async fn client_with(&self, key: Option<&str>) -> Client {
+        let channel = Channel::from_shared(self.gateway.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let auth = Auth(key.map(|key| format!("Bearer {key}").parse().unwrap()));
+        GatewayClient::with_interceptor(channel, auth)
+    }
+
+    /// A client of tenant `i`.
+    pub async fn client(&self, i: usize) -> Client {
+        self.client_with(Some(&self.tenants[i].1)).await
+    }
+}
+
+pub async fn ingest(client: &mut Client, fixes: Vec<Fix>) -> Result<IngestResponse, Status> {
+    client
+        .ingest(IngestRequest { fixes, sequence: 0 })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn track(client: &mut Client, device: &str) -> Vec<RefinedFix> {
+    let mut stream = client
+        .get_track(GetTrackRequest {
+            device_id: device.into(),
+            ..GetTrackRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fixes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        fixes.extend(chunk.unwrap().fixes);
+    }
+    fixes
+}
+
+/// Waits until `device` has `n` fixes stored (or a minute passed), then returns them.
+pub async fn stored(client: &mut Client, device: &str, n: usize) -> Vec<RefinedFix> {
+    let start = std::time::Instant::now();
+    loop {
+        let fixes = track(client, device).await;
+        if fixes.len() >= n || start.elapsed() > Duration::from_secs(60) {
+            return fixes;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A plausible moving vessel, one fix a minute, the last a few minutes ago.
+pub fn moving(device: &str, n: usize) -> Vec<Fix> {
+    let start = now_ms() - (n as i64 + 5) * 60_000;
+    (0..n)
+        .map(|i| Fix {
+            device_id: device.into(),
+            time_ms: start + i as i64 * 60_000,
+            lat: 36.9 + i as f64 * 0.002,
+            lon: -76.3,
+            ..Fix::default()
+        })
+        .collect()
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+pub fn times(fixes: &[RefinedFix]) -> Vec<i64> {
+    fixes
+        .iter()
+        .map(|f| f.fix.as_ref().unwrap().time_ms)
+        .collect()
+}
+
