@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use futures::StreamExt as _;
-use tonic::{Code, Status};
+use tonic::{Code, Request, Status};
 use tonic_types::StatusExt as _;
 use trackmesh_proto::v1::{
     DeleteDeviceRequest, DevicePlacesRequest, DevicePredictRequest, Fix, GetDailyStatsRequest,
