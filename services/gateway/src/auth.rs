@@ -152,8 +152,11 @@ mod tests {
 
     fn keys() -> Credentials {
         Credentials {
-            keys: ApiKeys::parse("API_KEYS", "demo:demo-key-1, other:other-key-2\nfleet:fleet-key-3")
-                .unwrap(),
+            keys: ApiKeys::parse(
+                "API_KEYS",
+                "demo:demo-key-1, other:other-key-2\nfleet:fleet-key-3",
+            )
+            .unwrap(),
             ingest: ApiKeys::parse("INGEST_TOKENS", "demo:demo-ingest").unwrap(),
         }
     }
@@ -167,12 +170,16 @@ mod tests {
             "demo"
         );
         assert_eq!(
-            keys.tenant(&metadata("authorization", "bearer other-key-2"), Scope::Full)
-                .unwrap(),
+            keys.tenant(
+                &metadata("authorization", "bearer other-key-2"),
+                Scope::Full
+            )
+            .unwrap(),
             "other"
         );
         assert_eq!(
-            keys.tenant(&metadata("x-api-key", "fleet-key-3"), Scope::Ingest).unwrap(),
+            keys.tenant(&metadata("x-api-key", "fleet-key-3"), Scope::Ingest)
+                .unwrap(),
             "fleet"
         );
     }
@@ -196,11 +203,17 @@ mod tests {
     fn bad_entries_are_refused_without_echoing_keys() {
         let err = ApiKeys::parse("API_KEYS", "demo").unwrap_err().to_string();
         assert!(err.contains("tenant:key"), "{err}");
-        let err = ApiKeys::parse("API_KEYS", "a/b:longenough").unwrap_err().to_string();
+        let err = ApiKeys::parse("API_KEYS", "a/b:longenough")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("tenant"), "{err}");
-        let err = ApiKeys::parse("INGEST_TOKENS", "demo:short").unwrap_err().to_string();
+        let err = ApiKeys::parse("INGEST_TOKENS", "demo:short")
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.starts_with("INGEST_TOKENS=") && err.contains("at least 8") && !err.contains("short"),
+            err.starts_with("INGEST_TOKENS=")
+                && err.contains("at least 8")
+                && !err.contains("short"),
             "{err}"
         );
     }

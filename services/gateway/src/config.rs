@@ -90,7 +90,10 @@ impl std::fmt::Debug for GatewayConfig {
             .field("storage_addr", &self.storage_addr)
             .field("api_keys", &self.api_keys.as_ref().map(|_| "<redacted>"))
             .field("api_keys_file", &self.api_keys_file)
-            .field("ingest_tokens", &self.ingest_tokens.as_ref().map(|_| "<redacted>"))
+            .field(
+                "ingest_tokens",
+                &self.ingest_tokens.as_ref().map(|_| "<redacted>"),
+            )
             .field("ingest_tokens_file", &self.ingest_tokens_file)
             .field("max_batch", &self.max_batch)
             .field("coalesce_max_fixes", &self.coalesce_max_fixes())
@@ -137,7 +140,11 @@ impl Default for GatewayConfig {
 impl GatewayConfig {
     /// The API keys from `API_KEYS` and `API_KEYS_FILE` together.
     pub fn api_keys(&self) -> Result<ApiKeys, ConfigError> {
-        keys("API_KEYS", self.api_keys.as_deref(), self.api_keys_file.as_deref())
+        keys(
+            "API_KEYS",
+            self.api_keys.as_deref(),
+            self.api_keys_file.as_deref(),
+        )
     }
 
     /// The ingest tokens from `INGEST_TOKENS` and `INGEST_TOKENS_FILE` together.
@@ -187,7 +194,11 @@ fn keys(var: &'static str, text: Option<&str>, file: Option<&str>) -> Result<Api
     let mut text = text.unwrap_or_default().to_owned();
     if let Some(path) = file {
         let file = std::fs::read_to_string(path).map_err(|err| {
-            ConfigError::new(&format!("{var}_FILE"), path, format_args!("cannot read: {err}"))
+            ConfigError::new(
+                &format!("{var}_FILE"),
+                path,
+                format_args!("cannot read: {err}"),
+            )
         })?;
         text.push(',');
         text.push_str(&file);

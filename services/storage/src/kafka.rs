@@ -289,7 +289,8 @@ impl Kafka {
             .saturating_sub(headers_len + RECORD_OVERHEAD);
         let mut by_partition: BTreeMap<i32, Vec<FixBatch>> = BTreeMap::new();
         for batch in batches {
-            let partition = partition_of(&device_key(&batch.tenant_id, &batch.device_id), partitions);
+            let partition =
+                partition_of(&device_key(&batch.tenant_id, &batch.device_id), partitions);
             by_partition.entry(partition).or_default().push(batch);
         }
         let mut deliveries = Vec::with_capacity(by_partition.len());

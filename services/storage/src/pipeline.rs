@@ -473,7 +473,9 @@ impl Pipeline {
         for (tenant, device) in batch.deletes.keys() {
             replays.remove(&(tenant.as_str(), device.as_str()));
         }
-        let mut stored: HashMap<(&str, &str, i64), Vec<(i32, i64)>> = HashMap::new();
+        // (tenant, device, time) → the (partition, offset) of each copy ClickHouse has.
+        type Copies<'a> = HashMap<(&'a str, &'a str, i64), Vec<(i32, i64)>>;
+        let mut stored = Copies::new();
         for (&(tenant, device), times) in &replays {
             for copy in self.db.stored_copies(tenant, device, times).await? {
                 stored

@@ -78,7 +78,13 @@ async fn track_times(client: &mut StorageClient<Channel>, tenant: &str, device: 
     let mut stream = client.query_track(query).await.unwrap().into_inner();
     let mut times = Vec::new();
     while let Some(chunk) = stream.next().await {
-        times.extend(chunk.unwrap().fixes.iter().filter_map(|f| f.fix.as_ref().map(|f| f.time_ms)));
+        times.extend(
+            chunk
+                .unwrap()
+                .fixes
+                .iter()
+                .filter_map(|f| f.fix.as_ref().map(|f| f.time_ms)),
+        );
     }
     times
 }
@@ -101,7 +107,10 @@ async fn a_store_of_many_devices_is_one_message_per_partition() {
         tenant_id: tenant.clone(),
         fixes,
     };
-    assert_eq!(client.store(request).await.unwrap().into_inner().stored, 600);
+    assert_eq!(
+        client.store(request).await.unwrap().into_inner().stored,
+        600
+    );
     // One message per partition (300 devices cover all of them), not one per device.
     assert_eq!(messages_in(&topic, partitions), i64::from(partitions));
     testkit::wait_until(

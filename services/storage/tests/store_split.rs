@@ -294,7 +294,10 @@ proptest! {
 /// `partition_of` is the CRC-32 (IEEE) librdkafka's partitioner uses: its standard check value.
 #[test]
 fn partition_of_is_crc32_of_the_key() {
-    assert_eq!(partition_of("123456789", i32::MAX), (0xCBF4_3926u32 % i32::MAX as u32) as i32);
+    assert_eq!(
+        partition_of("123456789", i32::MAX),
+        (0xCBF4_3926u32 % i32::MAX as u32) as i32
+    );
     assert_eq!(partition_of("", 12), 0);
 }
 

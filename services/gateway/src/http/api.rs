@@ -25,10 +25,7 @@ use trackmesh_proto::v1::{
     Place, PlaceLabel, SortField, Verdict, gateway_server::Gateway as _,
 };
 
-use super::{
-    fields::BadFix,
-    ingest_json, osmand, owntracks,
-};
+use super::{fields::BadFix, ingest_json, osmand, owntracks};
 use crate::{
     auth::Scope,
     export::{Encoder, Format},
@@ -145,7 +142,11 @@ impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         let status = http_status(self.code);
         let body = json!({ "code": code_name(self.code), "message": self.message });
-        let mut response = (status, [(header::CONTENT_TYPE, "application/json")], format!("{body}\n"))
+        let mut response = (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            format!("{body}\n"),
+        )
             .into_response();
         if let Some(seconds) = self.retry_after_s {
             response
@@ -231,7 +232,11 @@ fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        })
 }
 
 /// `GET|POST /osmand/<token>`: OsmAnd and Traccar Client. 200 once the fix is stored (or
@@ -355,7 +360,10 @@ fn number<T: std::str::FromStr + Default>(
         text.parse().map_err(|_| {
             Failure::new(
                 Code::InvalidArgument,
-                format!("{name}: not a whole number ({})", super::fields::quoted(text)),
+                format!(
+                    "{name}: not a whole number ({})",
+                    super::fields::quoted(text)
+                ),
             )
         })
     })
@@ -404,12 +412,9 @@ async fn track(
 ) -> Answer {
     let (tenant, slot) = api.admit(&headers, Scope::Full)?;
     let params = params(query.as_deref())?;
-    let format: Format = param(&params, "format")
-        .unwrap_or("json")
-        .parse()
-        .map_err(|err: crate::export::UnknownFormat| {
-            Failure::new(Code::InvalidArgument, err.to_string())
-        })?;
+    let format: Format = param(&params, "format").unwrap_or("json").parse().map_err(
+        |err: crate::export::UnknownFormat| Failure::new(Code::InvalidArgument, err.to_string()),
+    )?;
     let message = GetTrackRequest {
         device_id: device_id.clone(),
         from_ms: number(&params, "from")?,
@@ -441,7 +446,10 @@ async fn track(
                     tracing::warn!(code = ?status.code(), message = status.message(), "track export cut short");
                     Some((Err(status), (chunks, None, slot, true)))
                 }
-                None => Some((Ok(Bytes::from(encoder.finish())), (chunks, None, slot, true))),
+                None => Some((
+                    Ok(Bytes::from(encoder.finish())),
+                    (chunks, None, slot, true),
+                )),
             }
         },
     );
@@ -601,8 +609,14 @@ mod tests {
         assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
         assert_eq!(http_status(Code::PermissionDenied), StatusCode::FORBIDDEN);
         assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);
-        assert_eq!(http_status(Code::ResourceExhausted), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(http_status(Code::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            http_status(Code::ResourceExhausted),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            http_status(Code::Unavailable),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(code_name(Code::InvalidArgument), "INVALID_ARGUMENT");
         assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
     }
@@ -621,7 +635,10 @@ mod tests {
     #[test]
     fn basic_auth_is_decoded() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, "Basic ZGVtbzpkZW1vLWluZ2VzdA==".parse().unwrap());
+        headers.insert(
+            header::AUTHORIZATION,
+            "Basic ZGVtbzpkZW1vLWluZ2VzdA==".parse().unwrap(),
+        );
         assert_eq!(
             basic_auth(&headers),
             Some(("demo".into(), "demo-ingest".into()))

@@ -40,6 +40,8 @@ pub struct Mesh {
     pub gateway: Process,
     /// (tenant, key) pairs the gateway accepts.
     pub tenants: Vec<(String, String)>,
+    /// Per tenant, its ingest token.
+    pub ingest_tokens: Vec<String>,
 }
 
 #[derive(Default)]
@@ -95,12 +97,20 @@ impl Mesh {
             })
             .collect();
         let keys: Vec<String> = tenants.iter().map(|(t, k)| format!("{t}:{k}")).collect();
+        let ingest_tokens: Vec<String> =
+            tenants.iter().map(|(_, k)| format!("ingest-{k}")).collect();
+        let token_entries: Vec<String> = tenants
+            .iter()
+            .zip(&ingest_tokens)
+            .map(|((t, _), token)| format!("{t}:{token}"))
+            .collect();
         let refinement_addrs: Vec<String> = refinement.iter().map(Process::url).collect();
         let mut gateway_env = common(&[
             ("REFINEMENT_ADDR", refinement_addrs.join(",")),
             ("LEARNING_ADDR", learning.url()),
             ("STORAGE_ADDR", storage.url()),
             ("API_KEYS", keys.join(",")),
+            ("INGEST_TOKENS", token_entries.join(",")),
             ("RESOLVE_INTERVAL", "100ms".into()),
         ]);
         gateway_env.extend(options.gateway_env);
@@ -111,6 +121,7 @@ impl Mesh {
             storage,
             gateway,
             tenants,
+            ingest_tokens,
         }
     }
 
@@ -192,4 +203,3 @@ pub fn times(fixes: &[RefinedFix]) -> Vec<i64> {
         .map(|f| f.fix.as_ref().unwrap().time_ms)
         .collect()
 }
-
