@@ -211,9 +211,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("INGEST_TOKENS=")
-                && err.contains("at least 8")
-                && !err.contains("short"),
+            err.contains("INGEST_TOKENS=") && err.contains("at least 8") && !err.contains("short"),
             "{err}"
         );
     }

@@ -367,6 +367,15 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
             "{head}: one line"
         );
     }
+    // An unknown gRPC method is still gRPC's UNIMPLEMENTED, not a 404.
+    let head = "POST /trackmesh.v1.Nope/Call HTTP/1.1\r\ncontent-type: application/grpc";
+    let answer = send(addr, head, b"").await;
+    assert_eq!(answer.status, 200);
+    assert!(
+        answer.headers.contains("grpc-status: 12"),
+        "{}",
+        answer.headers
+    );
     // Over the device protocols' body limit.
     let big = format!("id=bad11&lat=1&lon=2&pad={}", "x".repeat(20_000));
     let head =
