@@ -68,6 +68,7 @@ pub fn router(api: Api) -> Router {
 /// An HTTP error: the gRPC code's HTTP status, and a one-line JSON body.
 #[derive(Debug)]
 pub struct Failure {
+    status: StatusCode,
     code: Code,
     message: String,
     retry_after_s: Option<u64>,
@@ -76,6 +77,7 @@ pub struct Failure {
 impl Failure {
     fn new(code: Code, message: impl Into<String>) -> Self {
         Self {
+            status: http_status(code),
             code,
             message: message.into(),
             retry_after_s: None,
@@ -83,10 +85,13 @@ impl Failure {
     }
 
     fn too_large(limit: usize) -> Self {
-        Self::new(
-            Code::OutOfRange,
-            format!("body: over the limit of {limit} bytes"),
-        )
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            ..Self::new(
+                Code::ResourceExhausted,
+                format!("body: over the limit of {limit} bytes"),
+            )
+        }
     }
 }
 
@@ -102,6 +107,7 @@ impl From<Status> for Failure {
             _ => None,
         };
         Self {
+            status: http_status(status.code()),
             code: status.code(),
             message: status.message().to_owned(),
             retry_after_s,
@@ -121,11 +127,12 @@ impl From<crate::error::Error> for Failure {
     }
 }
 
-/// The HTTP status of a gRPC code (OUT_OF_RANGE is used here for a body over its limit).
+/// The HTTP status of a gRPC code.
 fn http_status(code: Code) -> StatusCode {
     match code {
-        Code::InvalidArgument | Code::FailedPrecondition => StatusCode::BAD_REQUEST,
-        Code::OutOfRange => StatusCode::PAYLOAD_TOO_LARGE,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
         Code::Unauthenticated => StatusCode::UNAUTHORIZED,
         Code::PermissionDenied => StatusCode::FORBIDDEN,
         Code::NotFound => StatusCode::NOT_FOUND,
@@ -140,7 +147,7 @@ fn http_status(code: Code) -> StatusCode {
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let status = http_status(self.code);
+        let status = self.status;
         let body = json!({ "code": code_name(self.code), "message": self.message });
         let mut response = (
             status,
