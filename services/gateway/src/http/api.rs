@@ -346,34 +346,53 @@ fn json_response(value: &Value) -> Response {
         .into_response()
 }
 
-/// The query parameters, strictly decoded (a bad one is a 400 naming it).
-fn params(query: Option<&str>) -> Result<Vec<(String, String)>, Failure> {
-    Ok(osmand::decode_form(query.unwrap_or_default().as_bytes())?)
+/// A query route's caller: its tenant (API keys only), its slot, and the query parameters
+/// (strictly decoded: a bad one is a 400 naming it).
+struct Caller {
+    tenant: String,
+    params: Vec<(String, String)>,
+    _slot: Slot,
 }
 
-fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params
-        .iter()
-        .rev()
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value.as_str())
-}
-
-fn number<T: std::str::FromStr + Default>(
-    params: &[(String, String)],
-    name: &str,
-) -> Result<T, Failure> {
-    param(params, name).map_or(Ok(T::default()), |text| {
-        text.parse().map_err(|_| {
-            Failure::new(
-                Code::InvalidArgument,
-                format!(
-                    "{name}: not a whole number ({})",
-                    super::fields::quoted(text)
-                ),
-            )
+impl Api {
+    fn caller(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Caller, Failure> {
+        let (tenant, slot) = self.admit(headers, Scope::Full)?;
+        Ok(Caller {
+            tenant,
+            params: osmand::decode_form(query.unwrap_or_default().as_bytes())?,
+            _slot: slot,
         })
-    })
+    }
+}
+
+impl Caller {
+    /// The last value of parameter `name`.
+    fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .rev()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// A whole-number parameter; absent: 0 (the gRPC default).
+    fn number<T: std::str::FromStr + Default>(&self, name: &str) -> Result<T, Failure> {
+        self.param(name).map_or(Ok(T::default()), |text| {
+            text.parse().map_err(|_| {
+                Failure::new(
+                    Code::InvalidArgument,
+                    format!(
+                        "{name}: not a whole number ({})",
+                        super::fields::quoted(text)
+                    ),
+                )
+            })
+        })
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        request(self.tenant.clone(), message)
+    }
 }
 
 /// `GET /v1/devices?page_size=&page_token=&sort=-last_ms,device_id` (`-`: descending).
@@ -382,9 +401,9 @@ async fn list_devices(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Answer {
-    let (tenant, _slot) = api.admit(&headers, Scope::Full)?;
-    let params = params(query.as_deref())?;
-    let sort = param(&params, "sort")
+    let caller = api.caller(&headers, query.as_deref())?;
+    let sort = caller
+        .param("sort")
         .unwrap_or_default()
         .split(',')
         .filter(|field| !field.is_empty())
@@ -395,12 +414,12 @@ async fn list_devices(
         .collect();
     let message = ListDevicesRequest {
         sort,
-        page_size: number(&params, "page_size")?,
-        page_token: param(&params, "page_token").unwrap_or_default().to_owned(),
+        page_size: caller.number("page_size")?,
+        page_token: caller.param("page_token").unwrap_or_default().to_owned(),
     };
     let response = api
         .service
-        .list_devices(request(tenant, message))
+        .list_devices(caller.request(message))
         .await?
         .into_inner();
     Ok(json_response(&json!({
@@ -417,45 +436,44 @@ async fn track(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Answer {
-    let (tenant, slot) = api.admit(&headers, Scope::Full)?;
-    let params = params(query.as_deref())?;
-    let format: Format = param(&params, "format").unwrap_or("json").parse().map_err(
+    let caller = api.caller(&headers, query.as_deref())?;
+    let format: Format = caller.param("format").unwrap_or("json").parse().map_err(
         |err: crate::export::UnknownFormat| Failure::new(Code::InvalidArgument, err.to_string()),
     )?;
     let message = GetTrackRequest {
         device_id: device_id.clone(),
-        from_ms: number(&params, "from")?,
-        to_ms: number(&params, "to")?,
+        from_ms: caller.number("from")?,
+        to_ms: caller.number("to")?,
         ..GetTrackRequest::default()
     };
     let chunks = api
         .service
-        .get_track(request(tenant, message))
+        .get_track(caller.request(message))
         .await?
         .into_inner();
     let encoder = Encoder::new(format, &device_id);
-    // State: the chunks, the encoder (None once done), the slot (held as long as the body
-    // lives), whether the document has begun.
+    // State: the chunks, the encoder (None once done), the caller (its slot held as long as
+    // the body lives), whether the document has begun.
     let body = futures::stream::unfold(
-        (chunks, Some(encoder), slot, false),
-        |(mut chunks, encoder, slot, begun)| async move {
+        (chunks, Some(encoder), caller, false),
+        |(mut chunks, encoder, caller, begun)| async move {
             let mut encoder = encoder?;
             if !begun {
                 let bytes = Bytes::from(encoder.begin());
-                return Some((Ok(bytes), (chunks, Some(encoder), slot, true)));
+                return Some((Ok(bytes), (chunks, Some(encoder), caller, true)));
             }
             match chunks.next().await {
                 Some(Ok(chunk)) => {
                     let bytes = Bytes::from(encoder.chunk(&chunk.fixes));
-                    Some((Ok(bytes), (chunks, Some(encoder), slot, true)))
+                    Some((Ok(bytes), (chunks, Some(encoder), caller, true)))
                 }
                 Some(Err(status)) => {
                     tracing::warn!(code = ?status.code(), message = status.message(), "track export cut short");
-                    Some((Err(status), (chunks, None, slot, true)))
+                    Some((Err(status), (chunks, None, caller, true)))
                 }
                 None => Some((
                     Ok(Bytes::from(encoder.finish())),
-                    (chunks, None, slot, true),
+                    (chunks, None, caller, true),
                 )),
             }
         },
@@ -482,21 +500,21 @@ async fn stats(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Answer {
-    let (tenant, _slot) = api.admit(&headers, Scope::Full)?;
-    let params = params(query.as_deref())?;
+    let caller = api.caller(&headers, query.as_deref())?;
     let message = GetDailyStatsRequest {
         device_id,
-        from_ms: number(&params, "from")?,
-        to_ms: number(&params, "to")?,
+        from_ms: caller.number("from")?,
+        to_ms: caller.number("to")?,
     };
-    let response = api
+    let days = api
         .service
-        .get_daily_stats(request(tenant, message))
+        .get_daily_stats(caller.request(message))
         .await?
-        .into_inner();
-    Ok(json_response(&json!({
-        "days": response.days.iter().map(day_json).collect::<Vec<_>>(),
-    })))
+        .into_inner()
+        .days;
+    Ok(json_response(
+        &json!({ "days": days.iter().map(day_json).collect::<Vec<_>>() }),
+    ))
 }
 
 /// `GET /v1/devices/{id}/places?k=`: learned places, most dwell first.
@@ -506,20 +524,20 @@ async fn places(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Answer {
-    let (tenant, _slot) = api.admit(&headers, Scope::Full)?;
-    let params = params(query.as_deref())?;
+    let caller = api.caller(&headers, query.as_deref())?;
     let message = DevicePlacesRequest {
         device_id,
-        k: number(&params, "k")?,
+        k: caller.number("k")?,
     };
-    let response = api
+    let places = api
         .service
-        .get_places(request(tenant, message))
+        .get_places(caller.request(message))
         .await?
-        .into_inner();
-    Ok(json_response(&json!({
-        "places": response.places.iter().map(place_json).collect::<Vec<_>>(),
-    })))
+        .into_inner()
+        .places;
+    Ok(json_response(
+        &json!({ "places": places.iter().map(place_json).collect::<Vec<_>>() }),
+    ))
 }
 
 /// `GET /v1/devices/{id}/predict?k=`: the next places, most likely first.
@@ -529,26 +547,20 @@ async fn predict(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Answer {
-    let (tenant, _slot) = api.admit(&headers, Scope::Full)?;
-    let params = params(query.as_deref())?;
+    let caller = api.caller(&headers, query.as_deref())?;
     let message = DevicePredictRequest {
         device_id,
-        k: number(&params, "k")?,
+        k: caller.number("k")?,
     };
     let response = api
         .service
-        .predict_next(request(tenant, message))
+        .predict_next(caller.request(message))
         .await?
         .into_inner();
     let predictions: Vec<Value> = response
         .predictions
         .iter()
-        .map(|p| {
-            json!({
-                "place": p.place.as_ref().map(place_json),
-                "probability": p.probability,
-            })
-        })
+        .map(|p| json!({ "place": p.place.as_ref().map(place_json), "probability": p.probability }))
         .collect();
     Ok(json_response(&json!({ "predictions": predictions })))
 }
@@ -559,10 +571,9 @@ async fn delete_device(
     Path(device_id): Path<String>,
     headers: HeaderMap,
 ) -> Answer {
-    let (tenant, _slot) = api.admit(&headers, Scope::Full)?;
-    api.service
-        .delete_device(request(tenant, DeleteDeviceRequest { device_id }))
-        .await?;
+    let caller = api.caller(&headers, None)?;
+    let message = DeleteDeviceRequest { device_id };
+    api.service.delete_device(caller.request(message)).await?;
     Ok(json_response(&json!({})))
 }
 
