@@ -89,14 +89,20 @@ async fn track_times(client: &mut StorageClient<Channel>, tenant: &str, device: 
     times
 }
 
-#[tokio::test]
-async fn a_store_of_many_devices_is_one_message_per_partition() {
+/// A storage of its own, its client, its topic and the topic's partition count.
+async fn start_storage() -> (testkit::Service, StorageClient<Channel>, String, i32) {
     let config = common::config();
     let (topic, partitions) = (
         config.storage.kafka_topic.clone(),
         i32::try_from(config.storage.kafka_partitions).unwrap(),
     );
-    let (_service, mut client) = start(config).await;
+    let (service, client) = start(config).await;
+    (service, client, topic, partitions)
+}
+
+#[tokio::test]
+async fn a_store_of_many_devices_is_one_message_per_partition() {
+    let (_service, mut client, topic, partitions) = start_storage().await;
     let tenant = testkit::unique("t");
     let devices: Vec<String> = (0..DEVICES).map(|d| format!("dev-{d}")).collect();
     // Two fixes per device, interleaved as a coalesced gateway batch sends them.
@@ -134,12 +140,7 @@ async fn a_store_of_many_devices_is_one_message_per_partition() {
 /// new messages (so the device stays in order across an upgrade) and is still stored.
 #[tokio::test]
 async fn one_device_messages_of_earlier_releases_are_stored_on_the_devices_partition() {
-    let config = common::config();
-    let (topic, partitions) = (
-        config.storage.kafka_topic.clone(),
-        i32::try_from(config.storage.kafka_partitions).unwrap(),
-    );
-    let (_service, mut client) = start(config).await;
+    let (_service, mut client, topic, partitions) = start_storage().await;
     let tenant = testkit::unique("t");
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", testkit::kafka_brokers())
