@@ -5,6 +5,7 @@
 
 mod client;
 mod csv_input;
+mod eval;
 mod geojson;
 mod load;
 mod query;
@@ -149,6 +150,36 @@ enum Command {
     Delete {
         #[arg(required = true)]
         devices: Vec<String>,
+    },
+    /// Measure next-place prediction on held-out days: train before --cut, predict every
+    /// test transition through PredictNext, next to baselines (see tools/trackctl/src/eval.rs)
+    Eval {
+        /// CSV file (either format of data/)
+        file: PathBuf,
+        /// Start of the test window; training fixes come before it
+        #[arg(long, value_parser = parse_time)]
+        cut: i64,
+        /// End of the test window (exclusive); default: one day after --cut
+        #[arg(long, value_parser = parse_time)]
+        until: Option<i64>,
+        /// Training fixes from this time on; default: all before --cut
+        #[arg(long, value_parser = parse_time)]
+        train_from: Option<i64>,
+        /// Device id prefix (default: eval-<random>-, so runs do not share models)
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Devices replayed at once
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+        concurrency: u32,
+        /// A predicted place is right within this distance of the next stay (metres)
+        #[arg(long, default_value_t = 200.0)]
+        place_radius: f64,
+        /// Score the baselines only; send nothing
+        #[arg(long)]
+        baselines_only: bool,
+        /// Print the report as JSON on stdout (the table goes to stderr)
+        #[arg(long)]
+        json: bool,
     },
     /// Load generator: synthetic moving devices, reports fixes/s and batch latency percentiles
     Load {
@@ -330,6 +361,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Delete { devices } => {
             let client = target.connect().await?;
             query::delete(&client, retry, &devices).await?;
+        }
+        Command::Eval {
+            file,
+            cut,
+            until,
+            train_from,
+            prefix,
+            concurrency,
+            place_radius,
+            baselines_only,
+            json,
+        } => {
+            if !(place_radius.is_finite() && place_radius > 0.0) {
+                anyhow::bail!("--place-radius must be a positive number of metres");
+            }
+            let options = eval::Options {
+                file,
+                train_from_ms: train_from,
+                cut_ms: cut,
+                until_ms: until.unwrap_or(cut + 86_400_000),
+                prefix: prefix
+                    .unwrap_or_else(|| format!("eval-{:06x}-", fastrand::u32(..0x100_0000))),
+                concurrency: concurrency as usize,
+                rules: eval::Rules {
+                    place_radius_m: place_radius,
+                    ..eval::Rules::default()
+                },
+            };
+            let client = if baselines_only {
+                None
+            } else {
+                Some(target.connect().await?)
+            };
+            let report = eval::run(&options, client, retry).await?;
+            if json {
+                eprintln!("{}", eval::render(&report));
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", eval::render(&report));
+            }
         }
         Command::Load {
             devices,
