@@ -19,9 +19,22 @@ use tracing::Instrument;
 
 use crate::telemetry;
 
+/// The longest rule an INVALID_ARGUMENT carries; longer ones are cut.
+pub const MAX_RULE_BYTES: usize = 512;
+
 /// INVALID_ARGUMENT naming `field` and the rule it breaks, with a `google.rpc.BadRequest` detail.
 pub fn invalid_argument(field: &str, rule: impl fmt::Display) -> Status {
-    let rule = rule.to_string();
+    let mut rule = rule.to_string();
+    // The message travels in HTTP/2 headers (twice, with the details): a rule that quotes a
+    // huge input would overflow the peer's header limit and fail the whole connection.
+    if rule.len() > MAX_RULE_BYTES {
+        let mut end = MAX_RULE_BYTES;
+        while !rule.is_char_boundary(end) {
+            end -= 1;
+        }
+        rule.truncate(end);
+        rule.push('…');
+    }
     Status::with_error_details(
         Code::InvalidArgument,
         format!("{field}: {rule}"),
@@ -329,6 +342,22 @@ impl<B: Default> Default for MeteredBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_rules_are_cut_to_fit_in_headers() {
+        let status = invalid_argument(
+            "sort[0].field",
+            format!("unknown field {:?}", "é".repeat(20_000)),
+        );
+        assert!(
+            status.message().len() <= MAX_RULE_BYTES + 20,
+            "{}",
+            status.message().len()
+        );
+        assert!(status.message().starts_with("sort[0].field: unknown field"));
+        assert!(status.message().ends_with('…'));
+        assert_eq!(invalid_argument("lat", "short").message(), "lat: short");
+    }
 
     #[test]
     fn grpc_timeout_units() {

@@ -339,6 +339,18 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
             "",
         ),
         ("GET /nowhere".to_owned(), b"", 404, ""),
+        // Found by the fuzz test: an error quoting this overflowed storage's HTTP/2 headers,
+        // failed the connection (500) and, five times over, opened the storage breaker.
+        (
+            format!(
+                "GET /v1/devices?sort={}\r\nx-api-key: {}",
+                "a".repeat(20_000),
+                mesh.tenants[0].1
+            ),
+            b"",
+            400,
+            "sort[0].field",
+        ),
         (
             format!(
                 "GET /v1/devices/x/track?format=kml\r\nx-api-key: {}",

@@ -319,11 +319,7 @@ fn sort_fields(
         let Some(name) = SORT_FIELDS.iter().find(|name| **name == key.field) else {
             return Err(Error::invalid(
                 format!("sort[{index}].field"),
-                format!(
-                    "unknown field {:?}; allowed: {}",
-                    key.field,
-                    SORT_FIELDS.join(", ")
-                ),
+                format!("unknown field; allowed: {}", SORT_FIELDS.join(", ")),
             ));
         };
         if fields.iter().any(|(seen, _)| seen == name) {
