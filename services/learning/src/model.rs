@@ -111,6 +111,14 @@ pub struct Transition {
     pub to: u32,
     #[prost(uint32, tag = "3")]
     pub count: u32,
+    /// The moves by local time of day of departure, `DAY_BINS` bins of 6 hours from
+    /// midnight. Empty in models written before it existed (their moves count in `count`
+    /// only, so the forecast backs off to it).
+    #[prost(uint32, repeated, tag = "4")]
+    pub by_time_of_day: Vec<u32>,
+    /// Departure time of the latest move, for ties.
+    #[prost(int64, tag = "5")]
+    pub last_ms: i64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -308,18 +316,29 @@ fn settle(
     // Two stays in a row at one place: the device has not moved on.
     let from = model.last_place_id;
     if from != 0 && from != place_id {
-        match model
+        // The device left the previous stay at its end.
+        let left_ms = model.last_stay.as_ref().map_or(stay.start_ms, |s| s.end_ms);
+        let bin = rules.calendar.hour_of_week(left_ms) % 24 / (24 / DAY_BINS);
+        let index = match model
             .transitions
-            .iter_mut()
-            .find(|t| t.from == from && t.to == place_id)
+            .iter()
+            .position(|t| t.from == from && t.to == place_id)
         {
-            Some(transition) => transition.count = transition.count.saturating_add(1),
-            None => model.transitions.push(Transition {
-                from,
-                to: place_id,
-                count: 1,
-            }),
-        }
+            Some(index) => index,
+            None => {
+                model.transitions.push(Transition {
+                    from,
+                    to: place_id,
+                    ..Transition::default()
+                });
+                model.transitions.len() - 1
+            }
+        };
+        let transition = &mut model.transitions[index];
+        transition.count = transition.count.saturating_add(1);
+        transition.by_time_of_day.resize(DAY_BINS, 0);
+        transition.by_time_of_day[bin] = transition.by_time_of_day[bin].saturating_add(1);
+        transition.last_ms = transition.last_ms.max(left_ms);
     }
     model.last_place_id = place_id;
     model.stays += 1;
@@ -417,7 +436,7 @@ pub fn current_stay(model: &Model, rules: &Rules) -> Option<StayState> {
     Some(stay)
 }
 
-/// Next places from the current or last place, first-order Markov on the transition counts.
+/// Next places from the current or last place (see `predict`).
 #[derive(Debug, Default, PartialEq)]
 pub struct Forecast {
     pub from: Option<u32>,
@@ -425,30 +444,119 @@ pub struct Forecast {
     pub next: Vec<(u32, f64)>,
 }
 
+/// Bins of the local time of day that transitions are counted in (6 hours each).
+pub const DAY_BINS: usize = 4;
+/// Pseudo-counts with which each level of the forecast leans on the level below it: the
+/// moves from here at this time of day on all moves from here, those on the places' visits.
+const TIME_OF_DAY_PRIOR: f64 = 1.0;
+const VISITS_PRIOR: f64 = 1.0;
+/// Weight of a place that lies behind a device already on its way (more than 90° off its
+/// heading from the place it left).
+const BEHIND: f64 = 0.25;
+
+/// The next place, as probabilities over the known places other than the one the device is
+/// at or last left (`from`): a hierarchy of counts, each smoothed towards the level below
+/// (Dirichlet prior with `*_PRIOR` pseudo-counts), so that sparse evidence backs off:
+/// 1. moves from `from` whose departure fell in the current 6-hour bin of the day,
+/// 2. all moves from `from`,
+/// 3. visits of each place (what a device with no way out of `from` yet does next).
+///
+/// When the device is on its way (no stay in progress, farther than `STAY_RADIUS_M` from
+/// `from`), places more than 90° off its heading weigh `BEHIND` as much. Ties go to the
+/// latest move, then the most recently visited place, then the oldest.
 pub fn predict(model: &Model, rules: &Rules, k: usize) -> Forecast {
-    let from = match current_stay(model, rules) {
-        // Staying somewhere new: nothing is known about where the device goes from here.
-        Some(stay) => (stay.place_id != 0).then_some(stay.place_id),
-        None => (model.last_place_id != 0).then_some(model.last_place_id),
+    let stay = current_stay(model, rules);
+    let from = match &stay {
+        Some(stay) => stay.place_id,
+        None => model.last_place_id,
     };
-    let Some(from) = from else {
-        return Forecast::default();
-    };
-    let mut next: Vec<&Transition> = model
+    let from = (from != 0).then_some(from);
+    let candidates: Vec<&PlaceState> = model.places.iter().filter(|p| Some(p.id) != from).collect();
+    let visits: f64 = candidates.iter().map(|p| f64::from(p.visits)).sum();
+    if candidates.is_empty() || visits <= 0.0 {
+        return Forecast {
+            from,
+            next: Vec::new(),
+        };
+    }
+    let bin = rules.calendar.hour_of_week(model.watermark_ms) % 24 / (24 / DAY_BINS);
+    let moves: Vec<&Transition> = model
         .transitions
         .iter()
-        .filter(|t| t.from == from)
+        .filter(|t| Some(t.from) == from)
         .collect();
-    let total: u64 = next.iter().map(|t| u64::from(t.count)).sum();
-    next.sort_by_key(|t| (std::cmp::Reverse(t.count), t.to));
+    let all: f64 = moves.iter().map(|t| f64::from(t.count)).sum();
+    let in_bin = |t: &Transition| f64::from(t.by_time_of_day.get(bin).copied().unwrap_or(0));
+    let all_in_bin: f64 = moves.iter().map(|t| in_bin(t)).sum();
+    let heading = stay
+        .is_none()
+        .then(|| heading(model, rules, from))
+        .flatten();
+    let mut next: Vec<(u32, f64, i64, i64)> = candidates
+        .iter()
+        .map(|place| {
+            let moved = moves.iter().find(|t| t.to == place.id);
+            let prior = f64::from(place.visits) / visits;
+            let plain = (moved.map_or(0.0, |t| f64::from(t.count)) + VISITS_PRIOR * prior)
+                / (all + VISITS_PRIOR);
+            let mut p = (moved.map_or(0.0, |t| in_bin(t)) + TIME_OF_DAY_PRIOR * plain)
+                / (all_in_bin + TIME_OF_DAY_PRIOR);
+            if let Some((origin, bearing)) = heading
+                && is_behind(origin, bearing, place)
+            {
+                p *= BEHIND;
+            }
+            (
+                place.id,
+                p,
+                moved.map_or(i64::MIN, |t| t.last_ms),
+                place.last_ms,
+            )
+        })
+        .collect();
+    let total: f64 = next.iter().map(|n| n.1).sum();
+    next.sort_by(|a, b| {
+        b.1.total_cmp(&a.1)
+            .then(b.2.cmp(&a.2))
+            .then(b.3.cmp(&a.3))
+            .then(a.0.cmp(&b.0))
+    });
     Forecast {
-        from: Some(from),
+        from,
         next: next
             .into_iter()
             .take(k)
-            .map(|t| (t.to, f64::from(t.count) / total as f64))
+            .map(|(id, p, _, _)| (id, p / total))
             .collect(),
     }
+}
+
+/// Where a device on its way started from and its bearing since (radians), once it is
+/// farther than the stay radius from the place it left.
+fn heading(model: &Model, rules: &Rules, from: Option<u32>) -> Option<((f64, f64), f64)> {
+    let origin = place_by_id(model, from?)?;
+    let now = model.candidate.as_ref()?;
+    if geo::haversine_m(origin.lat, origin.lon, now.last_lat, now.last_lon) < rules.stay_radius_m {
+        return None;
+    }
+    Some((
+        (origin.lat, origin.lon),
+        bearing(origin.lat, origin.lon, now.last_lat, now.last_lon),
+    ))
+}
+
+fn is_behind(origin: (f64, f64), heading: f64, place: &PlaceState) -> bool {
+    let to = bearing(origin.0, origin.1, place.lat, place.lon);
+    (to - heading).cos() < 0.0
+}
+
+/// Initial great-circle bearing from one point to another, radians.
+fn bearing(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
+    let (p1, p2) = (lat1.to_radians(), lat2.to_radians());
+    let dl = wrap_lon(lon2 - lon1).to_radians();
+    let y = dl.sin() * p2.cos();
+    let x = p1.cos() * p2.sin() - p1.sin() * p2.cos() * dl.cos();
+    y.atan2(x)
 }
 
 pub fn place_by_id(model: &Model, id: u32) -> Option<&PlaceState> {

@@ -186,16 +186,16 @@ impl Api {
         Ok((tenant, slot))
     }
 
-    /// Sends `fixes` through the same path as gRPC `Ingest`.
+    /// Sends `message` through the same path as gRPC `Ingest`.
     async fn ingest(
         &self,
         tenant: String,
-        fixes: Vec<Fix>,
+        message: IngestRequest,
         protocol: &'static str,
     ) -> Result<IngestResponse, Failure> {
         let response = self
             .service
-            .ingest(request(tenant, IngestRequest { fixes, sequence: 0 }))
+            .ingest(request(tenant, message))
             .await?
             .into_inner();
         for rejection in &response.rejections {
@@ -204,6 +204,13 @@ impl Api {
                 .increment(1);
         }
         Ok(response)
+    }
+}
+
+fn one(fix: Fix) -> IngestRequest {
+    IngestRequest {
+        fixes: vec![fix],
+        sequence: 0,
     }
 }
 
@@ -271,7 +278,7 @@ async fn osmand_fix(
         }
         osmand::parse_params(pairs, now_ms())?
     };
-    api.ingest(tenant, vec![fix], "osmand").await?;
+    api.ingest(tenant, one(fix), "osmand").await?;
     Ok(StatusCode::OK.into_response())
 }
 
@@ -302,7 +309,7 @@ async fn owntracks_fix(State(api): State<Api>, request: Request) -> Answer {
     let body = body(request, DEVICE_BODY_BYTES).await?;
     let user_device = limit_user.as_deref().zip(limit_device.as_deref());
     if let Some(fix) = owntracks::parse(&body, user_device)? {
-        api.ingest(tenant, vec![fix], "owntracks").await?;
+        api.ingest(tenant, one(fix), "owntracks").await?;
     }
     Ok(([(header::CONTENT_TYPE, "application/json")], "[]").into_response())
 }
@@ -330,12 +337,8 @@ async fn ingest(State(api): State<Api>, request: Request) -> Answer {
     let (tenant, _slot) = api.admit(request.headers(), Scope::Ingest)?;
     let body = body(request, api.ingest_body_bytes).await?;
     let message = ingest_json::parse_request(&body)?;
-    let response = api.ingest(tenant, message.fixes, "json").await?;
-    let mut response = ingest_json::ingest_response_json(&response);
-    if let Some(sequence) = response.get_mut("sequence") {
-        *sequence = json!(message.sequence.to_string());
-    }
-    Ok(json_response(&response))
+    let response = api.ingest(tenant, message, "json").await?;
+    Ok(json_response(&ingest_json::ingest_response_json(&response)))
 }
 
 fn json_response(value: &Value) -> Response {
