@@ -777,16 +777,32 @@ async fn ingest(
                 .collect(),
             sequence: 0,
         };
-        retry
-            .run(
-                || {
-                    let (mut client, request) = (client.clone(), request.clone());
-                    async move { client.ingest(request).await }
-                },
-                |_, _| {},
-            )
-            .await
-            .map_err(|status| status_error("ingest failed", &status))?;
+        // Learning is best effort in the gateway: a batch it missed would leave the model
+        // short of history, so it is sent again (learning ignores what it saw already).
+        let mut attempt = 0;
+        loop {
+            let response = retry
+                .run(
+                    || {
+                        let (mut client, request) = (client.clone(), request.clone());
+                        async move { client.ingest(request).await }
+                    },
+                    |_, _| {},
+                )
+                .await
+                .map_err(|status| status_error("ingest failed", &status))?
+                .into_inner();
+            if response.learning_ok || response.accepted == 0 {
+                break;
+            }
+            attempt += 1;
+            anyhow::ensure!(
+                attempt < retry.attempts,
+                "learning did not observe a batch of {device_id} after {attempt} attempts \
+                 (learning_ok false): is learning-api up?"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt))).await;
+        }
     }
     Ok(())
 }
