@@ -1,8 +1,8 @@
 //! learning-api: stays, places and next-place prediction per device (DESIGN.md, "learning-api").
 //!
 //! Per device and online, from the accepted fixes: stay-point detection, places with their
-//! dwell by hour of week, place → place transitions, home and work labels, and a first-order
-//! Markov forecast of the next place. A device's model lives in Redis and is updated with
+//! dwell by hour of week, place → place transitions (by time of day of departure), home and
+//! work labels, and a forecast of the next place (`model::predict`). A device's model lives in Redis and is updated with
 //! compare-and-set, so replicas may observe the same device at the same time; a watermark
 //! makes observing the same fixes twice change nothing.
 #![forbid(unsafe_code)]

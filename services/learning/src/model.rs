@@ -1,6 +1,10 @@
 //! What is learned per device, no I/O: online stay-point detection, places, transitions,
 //! home/work labels and next-place prediction over a device's model.
 //!
+//! Persisted as protobuf (prost), so fields are only ever added: a model written before the
+//! time-of-day bins of `Transition` decodes with them empty, and its forecast backs off to
+//! the plain counts until new moves fill them (no migration step).
+//!
 //! Stays follow the sliding method of Li et al. (2008) as trackintel implements it, so that the
 //! online result matches the offline one: a candidate starts at a fix (the anchor) and grows
 //! while fixes stay closer than `STAY_RADIUS_M` to the anchor; the first fix at or beyond the
@@ -453,13 +457,17 @@ const VISITS_PRIOR: f64 = 1.0;
 /// Weight of a place that lies behind a device already on its way (more than 90° off its
 /// heading from the place it left).
 const BEHIND: f64 = 0.25;
+/// The visits of a place count `1 / (1 + d / NEAR_M)` at distance `d` from `from`: of two
+/// equally visited places the nearer one is the likelier next (a gravity model).
+const NEAR_M: f64 = 1_000.0;
 
 /// The next place, as probabilities over the known places other than the one the device is
 /// at or last left (`from`): a hierarchy of counts, each smoothed towards the level below
 /// (Dirichlet prior with `*_PRIOR` pseudo-counts), so that sparse evidence backs off:
 /// 1. moves from `from` whose departure fell in the current 6-hour bin of the day,
 /// 2. all moves from `from`,
-/// 3. visits of each place (what a device with no way out of `from` yet does next).
+/// 3. visits of each place, the nearer to `from` the more (what a device with no way out of
+///    `from` yet does next).
 ///
 /// When the device is on its way (no stay in progress, farther than `STAY_RADIUS_M` from
 /// `from`), places more than 90° off its heading weigh `BEHIND` as much. Ties go to the
@@ -472,7 +480,14 @@ pub fn predict(model: &Model, rules: &Rules, k: usize) -> Forecast {
     };
     let from = (from != 0).then_some(from);
     let candidates: Vec<&PlaceState> = model.places.iter().filter(|p| Some(p.id) != from).collect();
-    let visits: f64 = candidates.iter().map(|p| f64::from(p.visits)).sum();
+    let origin = from.and_then(|id| place_by_id(model, id));
+    let pull = |place: &PlaceState| {
+        let near = origin.map_or(1.0, |o| {
+            1.0 / (1.0 + geo::haversine_m(o.lat, o.lon, place.lat, place.lon) / NEAR_M)
+        });
+        f64::from(place.visits) * near
+    };
+    let visits: f64 = candidates.iter().map(|p| pull(p)).sum();
     if candidates.is_empty() || visits <= 0.0 {
         return Forecast {
             from,
@@ -496,7 +511,7 @@ pub fn predict(model: &Model, rules: &Rules, k: usize) -> Forecast {
         .iter()
         .map(|place| {
             let moved = moves.iter().find(|t| t.to == place.id);
-            let prior = f64::from(place.visits) / visits;
+            let prior = pull(place) / visits;
             let plain = (moved.map_or(0.0, |t| f64::from(t.count)) + VISITS_PRIOR * prior)
                 / (all + VISITS_PRIOR);
             let mut p = (moved.map_or(0.0, |t| in_bin(t)) + TIME_OF_DAY_PRIOR * plain)

@@ -356,7 +356,9 @@ async fn synthetic_week_learns_home_work_and_gym(redis: RedisConfig) {
         .collect();
     assert_eq!(next[0].0, work.place_id, "{next:?}");
     assert_eq!(next.len(), 2, "{next:?}");
-    assert!((next[0].1 - 5.0 / 6.0).abs() < 1e-9, "{next:?}");
+    // Five of the six moves from home went to work, all from the 06-12 bin it is in now;
+    // the visits, which favour the nearer gym, pull a little: (5 + 0.767) / 7.
+    assert!((next[0].1 - 0.824).abs() < 0.001, "{next:?}");
     assert_eq!(
         forecast.predictions[0].place.as_ref().unwrap().label,
         PlaceLabel::Work as i32

@@ -363,7 +363,10 @@ fn full_device_evicts_the_place_with_least_dwell() {
         [Transition {
             from: 1,
             to: 3,
-            count: 1
+            count: 1,
+            // Left the second stay at p1 at 07:15 on Monday: the 06-12 bin.
+            by_time_of_day: vec![0, 1, 0, 0],
+            last_ms: T0 + 7 * HOUR_MS + 15 * MINUTE_MS,
         }]
     );
 }
@@ -470,14 +473,119 @@ fn labels_follow_the_configured_offset() {
 fn predicts_from_the_last_place() {
     let rules = rules();
     let (home, work, shop) = ((0.0, 0.0), (5_000.0, 0.0), (0.0, 5_000.0));
-    let (model, _) = run(
-        &itinerary(&[home, work, home, shop, home, work, home]),
-        &rules,
-    );
+    let mut points = itinerary(&[home, work, home, shop, home, work, home]);
+    // At home again since 15:00 (no leaving fix): home is where the forecast starts from.
+    points.pop();
+    let (model, _) = run(&points, &rules);
     let forecast = predict(&model, &rules, 3);
     assert_eq!(forecast.from, Some(1));
-    assert_eq!(forecast.next, [(2, 2.0 / 3.0), (3, 1.0 / 3.0)]);
-    assert_eq!(predict(&model, &rules, 1).next, [(2, 2.0 / 3.0)]);
+    // Home → work twice, home → shop once: 2/3 and 1/3 on all moves (the visits, equally
+    // far, say the same). In the 12-18 bin of now (17:00) home → work once (at 12:15):
+    // (1 + 2/3) / 2 for work, (0 + 1/3) / 2 for shop.
+    let next: Vec<u32> = forecast.next.iter().map(|n| n.0).collect();
+    assert_eq!(next, [2, 3]);
+    assert!(
+        (forecast.next[0].1 - 5.0 / 6.0).abs() < 1e-6,
+        "{forecast:?}"
+    );
+    assert!(
+        (forecast.next[1].1 - 1.0 / 6.0).abs() < 1e-6,
+        "{forecast:?}"
+    );
+    assert_eq!(predict(&model, &rules, 1).next.len(), 1);
+}
+
+/// Home A; mornings A → B → A, afternoons A → C → A, every day. Plain counts from A are a
+/// tie; the time of day of departure separates them.
+fn two_errands(days: i64) -> Vec<Point> {
+    let (a, b, c) = ((0.0, 0.0), (4_000.0, 0.0), (-4_000.0, 0.0));
+    let mut points = Vec::new();
+    for day in 0..days {
+        let d = T0 + day * 24 * HOUR_MS;
+        for (spot, from_h, to_h) in [(a, 0, 7), (b, 8, 11), (a, 12, 14), (c, 15, 19), (a, 20, 24)] {
+            points.extend(dwell(
+                d + from_h * HOUR_MS,
+                d + to_h * HOUR_MS - 10 * MINUTE_MS,
+                10 * MINUTE_MS,
+                spot.0,
+                spot.1,
+            ));
+        }
+    }
+    points
+}
+
+#[test]
+fn the_time_of_day_of_departure_picks_the_next_place() {
+    let rules = rules();
+    let mut points = two_errands(3);
+    let day = T0 + 3 * 24 * HOUR_MS;
+    // Day 4, at home until 06:50: the morning errand comes next.
+    points.extend(dwell(
+        day,
+        day + 6 * HOUR_MS + 50 * MINUTE_MS,
+        10 * MINUTE_MS,
+        0.0,
+        0.0,
+    ));
+    let (model, _) = run(&points, &rules);
+    let morning = predict(&model, &rules, 3);
+    assert_eq!(morning.from, Some(1));
+    assert_eq!(morning.next.first().map(|n| n.0), Some(2), "{morning:?}");
+    assert!(morning.next[0].1 > 0.7, "{morning:?}");
+    // Back from B, at home until 13:50: the afternoon errand.
+    let mut points = two_errands(3);
+    points.extend(dwell(
+        day,
+        day + 6 * HOUR_MS + 50 * MINUTE_MS,
+        10 * MINUTE_MS,
+        0.0,
+        0.0,
+    ));
+    points.extend(dwell(
+        day + 8 * HOUR_MS,
+        day + 10 * HOUR_MS + 50 * MINUTE_MS,
+        10 * MINUTE_MS,
+        4_000.0,
+        0.0,
+    ));
+    points.extend(dwell(
+        day + 12 * HOUR_MS,
+        day + 13 * HOUR_MS + 50 * MINUTE_MS,
+        10 * MINUTE_MS,
+        0.0,
+        0.0,
+    ));
+    let (model, _) = run(&points, &rules);
+    let afternoon = predict(&model, &rules, 3);
+    assert_eq!(afternoon.from, Some(1));
+    assert_eq!(
+        afternoon.next.first().map(|n| n.0),
+        Some(3),
+        "{afternoon:?}"
+    );
+    assert!(afternoon.next[0].1 > 0.7, "{afternoon:?}");
+    let total: f64 = afternoon.next.iter().map(|n| n.1).sum();
+    assert!((total - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn a_place_behind_a_moving_device_is_unlikely() {
+    let rules = rules();
+    // A → B and A → C once each (B east, C west), then A again and leaving it eastwards.
+    let (a, b, c) = ((0.0, 0.0), (4_000.0, 0.0), (-4_000.0, 0.0));
+    let mut points = itinerary(&[a, c, a, b, a]);
+    points.pop();
+    let t = points.last().map_or(0, |p| p.time_ms);
+    points.push(at(t + 5 * MINUTE_MS, 600.0, 0.0));
+    let (model, _) = run(&points, &rules);
+    assert!(current_stay(&model, &rules).is_none(), "on its way");
+    let forecast = predict(&model, &rules, 3);
+    assert_eq!(forecast.from, Some(1));
+    let next: Vec<u32> = forecast.next.iter().map(|n| n.0).collect();
+    // B lies ahead; C (visited as often, and the more recent move) lies behind.
+    assert_eq!(next, [3, 2], "{forecast:?}");
+    assert!(forecast.next[0].1 > 0.7, "{forecast:?}");
 }
 
 #[test]
@@ -498,15 +606,19 @@ fn predicts_from_the_current_stay() {
 }
 
 #[test]
-fn staying_somewhere_new_has_no_history() {
+fn staying_somewhere_new_predicts_from_the_visits() {
     let rules = rules();
     let mut points = itinerary(&[(0.0, 0.0), (5_000.0, 0.0)]);
     let t = points.last().map_or(0, |p| p.time_ms) + HOUR_MS;
     points.extend(dwell(t, t + HOUR_MS, 10 * MINUTE_MS, 50_000.0, 50_000.0));
     let (model, _) = run(&points, &rules);
-    assert_eq!(predict(&model, &rules, 3), Forecast::default());
+    // At no known place: no starting point, but where the device goes is where it went.
+    let forecast = predict(&model, &rules, 3);
+    assert_eq!(forecast.from, None);
+    assert_eq!(forecast.next.len(), model.places.len());
+    assert!(forecast.next.iter().all(|n| (n.1 - 1.0 / 3.0).abs() < 1e-9));
     assert_eq!(predict(&Model::default(), &rules, 3), Forecast::default());
-    // A place with no way out yet: a starting point, but no next place.
+    // A place with no way out yet and no other place: a starting point, but no next place.
     let (model, _) = run(&itinerary(&[(0.0, 0.0)]), &rules);
     assert_eq!(
         predict(&model, &rules, 3),
@@ -515,6 +627,115 @@ fn staying_somewhere_new_has_no_history() {
             next: vec![]
         }
     );
+}
+
+#[test]
+fn ten_thousand_places_visited_once_stay_bounded() {
+    let rules = rules();
+    let mut model = Model::default();
+    // 10 000 spots 5 km apart on a line, 30 minutes at each, observed in batches of 500.
+    let points: Vec<Point> = (0..10_000)
+        .flat_map(|i| {
+            dwell(
+                T0 + i * HOUR_MS,
+                T0 + i * HOUR_MS + 30 * MINUTE_MS,
+                10 * MINUTE_MS,
+                0.0,
+                i as f64 * 5_000.0 % 4_000_000.0,
+            )
+        })
+        .collect();
+    let mut created = 0;
+    for batch in points.chunks(500) {
+        created += observe(&mut model, batch, &rules).places_created;
+    }
+    assert!(created >= 9_000, "{created} places created");
+    assert_eq!(model.places.len(), rules.max_places);
+    // Every place visited once moves on to the next: at most one way out of each.
+    assert!(
+        model.transitions.len() < rules.max_places,
+        "{}",
+        model.transitions.len()
+    );
+    assert!(
+        model
+            .transitions
+            .iter()
+            .all(|t| t.by_time_of_day.len() == DAY_BINS)
+    );
+    let bytes = prost::Message::encoded_len(&model);
+    assert!(bytes < 100_000, "{bytes} bytes in Redis");
+    let forecast = predict(&model, &rules, 3);
+    assert_eq!(forecast.next.len(), 3);
+}
+
+/// The transition of models written before the time-of-day bins.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TransitionV1 {
+    #[prost(uint32, tag = "1")]
+    from: u32,
+    #[prost(uint32, tag = "2")]
+    to: u32,
+    #[prost(uint32, tag = "3")]
+    count: u32,
+}
+
+#[test]
+fn models_written_before_time_of_day_bins_still_predict_and_learn() {
+    use prost::Message as _;
+    let rules = rules();
+    let (home, work, shop) = ((0.0, 0.0), (5_000.0, 0.0), (0.0, 5_000.0));
+    let mut points = itinerary(&[home, work, home, shop, home, work, home]);
+    let leaving = points.pop();
+    let (mut model, _) = run(&points, &rules);
+    // Re-encode its transitions as the old layout wrote them.
+    let old: Vec<TransitionV1> = model
+        .transitions
+        .iter()
+        .map(|t| TransitionV1 {
+            from: t.from,
+            to: t.to,
+            count: t.count,
+        })
+        .collect();
+    model.transitions.clear();
+    let mut bytes = model.encode_to_vec();
+    for t in &old {
+        prost::encoding::message::encode(5, t, &mut bytes);
+    }
+    let mut decoded = Model::decode(bytes.as_slice()).unwrap();
+    assert!(
+        decoded
+            .transitions
+            .iter()
+            .all(|t| t.by_time_of_day.is_empty() && t.last_ms == 0)
+    );
+    // Plain counts only: 2/3 work, 1/3 shop.
+    let forecast = predict(&decoded, &rules, 3);
+    assert!(
+        (forecast.next[0].1 - 2.0 / 3.0).abs() < 1e-6,
+        "{forecast:?}"
+    );
+    // Learning on fills the bins of the moves it sees.
+    let t = leaving.map_or(0, |p| p.time_ms);
+    let mut more = vec![at(t, 0.0, 20_000.0)];
+    more.extend(dwell(
+        t + 10 * MINUTE_MS,
+        t + HOUR_MS,
+        10 * MINUTE_MS,
+        5_000.0,
+        0.0,
+    ));
+    more.push(at(t + 75 * MINUTE_MS, 5_000.0, 20_000.0));
+    observe(&mut decoded, &more, &rules);
+    let home_work = decoded
+        .transitions
+        .iter()
+        .find(|t| t.from == 1 && t.to == 2)
+        .unwrap();
+    assert_eq!(home_work.count, 3);
+    // Left home at 17:15: the 12-18 bin; the two older moves stay in the plain count only.
+    assert_eq!(home_work.by_time_of_day, [0, 0, 1, 0]);
 }
 
 // ---- properties over arbitrary streams
@@ -626,6 +847,7 @@ proptest! {
             let replay = observe(&mut model, &sent, &rules);
             prop_assert_eq!(replay.ignored as usize, sent.len());
             prop_assert_eq!(&model, &after);
+            prop_assert_eq!(predict(&model, &rules, 10), predict(&after, &rules, 10));
         }
         prop_assert_eq!(&model, &whole);
     }
