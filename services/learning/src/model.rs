@@ -471,7 +471,9 @@ const NEAR_M: f64 = 1_000.0;
 ///
 /// When the device is on its way (no stay in progress, farther than `STAY_RADIUS_M` from
 /// `from`), places more than 90° off its heading weigh `BEHIND` as much. Ties go to the
-/// latest move, then the most recently visited place, then the oldest.
+/// latest move, then the most recently visited place, then the oldest. The known places
+/// share `1 - novelty`, novelty being the device's rate of founding a place per stay
+/// (Laplace-smoothed): the chance that the next place is one it has never been to.
 pub fn predict(model: &Model, rules: &Rules, k: usize) -> Forecast {
     let stay = current_stay(model, rules);
     let from = match &stay {
@@ -529,6 +531,9 @@ pub fn predict(model: &Model, rules: &Rules, k: usize) -> Forecast {
             )
         })
         .collect();
+    // Some of the mass goes to a place not known yet, at the device's own rate of founding
+    // places: what keeps the probabilities calibrated where devices roam.
+    let known = 1.0 - novelty(model);
     let total: f64 = next.iter().map(|n| n.1).sum();
     next.sort_by(|a, b| {
         b.1.total_cmp(&a.1)
@@ -541,9 +546,15 @@ pub fn predict(model: &Model, rules: &Rules, k: usize) -> Forecast {
         next: next
             .into_iter()
             .take(k)
-            .map(|(id, p, _, _)| (id, p / total))
+            .map(|(id, p, _, _)| (id, p / total * known))
             .collect(),
     }
+}
+
+/// The chance that the next place is one the device has never been to: its rate of founding
+/// a place per stay, Laplace-smoothed. Every place was founded by a stay, so it is below 1.
+pub fn novelty(model: &Model) -> f64 {
+    ((f64::from(model.next_place_id) + 1.0) / (model.stays as f64 + 2.0)).clamp(0.0, 1.0)
 }
 
 /// Where a device on its way started from and its bearing since (radians), once it is

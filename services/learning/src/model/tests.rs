@@ -50,6 +50,17 @@ fn run(points: &[Point], rules: &Rules) -> (Model, Outcome) {
     (model, outcome)
 }
 
+/// The forecast over the known places only (what `predict` gives them before keeping
+/// `novelty` for a place never seen).
+fn among_known(model: &Model, forecast: &Forecast) -> Vec<(u32, f64)> {
+    let known = 1.0 - novelty(model);
+    forecast
+        .next
+        .iter()
+        .map(|(id, p)| (*id, p / known))
+        .collect()
+}
+
 // ---- stay detection edges
 
 #[test]
@@ -482,17 +493,28 @@ fn predicts_from_the_last_place() {
     // Home → work twice, home → shop once: 2/3 and 1/3 on all moves (the visits, equally
     // far, say the same). In the 12-18 bin of now (17:00) home → work once (at 12:15):
     // (1 + 2/3) / 2 for work, (0 + 1/3) / 2 for shop.
-    let next: Vec<u32> = forecast.next.iter().map(|n| n.0).collect();
-    assert_eq!(next, [2, 3]);
-    assert!(
-        (forecast.next[0].1 - 5.0 / 6.0).abs() < 1e-6,
-        "{forecast:?}"
-    );
-    assert!(
-        (forecast.next[1].1 - 1.0 / 6.0).abs() < 1e-6,
-        "{forecast:?}"
-    );
+    let next = among_known(&model, &forecast);
+    assert_eq!(next.iter().map(|n| n.0).collect::<Vec<_>>(), [2, 3]);
+    assert!((next[0].1 - 5.0 / 6.0).abs() < 1e-6, "{forecast:?}");
+    assert!((next[1].1 - 1.0 / 6.0).abs() < 1e-6, "{forecast:?}");
     assert_eq!(predict(&model, &rules, 1).next.len(), 1);
+}
+
+#[test]
+fn novelty_keeps_a_share_for_places_never_seen() {
+    let rules = rules();
+    let (home, work) = ((0.0, 0.0), (5_000.0, 0.0));
+    // Five stays founded two places: (2 + 1) / (5 + 2) of the mass is for a new place.
+    let (model, _) = run(&itinerary(&[home, work, home, work, home]), &rules);
+    assert_eq!((model.stays, model.places.len()), (5, 2));
+    assert!((novelty(&model) - 3.0 / 7.0).abs() < 1e-12);
+    let forecast = predict(&model, &rules, 3);
+    assert_eq!(forecast.next.len(), 1);
+    assert!(
+        (forecast.next[0].1 - 4.0 / 7.0).abs() < 1e-9,
+        "{forecast:?}"
+    );
+    assert_eq!(novelty(&Model::default()), 0.5);
 }
 
 /// Home A; mornings A → B → A, afternoons A → C → A, every day. Plain counts from A are a
@@ -532,7 +554,7 @@ fn the_time_of_day_of_departure_picks_the_next_place() {
     let morning = predict(&model, &rules, 3);
     assert_eq!(morning.from, Some(1));
     assert_eq!(morning.next.first().map(|n| n.0), Some(2), "{morning:?}");
-    assert!(morning.next[0].1 > 0.7, "{morning:?}");
+    assert!(among_known(&model, &morning)[0].1 > 0.7, "{morning:?}");
     // Back from B, at home until 13:50: the afternoon errand.
     let mut points = two_errands(3);
     points.extend(dwell(
@@ -564,9 +586,9 @@ fn the_time_of_day_of_departure_picks_the_next_place() {
         Some(3),
         "{afternoon:?}"
     );
-    assert!(afternoon.next[0].1 > 0.7, "{afternoon:?}");
+    assert!(among_known(&model, &afternoon)[0].1 > 0.7, "{afternoon:?}");
     let total: f64 = afternoon.next.iter().map(|n| n.1).sum();
-    assert!((total - 1.0).abs() < 1e-9);
+    assert!((total - (1.0 - novelty(&model))).abs() < 1e-9);
 }
 
 #[test]
@@ -585,7 +607,7 @@ fn a_place_behind_a_moving_device_is_unlikely() {
     let next: Vec<u32> = forecast.next.iter().map(|n| n.0).collect();
     // B lies ahead; C (visited as often, and the more recent move) lies behind.
     assert_eq!(next, [3, 2], "{forecast:?}");
-    assert!(forecast.next[0].1 > 0.7, "{forecast:?}");
+    assert!(among_known(&model, &forecast)[0].1 > 0.7, "{forecast:?}");
 }
 
 #[test]
@@ -602,7 +624,7 @@ fn predicts_from_the_current_stay() {
     // At work now: that wins over home, the last closed stay.
     let forecast = predict(&model, &rules, 3);
     assert_eq!(forecast.from, Some(2));
-    assert_eq!(forecast.next, [(1, 1.0)]);
+    assert_eq!(among_known(&model, &forecast), [(1, 1.0)]);
 }
 
 #[test]
@@ -616,7 +638,11 @@ fn staying_somewhere_new_predicts_from_the_visits() {
     let forecast = predict(&model, &rules, 3);
     assert_eq!(forecast.from, None);
     assert_eq!(forecast.next.len(), model.places.len());
-    assert!(forecast.next.iter().all(|n| (n.1 - 1.0 / 3.0).abs() < 1e-9));
+    let next = among_known(&model, &forecast);
+    assert!(
+        next.iter().all(|n| (n.1 - 1.0 / 3.0).abs() < 1e-9),
+        "{next:?}"
+    );
     assert_eq!(predict(&Model::default(), &rules, 3), Forecast::default());
     // A place with no way out yet and no other place: a starting point, but no next place.
     let (model, _) = run(&itinerary(&[(0.0, 0.0)]), &rules);
@@ -712,10 +738,8 @@ fn models_written_before_time_of_day_bins_still_predict_and_learn() {
     );
     // Plain counts only: 2/3 work, 1/3 shop.
     let forecast = predict(&decoded, &rules, 3);
-    assert!(
-        (forecast.next[0].1 - 2.0 / 3.0).abs() < 1e-6,
-        "{forecast:?}"
-    );
+    let next = among_known(&decoded, &forecast);
+    assert!((next[0].1 - 2.0 / 3.0).abs() < 1e-6, "{forecast:?}");
     // Learning on fills the bins of the moves it sees.
     let t = leaving.map_or(0, |p| p.time_ms);
     let mut more = vec![at(t, 0.0, 20_000.0)];
@@ -876,6 +900,7 @@ proptest! {
         }
         let forecast = predict(&model, &rules, 10);
         let total: f64 = forecast.next.iter().map(|(_, p)| p).sum();
-        prop_assert!(forecast.next.is_empty() || (total - 1.0).abs() < 1e-9);
+        let known = 1.0 - novelty(&model);
+        prop_assert!(forecast.next.is_empty() || (total - known).abs() < 1e-9);
     }
 }
