@@ -73,13 +73,17 @@ PY
     before="$(cpu_ticks)"
     start="$(date +%s.%N)"
     TIMEFORMAT="%U %S"
+    local pids=()
     {
         time {
             for ((i = 0; i < conns; i++)); do
                 h2load --h1 -c 1 -n "$(wc -l <"$dir/$name/uris.$i")" -i "$dir/$name/uris.$i" \
                     --log-file "$dir/$name/log.$i" >"$dir/$name/out.$i" 2>&1 &
+                pids+=($!)
             done
-            wait
+            # Only the h2loads: a bare `wait` would also wait for the test backends, which
+            # scripts/bench started in the background of this same shell.
+            wait "${pids[@]}"
         }
     } 2>"$dir/$name.time"
     end="$(date +%s.%N)"
