@@ -508,4 +508,23 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["trackctl", "track", "d", "--from", "soon"]).is_err());
     }
+
+    #[test]
+    fn parses_eval() {
+        let cli =
+            Cli::try_parse_from(["trackctl", "eval", "week.csv", "--cut", "2020-12-07"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Eval {
+                cut: 1_607_299_200_000,
+                until: None,
+                baselines_only: false,
+                ..
+            }
+        ));
+        assert!(
+            Cli::try_parse_from(["trackctl", "eval", "week.csv"]).is_err(),
+            "eval needs --cut"
+        );
+    }
 }
