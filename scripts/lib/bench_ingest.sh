@@ -128,7 +128,8 @@ run_ingest() {
     export RATE_LIMIT_FIXES_PER_SEC=0 RATE_LIMIT_REQUESTS_PER_SEC=0 RUST_LOG=warn
     # 1 024 callers of one tenant in flight: above the default per-tenant slots.
     export TENANT_MAX_CONCURRENT_REQUESTS=0 MAX_CONCURRENT_REQUESTS=4096
-    trap 'scripts/stack down --purge >/dev/null 2>&1 || true; cleanup' EXIT
+    # cleanup reads the exit status from $?: keep the script's, not stack down's.
+    trap 'rc=$?; scripts/stack down --purge >/dev/null 2>&1 || true; (exit $rc); cleanup' EXIT
     cargo build --release --locked -p trackctl
     local trackctl=("${CARGO_TARGET_DIR:-target}/release/trackctl" --addr "http://127.0.0.1:$TM_GATEWAY_PORT" --api-key demo-key)
     local results="$dir/results.jsonl" hz h2=""
