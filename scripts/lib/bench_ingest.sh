@@ -129,7 +129,7 @@ run_ingest() {
     # 1 024 callers of one tenant in flight: above the default per-tenant slots.
     export TENANT_MAX_CONCURRENT_REQUESTS=0 MAX_CONCURRENT_REQUESTS=4096
     # cleanup reads the exit status from $?: keep the script's, not stack down's.
-    trap 'rc=$?; scripts/stack down --purge >/dev/null 2>&1 || true; (exit $rc); cleanup' EXIT
+    trap 'rc=$?; set +e; scripts/stack down --purge >/dev/null 2>&1; (exit $rc); cleanup' EXIT
     cargo build --release --locked -p trackctl
     local trackctl=("${CARGO_TARGET_DIR:-target}/release/trackctl" --addr "http://127.0.0.1:$TM_GATEWAY_PORT" --api-key demo-key)
     local results="$dir/results.jsonl" hz h2=""
