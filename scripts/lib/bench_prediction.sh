@@ -17,6 +17,7 @@ run_prediction() {
         TM_KAFKA_PORT=29290 TM_GATEWAY_PORT=25050 TM_REFINEMENT_PORT=25051 TM_LEARNING_PORT=25052 TM_STORAGE_PORT=25053
     export RATE_LIMIT_FIXES_PER_SEC=0 RATE_LIMIT_REQUESTS_PER_SEC=0 RUST_LOG=warn
     # cleanup reads the exit status from $?: keep the script's, not stack down's.
+    # shellcheck disable=SC2154 # rc is assigned by the trap itself
     trap 'rc=$?; set +e; scripts/stack down --purge >/dev/null 2>&1; (exit $rc); cleanup' EXIT
     # TM_PROFILE=debug (as scripts/stack reads it) runs debug builds, for a quick look.
     local profile="${TM_PROFILE:-release}" build=(cargo build --locked -p trackctl)
