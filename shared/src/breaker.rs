@@ -97,16 +97,6 @@ impl Breaker {
         })
     }
 
-    /// Whether a call may go ahead now; the caller must then record [`Breaker::success`] or
-    /// [`Breaker::failure`]. Prefer [`Breaker::acquire`] where the call can be cancelled.
-    pub fn allow(&self) -> bool {
-        self.acquire().is_some_and(|mut permit| {
-            // The caller records the outcome itself.
-            permit.recorded = true;
-            true
-        })
-    }
-
     /// Whether a call would be let through now, without taking the trial.
     pub fn would_allow(&self) -> bool {
         match *self.lock() {
@@ -115,11 +105,11 @@ impl Breaker {
         }
     }
 
-    pub fn success(&self) {
+    fn success(&self) {
         *self.lock() = State::Closed { failures: 0 };
     }
 
-    pub fn failure(&self) {
+    fn failure(&self) {
         let mut state = self.lock();
         *state = match *state {
             State::Closed { failures } if failures + 1 < self.threshold => State::Closed {
@@ -162,20 +152,20 @@ mod tests {
     async fn opens_after_threshold_and_recovers_after_cool_down() {
         let breaker = Breaker::new(5, Duration::from_secs(30));
         for _ in 0..4 {
-            breaker.failure();
-            assert!(breaker.allow());
+            breaker.acquire().expect("closed").failure();
         }
-        breaker.failure();
-        assert!(breaker.is_open());
-        assert!(!breaker.allow());
-        tokio::time::advance(Duration::from_secs(29)).await;
-        assert!(!breaker.allow());
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(breaker.allow(), "one trial after the cool-down");
-        assert!(!breaker.allow(), "only one");
-        breaker.success();
         assert!(!breaker.is_open());
-        assert!(breaker.allow());
+        breaker.acquire().expect("closed").failure();
+        assert!(breaker.is_open());
+        assert!(breaker.acquire().is_none());
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(breaker.acquire().is_none());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let trial = breaker.acquire().expect("one trial after the cool-down");
+        assert!(breaker.acquire().is_none(), "only one");
+        trial.success();
+        assert!(!breaker.is_open());
+        assert!(breaker.acquire().is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -183,9 +173,8 @@ mod tests {
         let breaker = Breaker::new(1, Duration::from_secs(10));
         breaker.failure();
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert!(breaker.allow());
-        breaker.failure();
-        assert!(!breaker.allow());
+        breaker.acquire().expect("the trial").failure();
+        assert!(breaker.acquire().is_none());
         assert_eq!(breaker.retry_in(), Duration::from_secs(10));
     }
 
@@ -219,16 +208,16 @@ mod tests {
         let breaker = Breaker::new(1, Duration::from_secs(10));
         breaker.failure();
         tokio::time::advance(Duration::from_secs(10)).await;
-        // The bool API: a caller that is cancelled before it records anything.
-        assert!(breaker.allow());
-        assert!(!breaker.allow());
+        // A trial whose call never ends (its permit is neither recorded nor dropped).
+        let _stuck = breaker.acquire().expect("the trial");
+        assert!(breaker.acquire().is_none());
         assert!(!breaker.would_allow());
         tokio::time::advance(Duration::from_secs(9)).await;
-        assert!(!breaker.allow(), "the trial is still in flight");
+        assert!(breaker.acquire().is_none(), "the trial is still in flight");
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(breaker.would_allow());
         assert!(
-            breaker.allow(),
+            breaker.acquire().is_some(),
             "a lost trial does not keep the breaker half-open"
         );
     }

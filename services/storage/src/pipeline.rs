@@ -21,7 +21,10 @@ use rdkafka::{
 use tokio::{sync::watch, time::Instant};
 use tracing::Instrument as _;
 use trackmesh_proto::v1::{Fix, FixBatch, FixBatches, RefinedFix, Verdict};
-use trackmesh_shared::{breaker::Breaker, ids, telemetry};
+use trackmesh_shared::{
+    breaker::{Breaker, Permit},
+    ids, telemetry,
+};
 
 use crate::{
     clickhouse::{self as ch, DayPart, Db, Failure, FixRow},
@@ -191,8 +194,15 @@ impl Pipeline {
                 rows = batch.rows.len(),
                 "storing the last batch before shutdown"
             );
-            // One more attempt; if ClickHouse is down the rows stay uncommitted in Kafka.
-            if self.store(&mut batch).await {
+            // One more attempt, unless the breaker refuses it; rows not stored stay
+            // uncommitted in Kafka for the next consumer.
+            let Some(permit) = self.breaker.acquire() else {
+                tracing::info!(
+                    "clickhouse breaker open, the last batch stays uncommitted in kafka"
+                );
+                return;
+            };
+            if self.store(&mut batch, permit).await {
                 self.commit(&batch, CommitMode::Sync);
             }
         };
@@ -275,12 +285,13 @@ impl Pipeline {
         let mut backoff = Duration::from_millis(100);
         loop {
             batch.drop_partitions(&self.context.take_revoked());
-            if self.breaker.allow() {
+            if let Some(permit) = self.breaker.acquire() {
                 tokio::select! {
                     biased;
-                    // Nothing is committed before the inserts succeeded: stopping here is safe.
+                    // Nothing is committed before the inserts succeeded: stopping here is safe
+                    // (and the dropped permit hands a trial back).
                     _ = shutdown.changed() => return,
-                    stored = self.store(batch) => if stored { break },
+                    stored = self.store(batch, permit) => if stored { break },
                 }
             }
             if !paused {
@@ -313,7 +324,7 @@ impl Pipeline {
     /// One attempt to store the batch: de-duplication, the fixes (rows ClickHouse refuses
     /// for good to the dead-letter topic), then the daily parts. Updates breaker, health and
     /// metrics; true when everything is stored and the offsets may be committed.
-    async fn store(&self, batch: &mut Batch) -> bool {
+    async fn store(&self, batch: &mut Batch, permit: Permit<'_>) -> bool {
         let spans: Vec<tracing::Span> = batch
             .traces
             .iter()
@@ -356,7 +367,7 @@ impl Pipeline {
         drop(spans);
         match result {
             Ok(()) => {
-                self.breaker.success();
+                permit.success();
                 self.health.set(true);
                 metrics::gauge!("storage_breaker_open").set(0.0);
                 metrics::counter!("storage_rows_written_total").increment(batch.rows.len() as u64);
@@ -365,7 +376,7 @@ impl Pipeline {
                 true
             }
             Err(error) => {
-                self.breaker.failure();
+                permit.failure();
                 self.health.set(false);
                 metrics::counter!("storage_insert_failures_total").increment(1);
                 metrics::gauge!("storage_breaker_open").set(if self.breaker.is_open() {
