@@ -9,8 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{Path, RawQuery, Request, State},
-    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    extract::{FromRequestParts, Path, RawQuery, Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -357,12 +357,15 @@ struct Caller {
     _slot: Slot,
 }
 
-impl Api {
-    fn caller(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Caller, Failure> {
-        let (tenant, slot) = self.admit(headers, Scope::Full)?;
+/// Extracted first, so that a caller without an API key is refused before anything else.
+impl FromRequestParts<Api> for Caller {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Self, Failure> {
+        let (tenant, slot) = api.admit(&parts.headers, Scope::Full)?;
         Ok(Caller {
             tenant,
-            params: osmand::decode_form(query.unwrap_or_default().as_bytes())?,
+            params: osmand::decode_form(parts.uri.query().unwrap_or_default().as_bytes())?,
             _slot: slot,
         })
     }
@@ -399,12 +402,7 @@ impl Caller {
 }
 
 /// `GET /v1/devices?page_size=&page_token=&sort=-last_ms,device_id` (`-`: descending).
-async fn list_devices(
-    State(api): State<Api>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Answer {
-    let caller = api.caller(&headers, query.as_deref())?;
+async fn list_devices(State(api): State<Api>, caller: Caller) -> Answer {
     let sort = caller
         .param("sort")
         .unwrap_or_default()
@@ -433,13 +431,7 @@ async fn list_devices(
 
 /// `GET /v1/devices/{id}/track?from=&to=&format=json|geojson|gpx|csv`: streamed, one chunk
 /// from storage at a time. An error after the first byte can only cut the body short.
-async fn track(
-    State(api): State<Api>,
-    Path(device_id): Path<String>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Answer {
-    let caller = api.caller(&headers, query.as_deref())?;
+async fn track(State(api): State<Api>, caller: Caller, Path(device_id): Path<String>) -> Answer {
     let format: Format = caller.param("format").unwrap_or("json").parse().map_err(
         |err: crate::export::UnknownFormat| Failure::new(Code::InvalidArgument, err.to_string()),
     )?;
@@ -497,13 +489,7 @@ async fn track(
 }
 
 /// `GET /v1/devices/{id}/stats?from=&to=`: daily stats (UTC days).
-async fn stats(
-    State(api): State<Api>,
-    Path(device_id): Path<String>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Answer {
-    let caller = api.caller(&headers, query.as_deref())?;
+async fn stats(State(api): State<Api>, caller: Caller, Path(device_id): Path<String>) -> Answer {
     let message = GetDailyStatsRequest {
         device_id,
         from_ms: caller.number("from")?,
@@ -521,13 +507,7 @@ async fn stats(
 }
 
 /// `GET /v1/devices/{id}/places?k=`: learned places, most dwell first.
-async fn places(
-    State(api): State<Api>,
-    Path(device_id): Path<String>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Answer {
-    let caller = api.caller(&headers, query.as_deref())?;
+async fn places(State(api): State<Api>, caller: Caller, Path(device_id): Path<String>) -> Answer {
     let message = DevicePlacesRequest {
         device_id,
         k: caller.number("k")?,
@@ -544,13 +524,7 @@ async fn places(
 }
 
 /// `GET /v1/devices/{id}/predict?k=`: the next places, most likely first.
-async fn predict(
-    State(api): State<Api>,
-    Path(device_id): Path<String>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Answer {
-    let caller = api.caller(&headers, query.as_deref())?;
+async fn predict(State(api): State<Api>, caller: Caller, Path(device_id): Path<String>) -> Answer {
     let message = DevicePredictRequest {
         device_id,
         k: caller.number("k")?,
@@ -571,10 +545,9 @@ async fn predict(
 /// `DELETE /v1/devices/{id}`: the device's fixes, stats and learned state.
 async fn delete_device(
     State(api): State<Api>,
+    caller: Caller,
     Path(device_id): Path<String>,
-    headers: HeaderMap,
 ) -> Answer {
-    let caller = api.caller(&headers, None)?;
     let message = DeleteDeviceRequest { device_id };
     api.service.delete_device(caller.request(message)).await?;
     Ok(json_response(&json!({})))
