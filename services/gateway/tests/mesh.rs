@@ -15,6 +15,29 @@ mod common;
 
 use common::*;
 
+/// The device's fixes in its daily stats, once they count at least `expected` (or after 30 s):
+/// a batch's daily parts are inserted right after its fixes, so they may lag a moment.
+async fn daily_total(client: &mut Client, device: &str, expected: u64) -> u64 {
+    let mut total = 0;
+    for _ in 0..300 {
+        let days = client
+            .get_daily_stats(GetDailyStatsRequest {
+                device_id: device.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .days;
+        total = days.iter().map(|d| d.fixes).sum();
+        if total >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    total
+}
+
 /// The Virginia Beach AIS sample in time order, as a device would stream it.
 fn ais_sample() -> Vec<Fix> {
     let path = concat!(
@@ -109,20 +132,8 @@ async fn ais_replay_end_to_end() {
             );
         }
         stored_total += stored_times.len();
-        let days = client
-            .get_daily_stats(GetDailyStatsRequest {
-                device_id: device.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .days;
-        assert_eq!(
-            days.iter().map(|d| d.fixes).sum::<u64>() as usize,
-            stored_times.len(),
-            "{device}: daily agrees"
-        );
+        let daily = daily_total(&mut client, device, stored_times.len() as u64).await;
+        assert_eq!(daily as usize, stored_times.len(), "{device}: daily agrees");
     }
     assert_eq!(stored_total, total + recovered as usize);
 
@@ -333,16 +344,7 @@ async fn storage_down_then_retry_loses_nothing_and_doubles_nothing() {
         times(&track),
         fixes.iter().map(|f| f.time_ms).collect::<Vec<_>>()
     );
-    let days = client
-        .get_daily_stats(GetDailyStatsRequest {
-            device_id: "v".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .days;
-    assert_eq!(days.iter().map(|d| d.fixes).sum::<u64>(), 60);
+    assert_eq!(daily_total(&mut client, "v", 60).await, 60);
 }
 
 #[tokio::test]
@@ -740,7 +742,12 @@ mod coalescing {
 
     #[tokio::test]
     async fn storage_down_fails_the_batch_and_retries_store_each_fix_once() {
-        let mut mesh = Mesh::start(Options::default()).await;
+        // The failed batches may open the storage breaker: keep its cool-down short.
+        let mut mesh = Mesh::start(Options {
+            gateway_env: vec![("BREAKER_COOL_DOWN", "1s".into())],
+            ..Options::default()
+        })
+        .await;
         let client = mesh.client(0).await;
         let devices: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
         let send = |fixes: Vec<Fix>| {
@@ -760,8 +767,22 @@ mod coalescing {
             assert_eq!(err.code(), Code::Unavailable, "{err:?}");
         }
         mesh.storage.restart().await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        for answer in send(seconds).await {
+        // Each caller retries while the answer is UNAVAILABLE, as a client should.
+        let retries = seconds.into_iter().map(|fix| {
+            let mut client = client.clone();
+            async move {
+                for _ in 0..100 {
+                    match ingest(&mut client, vec![fix.clone()]).await {
+                        Err(status) if status.code() == Code::Unavailable => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        answer => return answer,
+                    }
+                }
+                panic!("{}: still unavailable after 20 s", fix.device_id);
+            }
+        });
+        for answer in join_all(retries).await {
             let response = answer.unwrap();
             assert_eq!((response.accepted, response.stored), (1, true));
         }
@@ -773,16 +794,7 @@ mod coalescing {
         // Once more after the consumer had time to write any copy it would write.
         tokio::time::sleep(Duration::from_secs(1)).await;
         for device in &devices {
-            let days = client
-                .get_daily_stats(GetDailyStatsRequest {
-                    device_id: device.clone(),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .days;
-            assert_eq!(days.iter().map(|d| d.fixes).sum::<u64>(), 2, "{device}");
+            assert_eq!(daily_total(&mut client, device, 2).await, 2, "{device}");
             assert_eq!(track(&mut client, device).await.len(), 2, "{device}");
         }
     }
