@@ -12,6 +12,23 @@
 # Each run gets a fresh stack: tansu keeps every message in memory and slows down as its log
 # grows, so a run after others would measure the earlier runs too.
 
+# cpu_percent BEFORE AFTER START END TIMEFILE: the CPU each stack process (cpu_ticks before
+# and after) and the client (bash `time` output "user system" in TIMEFILE) used from START to
+# END, in % of one core, as one JSON object.
+cpu_percent() {
+    python3 - "$@" "$(getconf CLK_TCK)" <<'PY'
+import json, sys
+before, after, start, end, timing, hz = sys.argv[1:]
+elapsed = float(end) - float(start)
+parse = lambda text: dict(l.split() for l in text.splitlines() if l.strip())
+before, after = parse(before), parse(after)
+cpu = {n: round(100 * (int(t) - int(before.get(n, t))) / int(hz) / elapsed) for n, t in after.items()}
+user, system = (float(x) for x in open(timing).read().split())
+cpu["client"] = round(100 * (user + system) / elapsed)
+print(json.dumps(cpu))
+PY
+}
+
 # CPU ticks (utime + stime) of each running stack process: "name ticks" lines.
 cpu_ticks() {
     local name pid
@@ -89,16 +106,11 @@ PY
     end="$(date +%s.%N)"
     after="$(cpu_ticks)"
     scripts/stack down --purge >/dev/null
-    python3 - "$name" "$start" "$end" "$hz" "$dir/$name" "$conns" "$dir/$name.time" "$results" <<PY
+    python3 - "$name" "$start" "$end" "$dir/$name" "$conns" "$results" \
+        "$(cpu_percent "$before" "$after" "$start" "$end" "$dir/$name.time")" <<'PY'
 import collections, json, sys
-name, start, end, hz, folder, conns, timing, out = sys.argv[1:]
-elapsed = float(end) - float(start)
-before = dict(l.split() for l in """$before""".splitlines() if l.strip())
-after = dict(l.split() for l in """$after""".splitlines() if l.strip())
-cpu = {n: round(100 * (int(after[n]) - int(before.get(n, after[n]))) / int(hz) / elapsed)
-       for n in after}
-user, system = (float(x) for x in open(timing).read().split())
-cpu["client"] = round(100 * (user + system) / elapsed)
+name, start, end, folder, conns, out, cpu = sys.argv[1:]
+elapsed, cpu = float(end) - float(start), json.loads(cpu)
 codes, latencies = collections.Counter(), []
 for c in range(int(conns)):
     for line in open(f"{folder}/log.{c}"):
@@ -129,11 +141,11 @@ run_ingest() {
     # 1 024 callers of one tenant in flight: above the default per-tenant slots.
     export TENANT_MAX_CONCURRENT_REQUESTS=0 MAX_CONCURRENT_REQUESTS=4096
     # cleanup reads the exit status from $?: keep the script's, not stack down's.
+    # shellcheck disable=SC2154 # rc is assigned by the trap itself
     trap 'rc=$?; set +e; scripts/stack down --purge >/dev/null 2>&1; (exit $rc); cleanup' EXIT
     cargo build --release --locked -p trackctl
     local trackctl=("${CARGO_TARGET_DIR:-target}/release/trackctl" --addr "http://127.0.0.1:$TM_GATEWAY_PORT" --api-key demo-key)
-    local results="$dir/results.jsonl" hz h2=""
-    hz="$(getconf CLK_TCK)"
+    local results="$dir/results.jsonl" h2=""
     : >"$results"
 
     # one NAME ARGS...: a trackctl load run, its report and the CPU each process used.
@@ -150,18 +162,12 @@ run_ingest() {
         after="$(cpu_ticks)"
         [[ $name == noop ]] || scripts/stack down --purge >/dev/null
         tail -n 3 "$dir/$name.txt"
-        python3 - "$name" "$start" "$end" "$hz" "$dir/$name.json" "$dir/$name.time" "$results" <<PY
+        python3 - "$name" "$dir/$name.json" "$results" \
+            "$(cpu_percent "$before" "$after" "$start" "$end" "$dir/$name.time")" <<'PY'
 import json, sys
-name, start, end, hz, report, timing, out = sys.argv[1:]
-elapsed = float(end) - float(start)
-before = dict(l.split() for l in """$before""".splitlines() if l.strip())
-after = dict(l.split() for l in """$after""".splitlines() if l.strip())
-cpu = {n: round(100 * (int(after[n]) - int(before.get(n, after[n]))) / int(hz) / elapsed)
-       for n in after}
-user, system = (float(x) for x in open(timing).read().split())
-cpu["client"] = round(100 * (user + system) / elapsed)
+name, report, out, cpu = sys.argv[1:]
 r = json.load(open(report))
-r["name"], r["cpu_percent"] = name, cpu
+r["name"], r["cpu_percent"] = name, json.loads(cpu)
 open(out, "a").write(json.dumps(r) + "\n")
 PY
     }
