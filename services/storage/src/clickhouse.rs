@@ -1,7 +1,7 @@
 //! ClickHouse: schema migrations, batched inserts, and the queries behind the Storage API,
 //! all with bound values (never SQL built from input).
 
-use std::time::Instant;
+use std::{collections::HashMap, time::Instant};
 
 use clickhouse::{Client, Row, query::Query, query::RowCursor};
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,18 @@ pub struct DeviceRow {
     pub distance_m: f64,
     pub max_speed_kmh: f64,
 }
+
+/// A device's position at a given time, as [`Db::last_positions`] reads it.
+#[derive(Clone, Debug, Row, Deserialize)]
+pub struct PositionRow {
+    pub device_id: String,
+    pub lat: f64,
+    pub lon: f64,
+}
+
+/// Devices per last-position query: each is a `(device_id, time_ms)` pair inlined into the
+/// SQL text (a 128-byte id at most), which `max_query_size` (256 KiB) bounds.
+pub const DEVICES_PER_POSITION_QUERY: usize = 500;
 
 /// The fields ListDevices may sort by: the only names that ever reach an ORDER BY.
 pub const SORT_FIELDS: &[&str] = &[
@@ -366,6 +378,43 @@ impl Db {
             .bind(limit)
     }
 
+    /// Each device's position at its given time (its `last_ms` from [`Self::devices`]): point
+    /// lookups on the primary key, so a page of devices costs a few granules per device
+    /// whatever their history. A device whose fix is gone (deleted meanwhile) is absent.
+    pub async fn last_positions(
+        &self,
+        tenant: &str,
+        devices: &[(&str, i64)],
+    ) -> clickhouse::error::Result<HashMap<String, (f64, f64)>> {
+        let mut positions = HashMap::with_capacity(devices.len());
+        for chunk in devices.chunks(DEVICES_PER_POSITION_QUERY) {
+            let rows = self
+                .last_positions_query(tenant, chunk)
+                .fetch_all::<PositionRow>()
+                .await?;
+            // A fix not merged yet may come twice, with the same values.
+            positions.extend(
+                rows.into_iter()
+                    .map(|row| (row.device_id, (row.lat, row.lon))),
+            );
+        }
+        Ok(positions)
+    }
+
+    /// `devices` not empty.
+    fn last_positions_query(&self, tenant: &str, devices: &[(&str, i64)]) -> Query {
+        // A tuple IN uses the primary key (tenant_id, device_id, time_ms) on 18.16 already.
+        let pairs = vec!["(?, ?)"; devices.len()].join(", ");
+        let mut query = self
+            .client
+            .query(&format!("{LAST_POSITIONS} ({pairs})"))
+            .bind(tenant);
+        for (device, time_ms) in devices {
+            query = query.bind(*device).bind(*time_ms);
+        }
+        query
+    }
+
     /// Deletes a device's fixes and aggregates (an asynchronous mutation on the server).
     pub async fn delete_device(&self, tenant: &str, device: &str) -> clickhouse::error::Result<()> {
         for query in self.delete_queries(tenant, device) {
@@ -500,6 +549,10 @@ impl Db {
             self.track_query("t", "d", 0, i64::MAX, true, 10),
             self.daily_query("t", "d", 0, 30_000),
             self.devices_query("t", &[], 0, 100),
+            self.last_positions_query(
+                "t",
+                &vec![("d", 1_500_000_000_000); DEVICES_PER_POSITION_QUERY],
+            ),
             self.devices_query(
                 "t",
                 &SORT_FIELDS.iter().map(|f| (*f, true)).collect::<Vec<_>>(),
@@ -576,6 +629,10 @@ const DEVICES: &str = "SELECT device_id, sum(fix_count) AS fixes, min(time_min_m
         max(speed_max_kmh) AS max_speed_kmh
     FROM daily_parts FINAL WHERE tenant_id = ?
     GROUP BY device_id";
+
+/// Followed by the `(device_id, time_ms)` pairs.
+const LAST_POSITIONS: &str = "SELECT device_id, lat, lon FROM fixes
+    WHERE tenant_id = ? AND (device_id, time_ms) IN";
 
 /// Groups row indices (in order within each group) so that no group holds more than
 /// [`MONTHS_PER_INSERT`] UTC months, the `fixes` and `daily_parts` partitions.

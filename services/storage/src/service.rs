@@ -231,15 +231,33 @@ impl Storage for StorageService {
         } else {
             String::new()
         };
+        let pairs: Vec<(&str, i64)> = rows
+            .iter()
+            .map(|row| (row.device_id.as_str(), row.last_ms))
+            .collect();
+        let positions = self
+            .db
+            .last_positions(&request.tenant_id, &pairs)
+            .await
+            .map_err(Error::from)?;
         let devices = rows
             .into_iter()
-            .map(|row| DeviceSummary {
-                device_id: row.device_id,
-                fixes: row.fixes,
-                first_ms: row.first_ms,
-                last_ms: row.last_ms,
-                distance_m: row.distance_m,
-                max_speed_kmh: row.max_speed_kmh,
+            .map(|row| {
+                // Unknown (NaN) only for a device deleted between the two queries.
+                let (last_lat, last_lon) = positions
+                    .get(&row.device_id)
+                    .copied()
+                    .unwrap_or((f64::NAN, f64::NAN));
+                DeviceSummary {
+                    device_id: row.device_id,
+                    fixes: row.fixes,
+                    first_ms: row.first_ms,
+                    last_ms: row.last_ms,
+                    distance_m: row.distance_m,
+                    max_speed_kmh: row.max_speed_kmh,
+                    last_lat,
+                    last_lon,
+                }
             })
             .collect();
         Ok(Response::new(ListDevicesResponse {

@@ -388,6 +388,50 @@ async fn injection_attempts_are_rejected_or_stored_verbatim() {
 }
 
 #[tokio::test]
+async fn list_devices_shows_each_devices_last_position() {
+    let (_service, mut client) = start(config()).await;
+    let tenant = testkit::unique("t");
+    // Odd names: the position lookup binds each device id into its SQL.
+    let devices = ["north", "x'; DROP TABLE fixes; --", "{?}"];
+    let mut expected = Vec::new();
+    for (i, device) in devices.iter().enumerate() {
+        // 30 hours (two UTC days), each device on its own meridian.
+        let mut fixes = track(device, 1800, T0);
+        for fix in &mut fixes {
+            fix.fix.as_mut().unwrap().lon = -76.3 + i as f64;
+        }
+        let last = fixes.last().unwrap().fix.clone().unwrap();
+        expected.push((device.to_string(), 1800, last.lat, last.lon));
+        // The latest fixes first: the last position is the latest fix, not the last stored.
+        store(&mut client, &tenant, &fixes[1000..]).await.unwrap();
+        store(&mut client, &tenant, &fixes[..1000]).await.unwrap();
+    }
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+    let start = Instant::now();
+    let listed = loop {
+        let listed = client
+            .list_devices(ListStoredDevicesRequest {
+                tenant_id: tenant.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .devices;
+        let complete = listed.len() == devices.len() && listed.iter().all(|d| d.fixes == 1800);
+        if complete || start.elapsed() > Duration::from_secs(60) {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let got: Vec<(String, u64, f64, f64)> = listed
+        .into_iter()
+        .map(|d| (d.device_id, d.fixes, d.last_lat, d.last_lon))
+        .collect();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
 async fn invalid_requests_name_the_field() {
     let (_service, mut client) = start(config()).await;
     let tenant = testkit::unique("t");
