@@ -17,6 +17,7 @@ mod guard;
 mod http;
 mod limits;
 mod service;
+mod simplify;
 
 use std::{future::Future, time::Duration};
 

@@ -27,6 +27,7 @@ use crate::{
     error::Error,
     guard::Tenant,
     limits::Limits,
+    simplify,
 };
 
 type Propagate = fn(Request<()>) -> Result<Request<()>, Status>;
@@ -435,6 +436,8 @@ impl Gateway for GatewayService {
         self.limit(&tenant, 0)?;
         let request = request.into_inner();
         device(&request.device_id)?;
+        let simplify_m = simplify::tolerance("simplify_m", request.simplify_m)
+            .map_err(|bad| Error::invalid(bad.field, "a finite number of metres >= 0"))?;
         let query = QueryTrackRequest {
             tenant_id: tenant,
             device_id: request.device_id,
@@ -455,6 +458,11 @@ impl Gateway for GatewayService {
             })
             .await?
             .into_inner();
+        if simplify_m > 0.0 {
+            return Ok(Response::new(Box::pin(simplify::simplified(
+                stream, simplify_m,
+            ))));
+        }
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -619,3 +619,245 @@ async fn a_fix_through_every_protocol_is_the_same_stored_row() {
         }
     }
 }
+
+/// 1e-3 degree of longitude on the equator, metres (about 111.3).
+const EQUATOR_STEP_M: f64 = 111.319_490_8;
+
+/// A track with known simplifications, one fix a minute from T0: segment A goes east along the
+/// equator from 10°E (a great circle: inner points lie exactly on the arc) in 21 steps of 1e-3°, with
+/// spikes 2e-3° (~220 m) north at 5 and 15; after a 13-hour gap (a new segment), segment B is
+/// three fixes in a line; after another, segment C is one fix.
+fn known_track(device: &str) -> Vec<Fix> {
+    let fix = |minute: i64, lat: f64, lon: f64| Fix {
+        device_id: device.into(),
+        time_ms: T0_S * 1000 + minute * 60_000,
+        lat,
+        lon,
+        ..Fix::default()
+    };
+    let mut fixes: Vec<Fix> = (0..21)
+        .map(|i| {
+            let lat = if i == 5 || i == 15 { 0.002 } else { 0.0 };
+            fix(i, lat, 10.0 + i as f64 * 0.001)
+        })
+        .collect();
+    let b = 21 + 13 * 60;
+    fixes.extend((0..3).map(|i| fix(b + i, 0.0, 11.0 + i as f64 * 0.001)));
+    fixes.push(fix(b + 2 + 13 * 60, 0.5, 0.5));
+    fixes
+}
+
+/// The track's features: per segment, the GeoJSON `[lon, lat]` points.
+fn geojson_segments(body: &str) -> Vec<Vec<(f64, f64)>> {
+    let doc: Value = serde_json::from_str(body).unwrap();
+    doc["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|feature| {
+            let coordinates = &feature["geometry"]["coordinates"];
+            let point = |c: &Value| (c[0].as_f64().unwrap(), c[1].as_f64().unwrap());
+            match feature["geometry"]["type"].as_str().unwrap() {
+                "Point" => vec![point(coordinates)],
+                _ => coordinates.as_array().unwrap().iter().map(point).collect(),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn track_simplify_keeps_the_expected_fixes_per_segment_in_every_format() {
+    let mesh = Mesh::start(Options::default()).await;
+    let (addr, key) = (mesh.gateway.addr(), mesh.tenants[0].1.clone());
+    let mut client = mesh.client(0).await;
+    let fixes = known_track("zz");
+    let response = ingest(&mut client, fixes.clone()).await.unwrap();
+    assert_eq!(response.accepted as usize, fixes.len(), "{response:?}");
+    let stored = stored(&mut client, "zz", fixes.len()).await;
+    assert_eq!(stored.len(), fixes.len());
+    let at = |indices: &[usize]| -> Vec<(f64, f64)> {
+        indices
+            .iter()
+            .map(|&i| (fixes[i].lon, fixes[i].lat))
+            .collect()
+    };
+    let segments = |path: &str| {
+        let path = path.to_owned();
+        let key = key.clone();
+        async move {
+            let answer = get(addr, &path, &key).await;
+            assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+            geojson_segments(&answer.body)
+        }
+    };
+    let all = segments("/v1/devices/zz/track?format=geojson").await;
+    assert_eq!(
+        all.iter().map(Vec::len).collect::<Vec<_>>(),
+        [21, 3, 1],
+        "three segments"
+    );
+    // 0: everything.
+    assert_eq!(
+        segments("/v1/devices/zz/track?format=geojson&simplify=0").await,
+        all
+    );
+    // 10 m: each spike with its two neighbours (the lines from the spike to the far ends pass
+    // over 150 m from them), the ends; the inner points on the equator go.
+    let spikes = [0, 4, 5, 6, 14, 15, 16, 20];
+    let expected = vec![at(&spikes), at(&[21, 23]), at(&[24])];
+    assert_eq!(
+        segments("/v1/devices/zz/track?format=geojson&simplify=10").await,
+        expected
+    );
+    // Above the spikes' distance from the line (2e-3° of latitude, ~222 m): only the ends.
+    let spike_m = 2.0 * EQUATOR_STEP_M;
+    let ends = vec![at(&[0, 20]), at(&[21, 23]), at(&[24])];
+    let path = format!(
+        "/v1/devices/zz/track?format=geojson&simplify={}",
+        spike_m + 5.0
+    );
+    assert_eq!(segments(&path).await, ends);
+    let path = format!(
+        "/v1/devices/zz/track?format=geojson&simplify={}",
+        spike_m - 5.0
+    );
+    assert_ne!(segments(&path).await, ends);
+
+    // The other formats carry the same fixes.
+    let kept_times: Vec<String> = spikes
+        .iter()
+        .chain(&[21, 23, 24])
+        .map(|&i| fixes[i].time_ms.to_string())
+        .collect();
+    let answer = get(addr, "/v1/devices/zz/track?simplify=10", &key).await;
+    let json: Value = serde_json::from_str(&answer.body).unwrap();
+    let times: Vec<String> = json["fixes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["fix"]["timeMs"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(times, kept_times);
+    let answer = get(addr, "/v1/devices/zz/track?format=csv&simplify=10", &key).await;
+    let csv_times: Vec<String> = answer
+        .body
+        .lines()
+        .skip(1)
+        .map(|row| row.split(',').nth(1).unwrap().to_owned())
+        .collect();
+    assert_eq!(csv_times, kept_times);
+    let answer = get(addr, "/v1/devices/zz/track?format=gpx&simplify=10", &key).await;
+    let per_segment: Vec<usize> = answer
+        .body
+        .split("<trkseg>")
+        .skip(1)
+        .map(|segment| segment.matches("<trkpt ").count())
+        .collect();
+    assert_eq!(per_segment, [8, 2, 1], "{}", answer.body);
+    // With a time range: the range's own ends are kept.
+    let path = format!(
+        "/v1/devices/zz/track?format=geojson&simplify=10&from={}&to={}",
+        fixes[2].time_ms, fixes[12].time_ms
+    );
+    assert_eq!(segments(&path).await, vec![at(&[2, 4, 5, 6, 12])]);
+
+    // gRPC's simplify_m is the same.
+    use futures::StreamExt as _;
+    let mut stream = client
+        .get_track(GetTrackRequest {
+            device_id: "zz".into(),
+            simplify_m: 10.0,
+            ..GetTrackRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut grpc_times = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        grpc_times.extend(
+            chunk
+                .unwrap()
+                .fixes
+                .iter()
+                .map(|f| f.fix.as_ref().unwrap().time_ms.to_string()),
+        );
+    }
+    assert_eq!(grpc_times, kept_times);
+
+    // Bad tolerances: 400 naming the parameter, over HTTP and gRPC.
+    for bad in ["-1", "NaN", "inf", "ten", "1e999", ""] {
+        let answer = get(addr, &format!("/v1/devices/zz/track?simplify={bad}"), &key).await;
+        assert_eq!(answer.status, 400, "{bad}: {}", answer.body);
+        let error: Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(error["code"], "INVALID_ARGUMENT");
+        assert!(
+            error["message"].as_str().unwrap().starts_with("simplify: "),
+            "{bad}: {error}"
+        );
+    }
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        let status = client
+            .get_track(GetTrackRequest {
+                device_id: "zz".into(),
+                simplify_m: bad,
+                ..GetTrackRequest::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("simplify_m"), "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn device_list_has_each_devices_last_position() {
+    let mesh = Mesh::start(Options::default()).await;
+    let (addr, key) = (mesh.gateway.addr(), mesh.tenants[0].1.clone());
+    let mut client = mesh.client(0).await;
+    let mut expected = Vec::new();
+    for (device, n) in [("a", 5), ("b", 9)] {
+        let mut fixes = moving(device, n);
+        for fix in &mut fixes {
+            fix.lon += if device == "a" { 1.0 } else { 2.0 };
+        }
+        let last = fixes.last().unwrap().clone();
+        ingest(&mut client, fixes).await.unwrap();
+        expected.push((device.to_owned(), n.to_string(), last.lat, last.lon));
+    }
+    let mut listed = Vec::new();
+    testkit::wait_until(
+        Duration::from_secs(60),
+        "the devices were not listed with all their fixes",
+        async || {
+            let answer = get(addr, "/v1/devices?sort=device_id", &key).await;
+            assert_eq!(answer.status, 200, "{}", answer.body);
+            let doc: Value = serde_json::from_str(&answer.body).unwrap();
+            listed = doc["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| {
+                    (
+                        d["deviceId"].as_str().unwrap().to_owned(),
+                        d["fixes"].as_str().unwrap().to_owned(),
+                        d["lastLat"].as_f64().unwrap_or(f64::NAN),
+                        d["lastLon"].as_f64().unwrap_or(f64::NAN),
+                    )
+                })
+                .collect();
+            listed.iter().map(|d| &d.1).collect::<Vec<_>>() == ["5", "9"]
+        },
+    )
+    .await;
+    assert_eq!(listed, expected);
+    // gRPC passes them through.
+    let devices = client
+        .list_devices(ListDevicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .devices;
+    let grpc: Vec<(f64, f64)> = devices.iter().map(|d| (d.last_lat, d.last_lon)).collect();
+    let want: Vec<(f64, f64)> = expected.iter().map(|d| (d.2, d.3)).collect();
+    assert_eq!(grpc, want);
+}

@@ -429,16 +429,35 @@ async fn list_devices(State(api): State<Api>, caller: Caller) -> Answer {
     })))
 }
 
-/// `GET /v1/devices/{id}/track?from=&to=&format=json|geojson|gpx|csv`: streamed, one chunk
-/// from storage at a time. An error after the first byte can only cut the body short.
+/// `GET /v1/devices/{id}/track?from=&to=&format=json|geojson|gpx|csv&simplify=<metres>`:
+/// streamed, one chunk from storage at a time. An error after the first byte can only cut the
+/// body short. `simplify` (0 or absent: every fix) is gRPC's `simplify_m`: Douglas–Peucker
+/// per segment, first and last fix kept (crate::simplify).
 async fn track(State(api): State<Api>, caller: Caller, Path(device_id): Path<String>) -> Answer {
     let format: Format = caller.param("format").unwrap_or("json").parse().map_err(
         |err: crate::export::UnknownFormat| Failure::new(Code::InvalidArgument, err.to_string()),
     )?;
+    let simplify_m = match caller.param("simplify") {
+        None => 0.0,
+        Some(text) => text
+            .parse::<f64>()
+            .ok()
+            .and_then(|metres| crate::simplify::tolerance("simplify", metres).ok())
+            .ok_or_else(|| {
+                Failure::new(
+                    Code::InvalidArgument,
+                    format!(
+                        "simplify: not a finite number of metres >= 0 ({})",
+                        super::fields::quoted(text)
+                    ),
+                )
+            })?,
+    };
     let message = GetTrackRequest {
         device_id: device_id.clone(),
         from_ms: caller.number("from")?,
         to_ms: caller.number("to")?,
+        simplify_m,
         ..GetTrackRequest::default()
     };
     let chunks = api
@@ -563,6 +582,9 @@ fn device_json(device: &DeviceSummary) -> Value {
         "lastMs": device.last_ms.to_string(),
         "distanceM": device.distance_m,
         "maxSpeedKmh": device.max_speed_kmh,
+        // NaN (unknown) becomes null.
+        "lastLat": device.last_lat,
+        "lastLon": device.last_lon,
     })
 }
 
