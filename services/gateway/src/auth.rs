@@ -4,6 +4,8 @@
 //! body is read (see `guard`). An ingest token can send fixes and do nothing else, so a key
 //! on a phone cannot read or delete the tenant's data.
 
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -69,6 +71,19 @@ impl ApiKeys {
         self.keys.is_empty()
     }
 
+    /// A digest of the whole key set: the same on every replica configured alike.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut keys: Vec<_> = self.keys.iter().collect();
+        keys.sort();
+        let mut hasher = Sha256::new();
+        for (key, tenant) in keys {
+            hasher.update(key);
+            hasher.update(tenant.as_bytes());
+            hasher.update([0]);
+        }
+        hasher.finalize().into()
+    }
+
     /// The tenant of `presented`, if it is one of these keys.
     pub fn lookup(&self, presented: &str) -> Option<&str> {
         let presented = digest(presented);
@@ -122,6 +137,68 @@ impl Credentials {
             )
         })?;
         self.tenant_of(presented, scope)
+    }
+}
+
+/// Short-lived read-only tokens for `/v1/live`: browsers cannot set headers on an
+/// `EventSource`, and an API key in a URL ends up in logs and histories. A token is
+/// `base64(tenant.expiry_ms).base64(HMAC-SHA256)`, so any replica with the same secret
+/// verifies it without shared state.
+#[derive(Clone)]
+pub struct StreamTokens {
+    secret: Vec<u8>,
+    ttl: std::time::Duration,
+}
+
+impl StreamTokens {
+    pub fn new(secret: &[u8], ttl: std::time::Duration) -> Self {
+        Self {
+            secret: secret.to_vec(),
+            ttl,
+        }
+    }
+
+    /// A token for `tenant` and the Unix time in milliseconds it expires at.
+    pub fn issue(&self, tenant: &str, now_ms: i64) -> (String, i64) {
+        let ttl_ms = i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX);
+        let expires_ms = now_ms.saturating_add(ttl_ms);
+        let payload = format!("{tenant}.{expires_ms}");
+        let tag = self.mac(payload.as_bytes()).finalize().into_bytes();
+        let token = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(payload),
+            URL_SAFE_NO_PAD.encode(tag)
+        );
+        (token, expires_ms)
+    }
+
+    /// The tenant of a token this secret signed that has not expired at `now_ms`.
+    pub fn verify(&self, token: &str, now_ms: i64) -> Result<String, Status> {
+        let invalid =
+            || Status::unauthenticated("invalid stream token: get one with POST /v1/live/token");
+        let (payload, tag) = token.split_once('.').ok_or_else(invalid)?;
+        let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| invalid())?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| invalid())?;
+        self.mac(&payload)
+            .verify_slice(&tag)
+            .map_err(|_| invalid())?;
+        let payload = String::from_utf8(payload).map_err(|_| invalid())?;
+        let (tenant, expires_ms) = payload.rsplit_once('.').ok_or_else(invalid)?;
+        let expires_ms: i64 = expires_ms.parse().map_err(|_| invalid())?;
+        if expires_ms <= now_ms {
+            return Err(Status::unauthenticated(
+                "stream token expired: get a new one with POST /v1/live/token",
+            ));
+        }
+        Ok(tenant.to_owned())
+    }
+
+    fn mac(&self, payload: &[u8]) -> Hmac<Sha256> {
+        // Any key length is valid for HMAC.
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(payload);
+        mac
     }
 }
 
@@ -182,6 +259,30 @@ mod tests {
                 .unwrap(),
             "fleet"
         );
+    }
+
+    #[test]
+    fn stream_tokens_carry_their_tenant_until_they_expire() {
+        let tokens = StreamTokens::new(b"secret-secret-secret", std::time::Duration::from_secs(60));
+        let (token, expires_ms) = tokens.issue("demo", 1_000);
+        assert_eq!(expires_ms, 61_000);
+        assert_eq!(tokens.verify(&token, 60_999).unwrap(), "demo");
+        let expired = tokens.verify(&token, 61_000).unwrap_err();
+        assert!(expired.message().contains("expired"), "{expired:?}");
+        // Another secret, a changed tenant or a cut tag: refused.
+        let other = StreamTokens::new(b"another-secret-!!", std::time::Duration::from_secs(60));
+        assert!(other.verify(&token, 2_000).is_err());
+        let (payload, tag) = token.split_once('.').unwrap();
+        let forged = URL_SAFE_NO_PAD.encode(format!("other.{expires_ms}"));
+        for bad in [
+            format!("{forged}.{tag}"),
+            format!("{payload}.{}", &tag[..tag.len() - 2]),
+            payload.to_owned(),
+            String::new(),
+        ] {
+            let err = tokens.verify(&bad, 2_000).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad}");
+        }
     }
 
     #[test]

@@ -79,6 +79,20 @@ pub struct GatewayConfig {
     pub stream_idle_timeout: Duration,
     /// An IngestStream is closed after this long, however busy; the client opens a new one.
     pub stream_max_duration: Duration,
+    /// Kafka brokers: Watch and `/v1/live` read storage's fixes topic from them. Unset: live
+    /// streaming is off.
+    pub kafka_brokers: Option<String>,
+    /// The fixes topic: storage's KAFKA_TOPIC.
+    pub kafka_topic: String,
+    /// Messages of the fixes topic kept for subscribers that read slowly; one that falls
+    /// further behind skips ahead and is told how many messages it missed.
+    pub watch_buffer: u32,
+    /// Lifetime of a read-only stream token from `POST /v1/live/token`.
+    pub live_token_ttl: Duration,
+    /// Signs stream tokens; every replica needs the same. Unset: derived from the API keys.
+    pub live_token_secret: Option<String>,
+    /// Basemap tiles of the web console (`{z}/{x}/{y}` URL template), loaded by the browser.
+    pub console_tile_url: String,
 }
 
 impl std::fmt::Debug for GatewayConfig {
@@ -105,6 +119,10 @@ impl std::fmt::Debug for GatewayConfig {
             .field("tenant_max_streams", &self.tenant_max_streams)
             .field("stream_idle_timeout", &self.stream_idle_timeout)
             .field("stream_max_duration", &self.stream_max_duration)
+            .field("kafka_brokers", &self.kafka_brokers)
+            .field("kafka_topic", &self.kafka_topic)
+            .field("watch_buffer", &self.watch_buffer)
+            .field("live_token_ttl", &self.live_token_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -133,6 +151,12 @@ impl Default for GatewayConfig {
             tenant_max_streams: 256,
             stream_idle_timeout: Duration::from_secs(60),
             stream_max_duration: Duration::from_secs(3600),
+            kafka_brokers: None,
+            kafka_topic: "trackmesh.fixes".into(),
+            watch_buffer: 1024,
+            live_token_ttl: Duration::from_secs(900),
+            live_token_secret: None,
+            console_tile_url: "https://tile.openstreetmap.org/{z}/{x}/{y}.png".into(),
         }
     }
 }
@@ -288,7 +312,28 @@ impl Validate for GatewayConfig {
             "STREAM_MAX_DURATION",
             self.stream_max_duration,
             Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600),
-        )
+        )?;
+        if let Some(brokers) = &self.kafka_brokers {
+            for broker in brokers.split(',') {
+                config::url("KAFKA_BROKERS", broker.trim(), "kafka")?;
+            }
+        }
+        check_range("WATCH_BUFFER", self.watch_buffer, 16..=1_000_000)?;
+        check_range(
+            "LIVE_TOKEN_TTL",
+            self.live_token_ttl,
+            Duration::from_secs(10)..=Duration::from_secs(7 * 24 * 3600),
+        )?;
+        if let Some(secret) = &self.live_token_secret
+            && secret.len() < 16
+        {
+            return Err(ConfigError::new(
+                "LIVE_TOKEN_SECRET",
+                "<redacted>",
+                "must be at least 16 characters",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -15,6 +15,12 @@ pub enum Error {
         kind: &'static str,
         retry_after: Duration,
     },
+    #[error("live streaming is off: the gateway has no KAFKA_BROKERS")]
+    LiveOff,
+    #[error("live streaming is starting: the fixes topic is not readable yet; retry shortly")]
+    LiveStarting,
+    #[error("live stream ended: the gateway is shutting down; resume with the last resume_token")]
+    LiveEnded,
     /// A downstream's answer, passed on (already carrying the right code).
     #[error("{0}")]
     Downstream(#[from] Status),
@@ -38,6 +44,8 @@ impl From<Error> for Status {
                 Error::RateLimited { kind, retry_after }.to_string(),
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
+            Error::LiveOff => Status::failed_precondition(error.to_string()),
+            Error::LiveStarting | Error::LiveEnded => Status::unavailable(error.to_string()),
             Error::Downstream(status) => status,
         }
     }

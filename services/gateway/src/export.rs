@@ -195,55 +195,7 @@ impl Encoder {
     fn json_fix(&mut self, out: &mut String, refined: &RefinedFix) {
         out.push_str(if self.written { ",\n" } else { "\n" });
         self.written = true;
-        out.push('{');
-        if let Some(fix) = &refined.fix {
-            out.push_str("\"fix\":{\"deviceId\":");
-            json_string(out, &fix.device_id);
-            push(
-                out,
-                format_args!(",\"timeMs\":\"{}\",\"lat\":", fix.time_ms),
-            );
-            proto_double(out, fix.lat);
-            out.push_str(",\"lon\":");
-            proto_double(out, fix.lon);
-            for (name, value) in [
-                ("accuracyM", fix.accuracy_m),
-                ("speedMps", fix.speed_mps),
-                ("headingDeg", fix.heading_deg),
-                ("altitudeM", fix.altitude_m),
-            ] {
-                if let Some(value) = value {
-                    push(out, format_args!(",\"{name}\":"));
-                    proto_double(out, f64::from(value));
-                }
-            }
-            out.push_str("},");
-        }
-        out.push_str("\"verdict\":");
-        match Verdict::try_from(refined.verdict) {
-            Ok(verdict) => json_string(out, verdict.as_str_name()),
-            // proto3 JSON writes an enum value without a name as its number.
-            Err(_) => push(out, format_args!("{}", refined.verdict)),
-        }
-        push(
-            out,
-            format_args!(
-                ",\"replay\":{},\"segment\":{},\"distanceM\":",
-                refined.replay, refined.segment
-            ),
-        );
-        proto_double(out, refined.distance_m);
-        push(
-            out,
-            format_args!(",\"dtMs\":\"{}\",\"speedKmh\":", refined.dt_ms),
-        );
-        proto_double(out, refined.speed_kmh);
-        out.push_str(",\"detail\":");
-        json_string(out, &refined.detail);
-        push(
-            out,
-            format_args!(",\"reanchored\":{}}}", refined.reanchored),
-        );
+        refined_json(out, refined);
     }
 
     /// Starts a new segment if `refined` opens one; returns whether it did.
@@ -484,6 +436,59 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32; // [1, 12]
     let year = yoe + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+/// The proto3 JSON of one fix (also a Watch message's `fix`).
+pub fn refined_json(out: &mut String, refined: &RefinedFix) {
+    out.push('{');
+    if let Some(fix) = &refined.fix {
+        out.push_str("\"fix\":{\"deviceId\":");
+        json_string(out, &fix.device_id);
+        push(
+            out,
+            format_args!(",\"timeMs\":\"{}\",\"lat\":", fix.time_ms),
+        );
+        proto_double(out, fix.lat);
+        out.push_str(",\"lon\":");
+        proto_double(out, fix.lon);
+        for (name, value) in [
+            ("accuracyM", fix.accuracy_m),
+            ("speedMps", fix.speed_mps),
+            ("headingDeg", fix.heading_deg),
+            ("altitudeM", fix.altitude_m),
+        ] {
+            if let Some(value) = value {
+                push(out, format_args!(",\"{name}\":"));
+                proto_double(out, f64::from(value));
+            }
+        }
+        out.push_str("},");
+    }
+    out.push_str("\"verdict\":");
+    match Verdict::try_from(refined.verdict) {
+        Ok(verdict) => json_string(out, verdict.as_str_name()),
+        // proto3 JSON writes an enum value without a name as its number.
+        Err(_) => push(out, format_args!("{}", refined.verdict)),
+    }
+    push(
+        out,
+        format_args!(
+            ",\"replay\":{},\"segment\":{},\"distanceM\":",
+            refined.replay, refined.segment
+        ),
+    );
+    proto_double(out, refined.distance_m);
+    push(
+        out,
+        format_args!(",\"dtMs\":\"{}\",\"speedKmh\":", refined.dt_ms),
+    );
+    proto_double(out, refined.speed_kmh);
+    out.push_str(",\"detail\":");
+    json_string(out, &refined.detail);
+    push(
+        out,
+        format_args!(",\"reanchored\":{}}}", refined.reanchored),
+    );
 }
 
 #[cfg(test)]

@@ -101,7 +101,16 @@ impl Admission {
 
     /// One of the tenant's TENANT_MAX_CONCURRENT_REQUESTS slots, held while the slot lives.
     pub fn slot(&self, tenant: &str) -> Result<Slot, Status> {
-        self.0.requests.try_take(tenant).map_err(|refused| {
+        Self::take(&self.0.requests, tenant)
+    }
+
+    /// One of the tenant's TENANT_MAX_STREAMS slots, for a long-lived stream.
+    pub fn stream_slot(&self, tenant: &str) -> Result<Slot, Status> {
+        Self::take(&self.0.streams, tenant)
+    }
+
+    fn take(slots: &TenantSlots, tenant: &str) -> Result<Slot, Status> {
+        slots.try_take(tenant).map_err(|refused| {
             metrics::counter!("gateway_tenant_limited_total", "tenant" => tenant.to_owned(), "kind" => refused.setting)
                 .increment(1);
             refused.status()
@@ -114,7 +123,7 @@ impl<S: NamedService> NamedService for Guard<S> {
 }
 
 /// The streaming-request methods: long-lived, counted in their own slots.
-pub const STREAM_METHODS: &[&str] = &["IngestStream"];
+pub const STREAM_METHODS: &[&str] = &["IngestStream", "Watch"];
 
 impl<S> Service<http::Request<Body>> for Guard<S>
 where

@@ -15,9 +15,11 @@ mod error;
 mod export;
 mod guard;
 mod http;
+mod kafka;
 mod limits;
 mod service;
 mod simplify;
+mod watch;
 
 use std::{future::Future, time::Duration};
 
@@ -47,6 +49,14 @@ pub async fn run(
     );
     let settings = &config.gateway;
     let keys = settings.credentials()?;
+    // Every replica derives the same secret from the same keys unless one is set.
+    let stream_tokens = auth::StreamTokens::new(
+        &settings.live_token_secret.as_ref().map_or_else(
+            || keys.keys.fingerprint().to_vec(),
+            |s| s.as_bytes().to_vec(),
+        ),
+        settings.live_token_ttl.get(),
+    );
     let tenant_requests = settings.tenant_max_concurrent_requests(&config.common)?;
     let downstreams = Downstreams {
         refinement: Downstream::start(
@@ -78,6 +88,14 @@ pub async fn run(
         settings.rate_limit_fixes_per_sec,
         settings.max_batch,
     );
+    let live = settings.kafka_brokers.as_deref().map(|brokers| {
+        watch::Hub::start(
+            brokers,
+            &settings.kafka_topic,
+            settings.watch_buffer as usize,
+        )
+    });
+    let hub = live.as_ref().map(|(hub, _)| hub.clone());
     let service = service::GatewayService::new(
         limits,
         downstreams,
@@ -91,6 +109,7 @@ pub async fn run(
             max_fixes: settings.coalesce_max_fixes() as usize,
             max_in_flight: settings.coalesce_max_in_flight as usize,
         },
+        hub.clone(),
     );
     let (tidy, http_service) = (service.clone(), service.clone());
     let tidier = tokio::spawn(async move {
@@ -118,11 +137,13 @@ pub async fn run(
         service: http_service,
         admission: guard.admission(),
         ingest_body_bytes: http::api::ingest_body_bytes(settings.max_batch),
+        stream_tokens,
     };
     let routes = Routes::from(
         Routes::new(guard)
             .into_axum_router()
-            .merge(http::api::router(api)),
+            .merge(http::api::router(api))
+            .merge(http::console::router(&settings.console_tile_url)),
     );
     // Streams are bounded per tenant and by their timeouts instead of holding a global permit.
     let options = server::Options {
@@ -144,6 +165,13 @@ pub async fn run(
             Ok(())
         }
     });
+    // Watch streams never end by themselves: close them when shutdown starts.
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(hub) = &hub {
+            hub.close();
+        }
+    };
     let served = server::serve_with(
         &config.common,
         listener,
@@ -157,5 +185,8 @@ pub async fn run(
     )
     .await;
     tidier.abort();
+    if let Some((_, tail)) = live {
+        tail.abort();
+    }
     served
 }

@@ -15,7 +15,7 @@ use trackmesh_proto::v1::{
     GetDailyStatsRequest, GetPlacesRequest, GetPlacesResponse, GetTrackRequest, IngestRequest,
     IngestResponse, ListDevicesRequest, ListDevicesResponse, ListStoredDevicesRequest,
     ObserveRequest, PredictNextRequest, PredictNextResponse, QueryTrackRequest, RefineRequest,
-    ResetDeviceRequest, StoreRequest, TrackChunk, gateway_server::Gateway,
+    ResetDeviceRequest, StoreRequest, TrackChunk, WatchRequest, gateway_server::Gateway,
     learning_client::LearningClient, refinement_client::RefinementClient,
     storage_client::StorageClient,
 };
@@ -28,6 +28,7 @@ use crate::{
     guard::Tenant,
     limits::Limits,
     simplify,
+    watch::{Filter, Hub, Position, WatchStream},
 };
 
 type Propagate = fn(Request<()>) -> Result<Request<()>, Status>;
@@ -91,6 +92,8 @@ struct Inner {
     max_batch: usize,
     timeout: Duration,
     streams: StreamTimeouts,
+    /// Live fixes; `None` without KAFKA_BROKERS.
+    hub: Option<Hub>,
 }
 
 /// How long an IngestStream may stay idle, and open at all.
@@ -121,6 +124,7 @@ impl GatewayService {
         timeout: Duration,
         streams: StreamTimeouts,
         coalescing: Coalescing,
+        hub: Option<Hub>,
     ) -> Self {
         let downstreams = Arc::new(downstreams);
         let mesh = downstreams.clone();
@@ -144,6 +148,7 @@ impl GatewayService {
                 max_batch,
                 timeout,
                 streams,
+                hub,
             }),
         }
     }
@@ -394,6 +399,7 @@ where
 impl Gateway for GatewayService {
     type IngestStreamStream = BoxStream<IngestResponse>;
     type GetTrackStream = BoxStream<TrackChunk>;
+    type WatchStream = WatchStream;
 
     async fn ingest(
         &self,
@@ -609,6 +615,32 @@ impl Gateway for GatewayService {
         delete?;
         tracing::info!(tenant = %tenant, "device deleted everywhere");
         Ok(Response::new(DeleteDeviceResponse {}))
+    }
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (tenant, _) = self.caller(&request)?;
+        self.limit(&tenant, 0)?;
+        let stream = self.watch_as(tenant, request.into_inner())?;
+        Ok(Response::new(stream))
+    }
+}
+
+impl GatewayService {
+    /// The Watch stream of `tenant` (gRPC and SSE); it ends after STREAM_MAX_DURATION, and
+    /// the client resumes with its last token.
+    pub fn watch_as(&self, tenant: String, request: WatchRequest) -> Result<WatchStream, Error> {
+        let hub = self.inner.hub.as_ref().ok_or(Error::LiveOff)?;
+        let filter = Filter::new(tenant, request.device_ids, request.bbox)?;
+        let resume = match request.resume_token.as_str() {
+            "" => None,
+            token => Some(Position::parse(token)?),
+        };
+        let stream = hub.subscribe(filter, resume)?;
+        let end = tokio::time::sleep(self.inner.streams.max);
+        Ok(Box::pin(stream.take_until(end)))
     }
 }
 

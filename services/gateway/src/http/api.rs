@@ -25,9 +25,9 @@ use trackmesh_proto::v1::{
     Place, PlaceLabel, SortField, Verdict, gateway_server::Gateway as _,
 };
 
-use super::{fields::BadFix, ingest_json, osmand, owntracks};
+use super::{fields::BadFix, ingest_json, live, osmand, owntracks};
 use crate::{
-    auth::Scope,
+    auth::{Scope, StreamTokens},
     export::{Encoder, Format},
     guard::{Admission, Slot, Tenant},
     service::GatewayService,
@@ -49,6 +49,7 @@ pub struct Api {
     pub admission: Admission,
     /// Body limit of `POST /v1/ingest`: MAX_BATCH fixes of generous JSON.
     pub ingest_body_bytes: usize,
+    pub stream_tokens: StreamTokens,
 }
 
 pub fn router(api: Api) -> Router {
@@ -62,6 +63,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/devices/{id}/stats", get(stats))
         .route("/v1/devices/{id}/places", get(places))
         .route("/v1/devices/{id}/predict", get(predict))
+        .route("/v1/live", get(live::stream))
+        .route("/v1/live/token", post(live::token))
         .with_state(api)
 }
 
@@ -75,7 +78,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(code: Code, message: impl Into<String>) -> Self {
+    pub(super) fn new(code: Code, message: impl Into<String>) -> Self {
         Self {
             status: http_status(code),
             code,
@@ -164,7 +167,7 @@ impl IntoResponse for Failure {
     }
 }
 
-fn code_name(code: Code) -> String {
+pub(super) fn code_name(code: Code) -> String {
     // `Code`'s Debug is CamelCase; the JSON error uses gRPC's canonical names.
     let mut name = String::new();
     for (i, c) in format!("{code:?}").chars().enumerate() {
@@ -176,11 +179,15 @@ fn code_name(code: Code) -> String {
     name
 }
 
-type Answer = Result<Response, Failure>;
+pub(super) type Answer = Result<Response, Failure>;
 
 impl Api {
     /// The caller's tenant and slot, from the headers alone.
-    fn admit(&self, headers: &HeaderMap, scope: Scope) -> Result<(String, Slot), Failure> {
+    pub(super) fn admit(
+        &self,
+        headers: &HeaderMap,
+        scope: Scope,
+    ) -> Result<(String, Slot), Failure> {
         let tenant = self.admission.credentials().tenant(headers, scope)?;
         let slot = self.admission.slot(&tenant)?;
         Ok((tenant, slot))
@@ -236,7 +243,7 @@ async fn body(request: Request, limit: usize) -> Result<Bytes, Failure> {
         .map_err(|_| Failure::too_large(limit))
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -341,7 +348,7 @@ async fn ingest(State(api): State<Api>, request: Request) -> Answer {
     Ok(json_response(&ingest_json::ingest_response_json(&response)))
 }
 
-fn json_response(value: &Value) -> Response {
+pub(super) fn json_response(value: &Value) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
         format!("{value}\n"),

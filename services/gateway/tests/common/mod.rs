@@ -112,6 +112,8 @@ impl Mesh {
             ("API_KEYS", keys.join(",")),
             ("INGEST_TOKENS", token_entries.join(",")),
             ("RESOLVE_INTERVAL", "100ms".into()),
+            ("KAFKA_BROKERS", testkit::kafka_brokers()),
+            ("KAFKA_TOPIC", format!("{name}.fixes")),
         ]);
         gateway_env.extend(options.gateway_env);
         let gateway = Process::start("gateway", &gateway_env).await;
@@ -132,6 +134,14 @@ impl Mesh {
             .await
             .unwrap();
         let auth = Auth(key.map(|key| format!("Bearer {key}").parse().unwrap()));
+        GatewayClient::with_interceptor(channel, auth)
+    }
+
+    /// A client of tenant `i` on a channel of the caller's making.
+    pub fn client_on(&self, channel: Channel, i: usize) -> Client {
+        let auth = Auth(Some(
+            format!("Bearer {}", self.tenants[i].1).parse().unwrap(),
+        ));
         GatewayClient::with_interceptor(channel, auth)
     }
 
