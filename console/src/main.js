@@ -26,6 +26,13 @@ const debug = {
   errors: [],
 };
 window.__console = debug;
+// Where device `id`'s last-position marker is, [lat, lon] (for tests).
+debug.markerAt = (id) => {
+  const marker = layers.deviceMarkers && layers.deviceMarkers.get(id);
+  if (!marker) return null;
+  const at = marker.getLatLng();
+  return [at.lat, at.lng];
+};
 
 let apiKey = null;
 let map = null;
@@ -173,11 +180,12 @@ async function setUpMap() {
   }
   map = L.map('map', { preferCanvas: true, worldCopyJump: true }).setView([20, 0], 2);
   L.control.scale({ imperial: false }).addTo(map);
-  layers.devices = L.layerGroup().addTo(map);
-  layers.deviceMarkers = new Map();
+  // In drawing order: the fleet's markers above tracks and places, the playback marker on top.
   layers.track = L.layerGroup().addTo(map);
   layers.detail = L.layerGroup().addTo(map);
   layers.places = L.layerGroup().addTo(map);
+  layers.devices = L.layerGroup().addTo(map);
+  layers.deviceMarkers = new Map();
   layers.playback = L.layerGroup().addTo(map);
   map.on('zoomend moveend', scheduleDetail);
   renderMarkers();
@@ -415,9 +423,7 @@ async function loadTrack(fit) {
     fetchMs: Math.round(fetched - started),
     drawMs: Math.round(drawn - fetched),
   };
-  $('track-info').textContent = segments.length
-    ? `${segments.length} segments, ${fixes.toLocaleString('en')} points drawn (simplified to ${simplifyM} m)`
-    : 'no fixes in this range';
+  $('track-info').textContent = trackInfo();
   setUpPlayback();
   // Without a last position from the list, the track's last fix stands in for it.
   const d = devices.get(id);
@@ -430,6 +436,13 @@ async function loadTrack(fit) {
     map.fitBounds(bounds.pad(0.05), { maxZoom: 16 });
   }
   scheduleDetail();
+}
+
+function trackInfo() {
+  const fixes = track.segments.reduce((n, s) => n + s.points.length, 0);
+  return track.segments.length
+    ? `${track.segments.length} segments, ${fixes.toLocaleString('en')} points drawn (simplified to ${track.simplifyM} m)`
+    : 'no fixes in this range';
 }
 
 function drawTrack() {
@@ -482,14 +495,15 @@ async function loadDetail() {
   const view = map.getBounds().pad(0.5);
   let from = Infinity;
   let to = -Infinity;
+  // The loaded lines that cross the view: the fixes simplification dropped lie between their ends.
   for (const s of track.segments) {
-    s.points.forEach((p, i) => {
-      if (view.contains(p)) {
-        // The loaded neighbours bound the fixes simplification dropped next to this one.
-        from = Math.min(from, s.times[Math.max(0, i - 1)]);
-        to = Math.max(to, s.times[Math.min(s.times.length - 1, i + 1)] + 1);
+    for (let i = 0; i < s.points.length; i += 1) {
+      const j = Math.min(i + 1, s.points.length - 1);
+      if (view.intersects(L.latLngBounds(s.points[i], s.points[j]))) {
+        from = Math.min(from, s.times[i]);
+        to = Math.max(to, s.times[j] + 1);
       }
-    });
+    }
   }
   if (!Number.isFinite(from)) return;
   const request = ++trackRequest;
@@ -497,6 +511,27 @@ async function loadDetail() {
   try {
     const segments = await fetchTrack(id, Math.max(from, track.from), Math.min(to, track.to), fine);
     if (request !== trackRequest || !track || track.id !== id) return;
+    const { start, end } = trackTimes();
+    if (from <= start && to > end) {
+      // The whole track is in view: the finer one replaces it (same segments, more points).
+      track = { ...track, simplifyM: fine, segments };
+      const slider = $('slider').value;
+      drawTrack();
+      debug.track = {
+        ...debug.track,
+        segments: segments.length,
+        layers: layers.track.getLayers().filter((l) => l.options.tmSegment !== undefined).length,
+        fixes: segments.reduce((n, s) => n + s.points.length, 0),
+        simplifyM: fine,
+      };
+      $('track-info').textContent = trackInfo();
+      if (playMarker) {
+        layers.playback.clearLayers();
+        playMarker = null;
+        moveTo(slider);
+      }
+      return;
+    }
     layers.detail.clearLayers();
     layers.track.eachLayer((l) => l.options.tmSegment !== undefined && l.setStyle({ opacity: 0.35 }));
     const colourOf = new Map(track.segments.map((s, i) => [s.segment, SEGMENT_COLOURS[i % SEGMENT_COLOURS.length]]));
