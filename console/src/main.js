@@ -180,6 +180,7 @@ async function setUpMap() {
   }
   map = L.map('map', { preferCanvas: true, worldCopyJump: true }).setView([20, 0], 2);
   L.control.scale({ imperial: false }).addTo(map);
+  addLegend();
   // In drawing order: the fleet's markers above tracks and places, the playback marker on top.
   layers.track = L.layerGroup().addTo(map);
   layers.detail = L.layerGroup().addTo(map);
@@ -214,6 +215,20 @@ async function setUpMap() {
     // Under everything drawn so far.
     tiles.addTo(map).bringToBack();
   }
+}
+
+function addLegend() {
+  const legend = L.control({ position: 'topright' });
+  legend.onAdd = () => {
+    const div = L.DomUtil.create('div', 'tm-legend');
+    div.innerHTML = `<div><i class="dot" style="background:#1d4ed8"></i>device, last position <i class="dot" style="background:#06b6d4"></i>moved live <i class="dot" style="background:#dc2626"></i>selected</div>
+<div><i class="line" style="background:${SEGMENT_COLOURS[0]}"></i><i class="line" style="background:${SEGMENT_COLOURS[1]}"></i>track, one colour per segment</div>
+<div><i class="dot" style="background:#16a34a"></i>start <i class="dot" style="background:#111827"></i>end <i class="dot" style="background:#facc15"></i>playback</div>
+<div><i class="ring"></i>learned place, size: time spent</div>
+<div><i class="dash"></i>next place, probability</div>`;
+    return div;
+  };
+  legend.addTo(map);
 }
 
 /** Metres per screen pixel at the map's centre: the simplification the view can show. */
@@ -293,7 +308,7 @@ function renderDevices() {
   const shown = list.slice(0, 1000);
   ol.innerHTML = shown
     .map(
-      (d) => `<li data-id="${escapeHtml(d.id)}" class="${d.id === selectedId ? 'selected' : ''}${d.fresh ? ' fresh' : ''}">
+      (d) => `<li data-id="${escapeHtml(d.id)}" data-last-ms="${d.lastMs}" class="${d.id === selectedId ? 'selected' : ''}${d.fresh ? ' fresh' : ''}">
 <span class="id">${escapeHtml(d.id)}</span><span class="seen" title="${utc(d.lastMs)} UTC">${ago(d.lastMs)}</span>
 <span class="nums">${d.fixes.toLocaleString('en')} fixes · ${km(d.distanceM)}</span></li>`,
     )
@@ -319,7 +334,7 @@ function placeMarker(d) {
     radius: selected ? 8 : 6,
     color: '#fff',
     weight: 2,
-    fillColor: selected ? '#dc2626' : '#1d4ed8',
+    fillColor: selected ? '#dc2626' : d.fresh ? '#06b6d4' : '#1d4ed8',
     fillOpacity: 0.9,
   };
   if (!marker) {
@@ -357,6 +372,22 @@ function setRange(d, which) {
 
 function range() {
   return { from: fromInput($('from').value), to: fromInput($('to').value) };
+}
+
+function closeDetail() {
+  const previous = selectedId;
+  selectedId = null;
+  track = null;
+  trackRequest += 1;
+  stopPlayback();
+  for (const layer of [layers.track, layers.detail, layers.places, layers.playback]) layer.clearLayers();
+  playMarker = null;
+  debug.track = null;
+  debug.detail = null;
+  debug.playback = null;
+  if (previous && devices.get(previous)) placeMarker(devices.get(previous));
+  $('detail').hidden = true;
+  renderDevices();
 }
 
 // ------------------------------------------------------------------ track
@@ -864,10 +895,10 @@ function onLiveFix(refined) {
     d.lastMs = timeMs;
     d.lastLat = fix.lat;
     d.lastLon = fix.lon;
-    placeMarker(d);
-    debug.markers = layers.deviceMarkers ? layers.deviceMarkers.size : 0;
   }
   d.fresh = true;
+  placeMarker(d);
+  debug.markers = layers.deviceMarkers ? layers.deviceMarkers.size : 0;
   debug.live.fixes += 1;
   debug.live.last = { deviceId: id, timeMs, lat: fix.lat, lon: fix.lon, receivedMs: Date.now() };
   queueRender();
@@ -882,6 +913,8 @@ function wire() {
     if (key) login(key);
   });
   $('logout').addEventListener('click', () => logout());
+  $('fit-fleet').addEventListener('click', fitFleet);
+  $('close-detail').addEventListener('click', closeDetail);
   $('search').addEventListener('input', renderDevices);
   $('sort').addEventListener('change', renderDevices);
   $('device-list').addEventListener('click', (event) => {

@@ -277,6 +277,7 @@ def check_console(browser, addr, key, vessel, n_places, other, out):
     else:
         wait_for(page, "() => window.__console.live.status === 'on'", "the live stream opens")
         page.fill("#search", "")
+        page.click("#fit-fleet")
         now = int(time.time() * 1000)
         lat, lon = 36.95, -76.05
         sent = time.monotonic()
@@ -289,9 +290,10 @@ def check_console(browser, addr, key, vessel, n_places, other, out):
         marker = page.evaluate(f"() => window.__console.markerAt('{other}')")
         expect(marker and abs(marker[0] - lat) < 1e-9 and abs(marker[1] - lon) < 1e-9,
                f"the vessel's marker is at {marker}, not at the live fix")
-        wait_for(page, f"""() => /(s|min) ago/.test(document.querySelector(
-                 "#device-list li[data-id='{other}'] .seen").textContent)""",
-                 "the list's last seen follows the live fix", 5)
+        wait_for(page, f"""() => document.querySelector("#device-list li[data-id='{other}']")
+                 .dataset.lastMs === '{now}'""", "the list's last seen follows the live fix", 5)
+        seen = page.locator(f"#device-list li[data-id='{other}'] .seen").inner_text()
+        expect(seen.endswith(" s ago"), f"the list says {other} was last seen {seen!r}")
         page.shot("4-live")
     expect(not page.errors, f"errors in the page: {page.errors[:3]}")
     page.context.close()
