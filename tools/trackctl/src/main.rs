@@ -13,6 +13,7 @@ mod replay;
 mod table;
 mod time;
 mod totals;
+mod watch;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -178,6 +179,25 @@ enum Command {
         #[arg(long)]
         baselines_only: bool,
         /// Print the report as JSON on stdout (the table goes to stderr)
+        #[arg(long)]
+        json: bool,
+    },
+    /// The tenant's fixes live, as storage acknowledges them: one line per fix (device, time,
+    /// lat, lon, segment); with --subscribers N, counts over N subscriptions (fan-out benchmark)
+    Watch {
+        /// Only these devices (repeat the flag); default: every device
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// Only fixes inside min_lon,min_lat,max_lon,max_lat
+        #[arg(long)]
+        bbox: Option<String>,
+        /// Subscriptions opened at once (100 per connection); above 1 only counts
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        subscribers: u32,
+        /// Stop after this long (e.g. 30s) and print a summary; default: until the stream ends
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Print the summary as JSON on stdout
         #[arg(long)]
         json: bool,
     },
@@ -357,6 +377,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 format,
             };
             query::devices(&client, retry, devices).await?;
+        }
+        Command::Watch {
+            devices,
+            bbox,
+            subscribers,
+            duration,
+            json,
+        } => {
+            let options = watch::Options {
+                devices,
+                bbox,
+                subscribers,
+                duration,
+                json,
+            };
+            watch::run(&target, options).await?;
         }
         Command::Delete { devices } => {
             let client = target.connect().await?;
