@@ -98,7 +98,7 @@ mod tests {
         String::from_utf8(bytes.to_vec()).expect("utf-8")
     }
 
-    fn header_of<'a>(response: &'a Response, name: header::HeaderName) -> &'a str {
+    fn header_of(response: &Response, name: header::HeaderName) -> &str {
         response
             .headers()
             .get(name)
@@ -120,7 +120,10 @@ mod tests {
         // The page names the bundle by content hash (what makes caching it for good safe).
         assert!(html.contains("/console.js?v="), "{html}");
         assert!(!html.contains("__JS_HASH__"));
-        for (path, kind) in [("/console.js", "text/javascript"), ("/console.css", "text/css")] {
+        for (path, kind) in [
+            ("/console.js", "text/javascript"),
+            ("/console.css", "text/css"),
+        ] {
             let response = get(path).await;
             assert_eq!(response.status(), StatusCode::OK, "{path}");
             assert!(header_of(&response, header::CONTENT_TYPE).starts_with(kind));
@@ -137,15 +140,20 @@ mod tests {
             header_of(&response, header::CONTENT_TYPE),
             "application/json"
         );
-        let config: serde_json::Value =
-            serde_json::from_str(&text(response).await).expect("json");
+        let config: serde_json::Value = serde_json::from_str(&text(response).await).expect("json");
         assert_eq!(config["tileUrl"], "https://tiles.example/{z}/{x}/{y}.png");
         assert_eq!(config["attribution"], TILE_ATTRIBUTION);
     }
 
     #[tokio::test]
     async fn other_paths_stay_not_found() {
-        for path in ["/index.html", "/console", "/console/", "/console.js/x", "/x.js"] {
+        for path in [
+            "/index.html",
+            "/console",
+            "/console/",
+            "/console.js/x",
+            "/x.js",
+        ] {
             assert_eq!(get(path).await.status(), StatusCode::NOT_FOUND, "{path}");
         }
     }
