@@ -249,12 +249,15 @@ impl Hub {
     }
 
     async fn run_tail(self) {
+        // Storage creates the topic: a gateway started first waits for it.
+        let mut pause = Duration::from_millis(250);
         let reader = loop {
             match self.open_tail().await {
                 Ok(reader) => break reader,
                 Err(err) => {
-                    tracing::warn!(topic = %self.topic, error = %err, "fixes topic not readable yet, retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tracing::warn!(topic = %self.topic, error = %err, retry_in = ?pause, "fixes topic not readable yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(10));
                 }
             }
         };

@@ -242,6 +242,23 @@ async fn a_resumed_subscription_continues_where_it_stopped() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("bbox.max_lat"), "{err:?}");
+
+    // Shutdown ends open subscriptions (they would hold it up otherwise), with a clear
+    // UNAVAILABLE: the client resumes on another replica.
+    let mut open = watch(&mut client, WatchRequest::default()).await;
+    let pid = mesh.gateway.pid().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let end = tokio::time::timeout(Duration::from_secs(30), open.next())
+        .await
+        .expect("the stream ends at shutdown")
+        .expect("an error first");
+    let status = end.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
