@@ -11,13 +11,15 @@ use tonic::{
 };
 use trackmesh_proto::v1::{
     DailyStatsRequest, DailyStatsResponse, DeleteDeviceRequest, DeleteDeviceResponse,
-    DeleteStoredDeviceRequest, DevicePlacesRequest, DevicePredictRequest, Fix, ForgetRequest,
-    GetDailyStatsRequest, GetPlacesRequest, GetPlacesResponse, GetTrackRequest, IngestRequest,
-    IngestResponse, ListDevicesRequest, ListDevicesResponse, ListStoredDevicesRequest,
+    DeleteGeofenceRequest, DeleteGeofenceResponse, DeleteStoredDeviceRequest,
+    DeleteTenantGeofenceRequest, DevicePlacesRequest, DevicePredictRequest, Fix, ForgetRequest,
+    Geofence, GetDailyStatsRequest, GetEventsRequest, GetEventsResponse, GetPlacesRequest,
+    GetPlacesResponse, GetTrackRequest, IngestRequest, IngestResponse, ListDevicesRequest,
+    ListDevicesResponse, ListGeofencesRequest, ListGeofencesResponse, ListStoredDevicesRequest,
     ObserveRequest, PredictNextRequest, PredictNextResponse, QueryTrackRequest, RefineRequest,
-    ResetDeviceRequest, StoreRequest, TrackChunk, WatchRequest, gateway_server::Gateway,
-    learning_client::LearningClient, refinement_client::RefinementClient,
-    storage_client::StorageClient,
+    ResetDeviceRequest, StoreRequest, StoredEventsRequest, TenantGeofence, TenantGeofencesRequest,
+    TrackChunk, WatchRequest, gateway_server::Gateway, learning_client::LearningClient,
+    refinement_client::RefinementClient, storage_client::StorageClient,
 };
 use trackmesh_shared::{grpc::Deadline, ids, server::MAX_MESSAGE_BYTES, telemetry};
 
@@ -615,6 +617,97 @@ impl Gateway for GatewayService {
         delete?;
         tracing::info!(tenant = %tenant, "device deleted everywhere");
         Ok(Response::new(DeleteDeviceResponse {}))
+    }
+
+    async fn create_geofence(
+        &self,
+        request: Request<Geofence>,
+    ) -> Result<Response<Geofence>, Status> {
+        let (tenant, deadline) = self.caller(&request)?;
+        self.limit(&tenant, 0)?;
+        let mut geofence = request.into_inner();
+        // Ids are learning's to assign, times its to set.
+        geofence.geofence_id.clear();
+        let create = TenantGeofence {
+            tenant_id: tenant,
+            geofence: Some(geofence),
+        };
+        let created = unary(
+            &self.inner.downstreams.learning,
+            deadline,
+            learning,
+            &create,
+            |mut c, r| async move { c.create_geofence(r).await },
+        );
+        Ok(Response::new(created.await?))
+    }
+
+    async fn list_geofences(
+        &self,
+        request: Request<ListGeofencesRequest>,
+    ) -> Result<Response<ListGeofencesResponse>, Status> {
+        let (tenant, deadline) = self.caller(&request)?;
+        self.limit(&tenant, 0)?;
+        let query = TenantGeofencesRequest { tenant_id: tenant };
+        let listed = unary(
+            &self.inner.downstreams.learning,
+            deadline,
+            learning,
+            &query,
+            |mut c, r| async move { c.list_geofences(r).await },
+        );
+        Ok(Response::new(ListGeofencesResponse {
+            geofences: listed.await?.geofences,
+        }))
+    }
+
+    async fn delete_geofence(
+        &self,
+        request: Request<DeleteGeofenceRequest>,
+    ) -> Result<Response<DeleteGeofenceResponse>, Status> {
+        let (tenant, deadline) = self.caller(&request)?;
+        self.limit(&tenant, 0)?;
+        let delete = DeleteTenantGeofenceRequest {
+            tenant_id: tenant,
+            geofence_id: request.into_inner().geofence_id,
+        };
+        let deleted = unary(
+            &self.inner.downstreams.learning,
+            deadline,
+            learning,
+            &delete,
+            |mut c, r| async move { c.delete_geofence(r).await },
+        );
+        Ok(Response::new(DeleteGeofenceResponse {
+            existed: deleted.await?.existed,
+        }))
+    }
+
+    async fn get_events(
+        &self,
+        request: Request<GetEventsRequest>,
+    ) -> Result<Response<GetEventsResponse>, Status> {
+        let (tenant, deadline) = self.caller(&request)?;
+        self.limit(&tenant, 0)?;
+        let request = request.into_inner();
+        if !request.device_id.is_empty() {
+            device(&request.device_id)?;
+        }
+        let query = StoredEventsRequest {
+            tenant_id: tenant,
+            device_id: request.device_id,
+            from_ms: request.from_ms,
+            to_ms: request.to_ms,
+            types: request.types,
+        };
+        let events = unary(
+            &self.inner.downstreams.storage,
+            deadline,
+            storage,
+            &query,
+            |mut c, r| async move { c.get_events(r).await },
+        );
+        Ok(Response::new(events.await?))
     }
 
     async fn watch(

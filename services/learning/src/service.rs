@@ -327,4 +327,26 @@ impl Learning for LearningService {
         tracing::info!(tenant = %request.tenant_id, existed, "device model forgotten");
         Ok(Response::new(ForgetResponse { existed }))
     }
+
+    // IN PROGRESS (lead): geofences.
+    async fn create_geofence(
+        &self,
+        _request: Request<trackmesh_proto::v1::TenantGeofence>,
+    ) -> Result<Response<trackmesh_proto::v1::Geofence>, Status> {
+        Err(Status::unimplemented("geofences are being built"))
+    }
+
+    async fn list_geofences(
+        &self,
+        _request: Request<trackmesh_proto::v1::TenantGeofencesRequest>,
+    ) -> Result<Response<trackmesh_proto::v1::ListTenantGeofencesResponse>, Status> {
+        Err(Status::unimplemented("geofences are being built"))
+    }
+
+    async fn delete_geofence(
+        &self,
+        _request: Request<trackmesh_proto::v1::DeleteTenantGeofenceRequest>,
+    ) -> Result<Response<trackmesh_proto::v1::DeleteTenantGeofenceResponse>, Status> {
+        Err(Status::unimplemented("geofences are being built"))
+    }
 }

@@ -284,6 +284,14 @@ impl Storage for StorageService {
         tracing::info!(tenant = %request.tenant_id, "stored fixes of a device deleted");
         Ok(Response::new(DeleteStoredDeviceResponse {}))
     }
+
+    async fn get_events(
+        &self,
+        _request: Request<trackmesh_proto::v1::StoredEventsRequest>,
+    ) -> Result<Response<trackmesh_proto::v1::GetEventsResponse>, Status> {
+        // IN PROGRESS (helper): events table.
+        Err(Status::unimplemented("events are being built"))
+    }
 }
 
 /// Only accepted fixes with a device and valid coordinates are stored.
