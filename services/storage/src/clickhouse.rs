@@ -50,6 +50,47 @@ pub struct DayPart {
     pub time_max_ms: i64,
 }
 
+/// One geofence or place event: the `events` table's columns, in order; also what an events
+/// query returns (after `tenant_id`, see [`EVENT_COLUMNS`]).
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct EventRow {
+    pub tenant_id: String,
+    pub device_id: String,
+    pub time_ms: i64,
+    /// `EventType` (1..=4).
+    pub event_type: u8,
+    pub geofence_id: String,
+    pub place_id: String,
+    pub lat: f64,
+    pub lon: f64,
+    /// 1 when the event carried its triggering fix (the `fix_` columns).
+    pub has_fix: u8,
+    pub fix_time_ms: i64,
+    pub fix_lat: f64,
+    pub fix_lon: f64,
+    pub fix_accuracy_m: Option<f32>,
+    pub fix_speed_mps: Option<f32>,
+    pub fix_heading_deg: Option<f32>,
+    pub fix_altitude_m: Option<f32>,
+}
+
+/// Columns of an events query: every column of [`EventRow`], in its order.
+const EVENT_COLUMNS: &str = "tenant_id, device_id, time_ms, event_type, geofence_id, place_id, \
+    lat, lon, has_fix, fix_time_ms, fix_lat, fix_lon, fix_accuracy_m, fix_speed_mps, \
+    fix_heading_deg, fix_altitude_m";
+
+/// What an events query selects.
+pub struct EventFilter<'a> {
+    pub tenant: &'a str,
+    /// None: every device of the tenant.
+    pub device: Option<&'a str>,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Empty: every type.
+    pub types: &'a [u8],
+    pub limit: u64,
+}
+
 /// A stored copy of a fix: which message stored it.
 #[derive(Clone, Debug, Row, Deserialize)]
 pub struct StoredCopy {
@@ -415,6 +456,46 @@ impl Db {
         query
     }
 
+    /// A tenant's events, de-duplicated, in (time, device, type, geofence, place) order.
+    pub async fn events(
+        &self,
+        filter: &EventFilter<'_>,
+    ) -> clickhouse::error::Result<Vec<EventRow>> {
+        self.events_query(filter).fetch_all().await
+    }
+
+    fn events_query(&self, filter: &EventFilter<'_>) -> Query {
+        // FINAL collapses an event stored twice before the parts are merged. The optional
+        // filters are left out of the text rather than bound empty: `has([], x)` has no
+        // element type on 18.16.
+        let device = if filter.device.is_some() {
+            " AND device_id = ?"
+        } else {
+            ""
+        };
+        let types = if filter.types.is_empty() {
+            ""
+        } else {
+            " AND has(?, event_type)"
+        };
+        let mut query = self
+            .client
+            .query(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events FINAL
+                WHERE tenant_id = ?{device} AND time_ms >= ? AND time_ms <= ?{types}
+                ORDER BY time_ms, device_id, event_type, geofence_id, place_id LIMIT ?"
+            ))
+            .bind(filter.tenant);
+        if let Some(device) = filter.device {
+            query = query.bind(device);
+        }
+        query = query.bind(filter.from_ms).bind(filter.to_ms);
+        if !filter.types.is_empty() {
+            query = query.bind(filter.types);
+        }
+        query.bind(filter.limit)
+    }
+
     /// Deletes a device's fixes and aggregates (an asynchronous mutation on the server).
     pub async fn delete_device(&self, tenant: &str, device: &str) -> clickhouse::error::Result<()> {
         for query in self.delete_queries(tenant, device) {
@@ -540,6 +621,53 @@ impl Db {
                     .bind(part.time_max_ms)
             },
         ));
+        let events: Vec<EventRow> = (0..150i64)
+            .map(|month| EventRow {
+                tenant_id: "t".into(),
+                device_id: "d".into(),
+                time_ms: 1_500_000_000_000 + month * 31 * 86_400_000,
+                event_type: 1,
+                geofence_id: "g".into(),
+                place_id: String::new(),
+                lat: 1.0,
+                lon: 2.0,
+                has_fix: 1,
+                fix_time_ms: 1_500_000_000_000 + month * 31 * 86_400_000,
+                fix_lat: 1.0,
+                fix_lon: 2.0,
+                fix_accuracy_m: Some(3.0),
+                fix_speed_mps: None,
+                fix_heading_deg: None,
+                fix_altitude_m: None,
+            })
+            .collect();
+        for chunk in split_by_month(&events, |row| row.time_ms.div_euclid(DAY_MS)) {
+            let rows: Vec<&EventRow> = chunk.iter().map(|&i| &events[i]).collect();
+            out.push(values_insert(
+                &self.client,
+                "events",
+                &rows,
+                |query, row| {
+                    query
+                        .bind(&row.tenant_id)
+                        .bind(&row.device_id)
+                        .bind(row.time_ms)
+                        .bind(row.event_type)
+                        .bind(&row.geofence_id)
+                        .bind(&row.place_id)
+                        .bind(row.lat)
+                        .bind(row.lon)
+                        .bind(row.has_fix)
+                        .bind(row.fix_time_ms)
+                        .bind(row.fix_lat)
+                        .bind(row.fix_lon)
+                        .bind(row.fix_accuracy_m)
+                        .bind(row.fix_speed_mps)
+                        .bind(row.fix_heading_deg)
+                        .bind(row.fix_altitude_m)
+                },
+            ));
+        }
         let times: Vec<i64> = (0..TIMES_PER_QUERY as i64)
             .map(|i| 1_500_000_000_000 + i)
             .collect();
@@ -561,6 +689,17 @@ impl Db {
             ),
         ];
         out.extend(queries.iter().map(|q| q.sql_display().to_string()));
+        for (device, types) in [(None, &[][..]), (Some("d"), &[1u8, 2, 3, 4][..])] {
+            let filter = EventFilter {
+                tenant: "t",
+                device,
+                from_ms: 0,
+                to_ms: i64::MAX,
+                types,
+                limit: 10_000,
+            };
+            out.push(self.events_query(&filter).sql_display().to_string());
+        }
         out.extend(
             self.delete_queries("t", "d")
                 .iter()
@@ -599,7 +738,7 @@ pub const TIMES_PER_QUERY: usize = 1000;
 pub const MONTHS_PER_INSERT: usize = 100;
 
 /// The tables holding rows of a device: DeleteDevice deletes from each.
-const DEVICE_TABLES: [&str; 2] = ["fixes", "daily_parts"];
+const DEVICE_TABLES: [&str; 3] = ["fixes", "daily_parts", "events"];
 
 const SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     version UInt32, description String, applied_at DateTime DEFAULT now()

@@ -41,6 +41,8 @@ pub struct StorageConfig {
     pub kafka_brokers: String,
     pub kafka_topic: String,
     pub kafka_dlq_topic: String,
+    /// Geofence and place events from learning; consumed by the group `{KAFKA_GROUP_ID}-events`.
+    pub kafka_events_topic: String,
     pub kafka_group_id: String,
     /// Partitions of the topic when the service creates it.
     pub kafka_partitions: u32,
@@ -80,6 +82,7 @@ impl Default for StorageConfig {
             kafka_brokers: "127.0.0.1:9092".into(),
             kafka_topic: "trackmesh.fixes".into(),
             kafka_dlq_topic: "trackmesh.fixes.dlq".into(),
+            kafka_events_topic: "trackmesh.events".into(),
             kafka_group_id: "trackmesh-storage".into(),
             kafka_partitions: 12,
             kafka_replication_factor: 1,
@@ -100,6 +103,12 @@ impl Default for StorageConfig {
 }
 
 impl StorageConfig {
+    /// The consumer group of the events topic: its own, so that its offsets and rebalances
+    /// are independent of the fixes'.
+    pub fn events_group_id(&self) -> String {
+        format!("{}-events", self.kafka_group_id)
+    }
+
     /// The ClickHouse URL with a scheme.
     pub fn clickhouse_url(&self) -> String {
         config::url("CLICKHOUSE_URL", &self.clickhouse_url, "http")
@@ -143,6 +152,7 @@ impl Validate for StorageConfig {
         for (var, value) in [
             ("KAFKA_TOPIC", &self.kafka_topic),
             ("KAFKA_DLQ_TOPIC", &self.kafka_dlq_topic),
+            ("KAFKA_EVENTS_TOPIC", &self.kafka_events_topic),
             ("KAFKA_GROUP_ID", &self.kafka_group_id),
         ] {
             let ok = (1..=249).contains(&value.len())

@@ -141,6 +141,7 @@ pub struct Kafka {
     brokers: String,
     topic: String,
     dlq_topic: String,
+    events_topic: String,
     partitions: u32,
     /// The topic's partition count as the broker reports it, once known (0 before).
     topic_partitions: Arc<AtomicI32>,
@@ -177,6 +178,7 @@ impl Kafka {
             brokers: config.kafka_brokers.clone(),
             topic: config.kafka_topic.clone(),
             dlq_topic: config.kafka_dlq_topic.clone(),
+            events_topic: config.kafka_events_topic.clone(),
             partitions: config.kafka_partitions,
             topic_partitions: Arc::new(AtomicI32::new(0)),
             replication: i32::try_from(config.kafka_replication_factor).unwrap_or(1),
@@ -199,7 +201,7 @@ impl Kafka {
         .map_err(|err| format!("kafka: {err}"))?
     }
 
-    /// Creates the topic and its dead-letter topic unless they exist.
+    /// Creates the topic, its dead-letter topic and the events topic unless they exist.
     pub async fn ensure_topics(&self) -> Result<(), KafkaError> {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
@@ -214,6 +216,11 @@ impl Kafka {
             NewTopic::new(
                 &self.dlq_topic,
                 1,
+                TopicReplication::Fixed(self.replication),
+            ),
+            NewTopic::new(
+                &self.events_topic,
+                partitions,
                 TopicReplication::Fixed(self.replication),
             ),
         ];
@@ -416,29 +423,45 @@ impl Kafka {
         &self,
         config: &StorageConfig,
     ) -> Result<(StreamConsumer<Context>, Arc<Context>), KafkaError> {
-        let context = Context::default();
-        let session_ms = config.kafka_session_timeout.get().as_millis();
-        let consumer: StreamConsumer<Context> = ClientConfig::new()
-            .set("bootstrap.servers", &config.kafka_brokers)
-            .set("group.id", &config.kafka_group_id)
-            .set("client.id", "trackmesh-storage")
-            // Offsets are committed by hand, only after ClickHouse has the rows.
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", session_ms.to_string())
-            .set(
-                "heartbeat.interval.ms",
-                (session_ms / 3).max(100).to_string(),
-            )
-            .set("statistics.interval.ms", "5000")
-            // Bounds what librdkafka prefetches while we are paused or busy.
-            .set("queued.max.messages.kbytes", "65536")
-            .create_with_context(context)?;
-        consumer.subscribe(&[config.kafka_topic.as_str()])?;
-        let context = consumer.context().clone();
-        Ok((consumer, context))
+        group_consumer(config, &config.kafka_group_id, &config.kafka_topic, true)
     }
+}
+
+/// A consumer of `group` subscribed to `topic`, committing by hand. `gauges`: this consumer
+/// reports `storage_consumer_lag` and `storage_assigned_partitions` (the fixes consumer only,
+/// so that two consumers do not write over each other's gauges).
+pub fn group_consumer(
+    config: &StorageConfig,
+    group: &str,
+    topic: &str,
+    gauges: bool,
+) -> Result<(StreamConsumer<Context>, Arc<Context>), KafkaError> {
+    let context = Context {
+        topic: topic.to_owned(),
+        gauges,
+        ..Context::default()
+    };
+    let session_ms = config.kafka_session_timeout.get().as_millis();
+    let consumer: StreamConsumer<Context> = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka_brokers)
+        .set("group.id", group)
+        .set("client.id", "trackmesh-storage")
+        // Offsets are committed by hand, only after ClickHouse has the rows.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", session_ms.to_string())
+        .set(
+            "heartbeat.interval.ms",
+            (session_ms / 3).max(100).to_string(),
+        )
+        .set("statistics.interval.ms", if gauges { "5000" } else { "0" })
+        // Bounds what librdkafka prefetches while we are paused or busy.
+        .set("queued.max.messages.kbytes", "65536")
+        .create_with_context(context)?;
+    consumer.subscribe(&[topic])?;
+    let context = consumer.context().clone();
+    Ok((consumer, context))
 }
 
 /// A message copied out of the consumer's buffer.
@@ -515,6 +538,10 @@ impl Extractor for HeaderCarrier {
 /// The consumer's callbacks: partitions revoked since the pipeline last looked, and lag.
 #[derive(Default)]
 pub struct Context {
+    /// The topic subscribed to, for logs.
+    topic: String,
+    /// Whether this consumer reports the partition gauges (see [`group_consumer`]).
+    gauges: bool,
     revoked: Mutex<BTreeSet<i32>>,
     joined: std::sync::atomic::AtomicBool,
 }
@@ -538,6 +565,9 @@ impl Context {
 
 impl ClientContext for Context {
     fn stats(&self, statistics: Statistics) {
+        if !self.gauges {
+            return;
+        }
         for topic in statistics.topics.values() {
             for (partition, stats) in &topic.partitions {
                 // -1 means unknown (not consumed yet); internal partition -1 is a summary.
@@ -561,8 +591,10 @@ impl ConsumerContext for Context {
                     .iter()
                     .map(|p| p.partition())
                     .collect();
-                tracing::info!(?assigned, "kafka partitions assigned");
-                metrics::gauge!("storage_assigned_partitions").set(assigned.len() as f64);
+                tracing::info!(topic = %self.topic, ?assigned, "kafka partitions assigned");
+                if self.gauges {
+                    metrics::gauge!("storage_assigned_partitions").set(assigned.len() as f64);
+                }
             }
             Rebalance::Revoke(partitions) => {
                 let revoked: Vec<i32> = partitions
@@ -570,8 +602,10 @@ impl ConsumerContext for Context {
                     .iter()
                     .map(|p| p.partition())
                     .collect();
-                tracing::info!(?revoked, "kafka partitions revoked");
-                metrics::gauge!("storage_assigned_partitions").set(0.0);
+                tracing::info!(topic = %self.topic, ?revoked, "kafka partitions revoked");
+                if self.gauges {
+                    metrics::gauge!("storage_assigned_partitions").set(0.0);
+                }
                 self.revoked
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -9,6 +9,7 @@
 mod clickhouse;
 mod config;
 mod error;
+mod events;
 mod kafka;
 mod pipeline;
 mod schema;
@@ -39,6 +40,10 @@ pub async fn run(
         &[
             "storage_dlq_messages_total",
             "storage_duplicates_dropped_total",
+            "storage_events_inserted_total",
+            "storage_events_insert_failures_total",
+            "storage_events_invalid_total",
+            "storage_events_undecodable_total",
             "storage_insert_failures_total",
             "storage_produce_failures_total",
             "storage_rows_written_total",
@@ -141,7 +146,7 @@ pub fn statements_for_check() -> String {
 }
 
 /// Applies the schema and creates the topics (retrying until the backends answer), then
-/// runs the consumer pipeline.
+/// runs the fixes pipeline and the events consumer side by side.
 async fn set_up_then_consume(
     config: StorageConfig,
     shutdown_grace: Duration,
@@ -171,8 +176,12 @@ async fn set_up_then_consume(
         }
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
-    match pipeline::Pipeline::new(&config, shutdown_grace, db, kafka, health) {
-        Ok(pipeline) => pipeline.run(stopped).await,
-        Err(error) => tracing::error!(%error, "cannot create the kafka consumer"),
-    }
+    let events = events::run(&config, shutdown_grace, db.clone(), stopped.clone());
+    let fixes = async {
+        match pipeline::Pipeline::new(&config, shutdown_grace, db, kafka, health) {
+            Ok(pipeline) => pipeline.run(stopped).await,
+            Err(error) => tracing::error!(%error, "cannot create the kafka consumer"),
+        }
+    };
+    tokio::join!(fixes, events);
 }

@@ -167,6 +167,37 @@ pub fn migrations(retention_days: u32) -> Vec<Migration> {
             statements: vec!["DROP TABLE IF EXISTS daily_stats".into()],
         },
         Migration {
+            version: 4,
+            description: "geofence and place events",
+            requires: BASE,
+            statements: vec![
+                // One row per distinct event: the sorting key is the event's identity, so an
+                // event produced twice collapses (reads use FINAL). The triggering fix is kept
+                // as columns (has_fix 0: the event came without one).
+                "CREATE TABLE IF NOT EXISTS events (
+                    tenant_id String,
+                    device_id String,
+                    time_ms Int64,
+                    event_type UInt8,
+                    geofence_id String,
+                    place_id String,
+                    lat Float64,
+                    lon Float64,
+                    has_fix UInt8,
+                    fix_time_ms Int64,
+                    fix_lat Float64,
+                    fix_lon Float64,
+                    fix_accuracy_m Nullable(Float32),
+                    fix_speed_mps Nullable(Float32),
+                    fix_heading_deg Nullable(Float32),
+                    fix_altitude_m Nullable(Float32)
+                ) ENGINE = ReplacingMergeTree
+                PARTITION BY toYYYYMM(toDateTime(intDiv(time_ms, 1000), 'UTC'))
+                ORDER BY (tenant_id, device_id, time_ms, event_type, geofence_id, place_id)"
+                    .into(),
+            ],
+        },
+        Migration {
             version: 101,
             description: "fixes.time as DateTime64(3) for analytics",
             requires: ServerVersion(20, 5),
@@ -205,6 +236,15 @@ pub fn migrations(retention_days: u32) -> Vec<Migration> {
                     .into(),
             ],
         });
+        all.push(Migration {
+            version: 3_000_000 + retention_days,
+            description: "retention TTL of events",
+            requires: ServerVersion(20, 1),
+            statements: vec![format!(
+                "ALTER TABLE events MODIFY TTL toDateTime(intDiv(time_ms, 1000)) + INTERVAL {retention_days} DAY"
+            )
+            .into()],
+        });
     }
     all
 }
@@ -232,7 +272,7 @@ mod tests {
             .filter(|m| m.requires <= ServerVersion(18, 16))
             .map(|m| m.version)
             .collect();
-        assert_eq!(old, [1, 2, 3]);
+        assert_eq!(old, [1, 2, 3, 4]);
         for statement in migrations(0)
             .iter()
             .filter(|m| m.requires <= ServerVersion(18, 16))

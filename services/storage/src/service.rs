@@ -7,16 +7,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use trackmesh_proto::v1::{
     DailyStat, DailyStatsRequest, DailyStatsResponse, DeleteStoredDeviceRequest,
-    DeleteStoredDeviceResponse, DeviceSummary, Fix, FixBatch, ListDevicesResponse,
-    ListStoredDevicesRequest, QueryTrackRequest, RefinedFix, StoreRequest, StoreResponse,
-    TrackChunk, Verdict, storage_server::Storage,
+    DeleteStoredDeviceResponse, DeviceSummary, EventType, Fix, FixBatch, GetEventsResponse,
+    ListDevicesResponse, ListStoredDevicesRequest, QueryTrackRequest, RefinedFix, StoreRequest,
+    StoreResponse, StoredEventsRequest, TrackChunk, Verdict, storage_server::Storage,
 };
 use trackmesh_shared::{geo, grpc::Deadline, ids};
 
 use crate::{
-    clickhouse::{Db, SORT_FIELDS, TrackRow},
+    clickhouse::{Db, EventFilter, SORT_FIELDS, TrackRow},
     config::StorageConfig,
     error::Error,
+    events,
     kafka::Kafka,
 };
 
@@ -26,6 +27,9 @@ const MAX_PAGE_SIZE: u32 = 1000;
 const DEFAULT_PAGE_SIZE: u32 = 100;
 /// Largest `limit` of a track query: beyond this, page with resume tokens.
 const MAX_TRACK_LIMIT: u64 = 1_000_000_000;
+/// Most events one GetEvents answers (the earliest ones); for more, ask again from the last
+/// event's time (events at that very time come again).
+const MAX_EVENTS: u64 = 10_000;
 
 pub struct StorageService {
     db: Db,
@@ -287,11 +291,53 @@ impl Storage for StorageService {
 
     async fn get_events(
         &self,
-        _request: Request<trackmesh_proto::v1::StoredEventsRequest>,
-    ) -> Result<Response<trackmesh_proto::v1::GetEventsResponse>, Status> {
-        // IN PROGRESS (helper): events table.
-        Err(Status::unimplemented("events are being built"))
+        request: Request<StoredEventsRequest>,
+    ) -> Result<Response<GetEventsResponse>, Status> {
+        let request = request.into_inner();
+        ids::tenant_field(&request.tenant_id)?;
+        let device = if request.device_id.is_empty() {
+            None
+        } else {
+            ids::device_fields(&request.tenant_id, &request.device_id)?;
+            Some(request.device_id.as_str())
+        };
+        let (from_ms, to_ms) = range(request.from_ms, request.to_ms)?;
+        let types = event_types(&request.types)?;
+        let rows = self
+            .db
+            .events(&EventFilter {
+                tenant: &request.tenant_id,
+                device,
+                from_ms,
+                to_ms,
+                types: &types,
+                limit: MAX_EVENTS,
+            })
+            .await
+            .map_err(Error::from)?;
+        let events = rows.into_iter().map(events::event).collect();
+        Ok(Response::new(GetEventsResponse { events }))
     }
+}
+
+/// The requested event types as stored (1..=4), each once; empty: every type.
+fn event_types(types: &[i32]) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::with_capacity(types.len());
+    for (index, &value) in types.iter().enumerate() {
+        let known = match EventType::try_from(value) {
+            Ok(EventType::Unspecified) | Err(_) => {
+                return Err(Error::invalid(
+                    format!("types[{index}]"),
+                    format!("{value} is not an event type; allowed ENTER, EXIT, ARRIVE, DEPART"),
+                ));
+            }
+            Ok(known) => u8::try_from(known as i32).unwrap_or_default(),
+        };
+        if !out.contains(&known) {
+            out.push(known);
+        }
+    }
+    Ok(out)
 }
 
 /// Only accepted fixes with a device and valid coordinates are stored.
@@ -425,6 +471,22 @@ mod tests {
         assert_eq!(err.to_string(), "sort[1].field: fixes given twice");
         let err = sort_fields(&sort(&["fixes", "first_ms", "last_ms"]), 2).unwrap_err();
         assert_eq!(err.to_string(), "sort: 3 fields, at most MAX_SORT_FIELDS=2");
+    }
+
+    #[test]
+    fn event_types_are_checked_and_deduplicated() {
+        assert_eq!(event_types(&[]).unwrap(), Vec::<u8>::new());
+        assert_eq!(event_types(&[4, 1, 4]).unwrap(), [4, 1]);
+        assert_eq!(
+            event_types(&[1, 0]).unwrap_err().to_string(),
+            "types[1]: 0 is not an event type; allowed ENTER, EXIT, ARRIVE, DEPART"
+        );
+        assert!(
+            event_types(&[5])
+                .unwrap_err()
+                .to_string()
+                .starts_with("types[0]: 5 ")
+        );
     }
 
     #[test]

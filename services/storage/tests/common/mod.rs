@@ -22,6 +22,7 @@ pub fn config() -> Config {
             kafka_brokers: testkit::kafka_brokers(),
             kafka_topic: format!("{name}.fixes"),
             kafka_dlq_topic: format!("{name}.dlq"),
+            kafka_events_topic: format!("{name}.events"),
             kafka_group_id: name,
             kafka_partitions: 4,
             kafka_session_timeout: ConfigDuration::from_secs(6),
