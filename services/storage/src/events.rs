@@ -248,9 +248,12 @@ impl Sink {
     }
 }
 
-/// The rows of one message, and the events skipped (index, reason); `Err` when the message
-/// is not a `TenantEvents` of a valid tenant.
-fn rows(payload: &[u8]) -> Result<(Vec<EventRow>, Vec<(usize, String)>), String> {
+/// Events of a message that cannot be stored: (index, reason).
+type Skipped = Vec<(usize, String)>;
+
+/// The rows of one message, and the events skipped; `Err` when the message is not a
+/// `TenantEvents` of a valid tenant.
+fn rows(payload: &[u8]) -> Result<(Vec<EventRow>, Skipped), String> {
     let message =
         TenantEvents::decode(payload).map_err(|err| format!("not a TenantEvents: {err}"))?;
     ids::check_tenant(&message.tenant_id).map_err(|rule| format!("tenant_id: {rule}"))?;

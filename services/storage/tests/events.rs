@@ -217,7 +217,10 @@ async fn events_are_stored_once_and_filtered_by_device_time_and_type_within_the_
     );
 
     // The other tenant sees its own event only, even for a device name both use.
-    assert_eq!(get(&mut client, request(&b)).await, [b_enter.clone()]);
+    assert_eq!(
+        get(&mut client, request(&b)).await,
+        std::slice::from_ref(&b_enter)
+    );
     let b_d1 = StoredEventsRequest {
         device_id: "d1".into(),
         ..request(&b)
