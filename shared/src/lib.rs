@@ -4,6 +4,7 @@
 pub mod breaker;
 pub mod config;
 mod conn;
+pub mod fix_messages;
 pub mod geo;
 pub mod grpc;
 pub mod ids;

@@ -84,6 +84,8 @@ pub struct GatewayConfig {
     pub kafka_brokers: Option<String>,
     /// The fixes topic: storage's KAFKA_TOPIC.
     pub kafka_topic: String,
+    /// The events topic: learning's KAFKA_EVENTS_TOPIC.
+    pub kafka_events_topic: String,
     /// Messages of the fixes topic kept for subscribers that read slowly; one that falls
     /// further behind skips ahead and is told how many messages it missed.
     pub watch_buffer: u32,
@@ -121,6 +123,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("stream_max_duration", &self.stream_max_duration)
             .field("kafka_brokers", &self.kafka_brokers)
             .field("kafka_topic", &self.kafka_topic)
+            .field("kafka_events_topic", &self.kafka_events_topic)
             .field("watch_buffer", &self.watch_buffer)
             .field("live_token_ttl", &self.live_token_ttl)
             .finish_non_exhaustive()
@@ -153,6 +156,7 @@ impl Default for GatewayConfig {
             stream_max_duration: Duration::from_secs(3600),
             kafka_brokers: None,
             kafka_topic: "trackmesh.fixes".into(),
+            kafka_events_topic: "trackmesh.events".into(),
             watch_buffer: 1024,
             live_token_ttl: Duration::from_secs(900),
             live_token_secret: None,

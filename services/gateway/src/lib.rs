@@ -89,11 +89,11 @@ pub async fn run(
         settings.max_batch,
     );
     let live = settings.kafka_brokers.as_deref().map(|brokers| {
-        watch::Hub::start(
-            brokers,
-            &settings.kafka_topic,
-            settings.watch_buffer as usize,
-        )
+        let topics = [
+            settings.kafka_topic.clone(),
+            settings.kafka_events_topic.clone(),
+        ];
+        watch::Hub::start(brokers, topics, settings.watch_buffer as usize)
     });
     let hub = live.as_ref().map(|(hub, _)| hub.clone());
     let service = service::GatewayService::new(

@@ -1,11 +1,11 @@
-//! Watch: live fixes for subscribers (gRPC `Watch` and SSE `/v1/live`).
+//! Watch: live fixes and events for subscribers (gRPC `Watch` and SSE `/v1/live`).
 //!
-//! One tail per gateway reads the fixes topic from its end and broadcasts each decoded
-//! message to every subscriber, which filters it (tenant, devices, area). The broadcast
+//! One tail per gateway reads the fixes and events topics from their ends and broadcasts each
+//! decoded message to every subscriber, which filters it (tenant, devices, area). The broadcast
 //! buffer is shared and bounded (WATCH_BUFFER messages): a subscriber that reads too slowly
 //! skips ahead and gets a `Lag` message, and never holds back the tail or anyone else.
-//! Every message carries a resume token, the subscriber's position in each partition (offset
-//! and fix within the message); a subscriber that resumes reads from there with a reader of
+//! Every message carries a resume token, the subscriber's position in each partition of each
+//! topic (offset, and fix or event within the message); a subscriber that resumes reads from there with a reader of
 //! its own until it reaches the tail, then joins the broadcast.
 
 use std::{
@@ -25,7 +25,7 @@ use trackmesh_shared::ids;
 
 use crate::{
     error::Error,
-    kafka::{Batch, Reader, Seen},
+    kafka::{Batch, Items, Reader, Seen, TOPICS},
 };
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchMessage, Status>> + Send>>;
@@ -108,24 +108,34 @@ impl Filter {
     }
 }
 
-/// Where a subscriber is in each partition: the next message's offset, and how many fixes
-/// of that message it has already had.
+/// Where a subscriber is in each partition of each topic: the next message's offset, and how
+/// many fixes or events of that message it has already had.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Position(Vec<(i64, u32)>);
+pub struct Position([Vec<(i64, u32)>; TOPICS]);
 
 impl Position {
-    fn at(offsets: &[i64]) -> Self {
-        Self(offsets.iter().map(|&offset| (offset, 0)).collect())
+    fn at(offsets: &[Vec<i64>; TOPICS]) -> Self {
+        Self(
+            offsets
+                .clone()
+                .map(|o| o.iter().map(|&offset| (offset, 0)).collect()),
+        )
     }
 
     /// The opaque token of this position.
     pub fn token(&self) -> String {
-        let text: Vec<String> = self
+        let topics: Vec<String> = self
             .0
             .iter()
-            .map(|(offset, fixes)| format!("{offset}:{fixes}"))
+            .map(|partitions| {
+                let text: Vec<String> = partitions
+                    .iter()
+                    .map(|(offset, had)| format!("{offset}:{had}"))
+                    .collect();
+                text.join(",")
+            })
             .collect();
-        URL_SAFE_NO_PAD.encode(format!("1;{}", text.join(",")))
+        URL_SAFE_NO_PAD.encode(format!("2;{}", topics.join(";")))
     }
 
     /// Reads a token `token` wrote.
@@ -133,20 +143,28 @@ impl Position {
         let invalid = || Error::invalid("resume_token", "not a token of a WatchMessage");
         let text = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
         let text = String::from_utf8(text).map_err(|_| invalid())?;
-        let partitions = text.strip_prefix("1;").ok_or_else(invalid)?;
-        partitions
-            .split(',')
-            .map(|p| {
-                let (offset, fixes) = p.split_once(':').ok_or_else(invalid)?;
-                let offset: i64 = offset.parse().map_err(|_| invalid())?;
-                let fixes: u32 = fixes.parse().map_err(|_| invalid())?;
-                if offset < 0 {
-                    return Err(invalid());
-                }
-                Ok((offset, fixes))
-            })
-            .collect::<Result<_, _>>()
-            .map(Self)
+        let mut topics = text.strip_prefix("2;").ok_or_else(invalid)?.split(';');
+        let mut position = Self::default();
+        for partitions in &mut position.0 {
+            let text = topics.next().ok_or_else(invalid)?;
+            *partitions = text
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (offset, had) = p.split_once(':').ok_or_else(invalid)?;
+                    let offset: i64 = offset.parse().map_err(|_| invalid())?;
+                    let had: u32 = had.parse().map_err(|_| invalid())?;
+                    if offset < 0 {
+                        return Err(invalid());
+                    }
+                    Ok((offset, had))
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if topics.next().is_some() {
+            return Err(invalid());
+        }
+        Ok(position)
     }
 }
 
@@ -162,32 +180,49 @@ impl Subscription {
         let Ok(p) = usize::try_from(batch.partition) else {
             return;
         };
-        if p >= self.position.0.len() {
+        let partitions = &mut self.position.0[batch.topic];
+        if p >= partitions.len() {
             // A partition added after the position was taken: from its start.
-            self.position.0.resize(p + 1, (0, 0));
+            partitions.resize(p + 1, (0, 0));
         }
-        let (offset, had) = self.position.0[p];
+        let (offset, had) = partitions[p];
         if batch.offset < offset {
             return;
         }
         let skip = if batch.offset == offset { had } else { 0 };
-        for device in &batch.devices {
-            if !self.filter.device(&device.tenant, &device.device) {
-                continue;
-            }
-            for (i, fix) in &device.fixes {
-                let Some(f) = &fix.fix else { continue };
-                if *i < skip || !self.filter.place(f.lat, f.lon) {
-                    continue;
+        let mut emit = |position: &mut Position, i: u32, item: Item| {
+            position.0[batch.topic][p] = (batch.offset, i + 1);
+            out.push(WatchMessage {
+                item: Some(item),
+                resume_token: position.token(),
+            });
+        };
+        match &batch.items {
+            Items::Fixes(devices) => {
+                for device in devices {
+                    if !self.filter.device(&device.tenant, &device.device) {
+                        continue;
+                    }
+                    for (i, fix) in &device.fixes {
+                        let Some(f) = &fix.fix else { continue };
+                        if *i >= skip && self.filter.place(f.lat, f.lon) {
+                            emit(&mut self.position, *i, Item::Fix(fix.clone()));
+                        }
+                    }
                 }
-                self.position.0[p] = (batch.offset, i + 1);
-                out.push(WatchMessage {
-                    item: Some(Item::Fix(fix.clone())),
-                    resume_token: self.position.token(),
-                });
+            }
+            Items::Events(events) => {
+                for (i, event) in &events.events {
+                    if *i >= skip
+                        && self.filter.device(&events.tenant, &event.device_id)
+                        && self.filter.place(event.lat, event.lon)
+                    {
+                        emit(&mut self.position, *i, Item::Event(event.clone()));
+                    }
+                }
             }
         }
-        self.position.0[p] = (batch.offset + 1, 0);
+        self.position.0[batch.topic][p] = (batch.offset + 1, 0);
     }
 
     fn lag(&self, dropped: u64) -> WatchMessage {
@@ -200,26 +235,31 @@ impl Subscription {
 
 /// The tail's state: where it is, and the channel to subscribers.
 struct Tail {
-    /// Next offset per partition; empty until the topic has been read once.
-    offsets: Vec<i64>,
+    /// Next offset per partition of each topic; empty until the topics have been read once.
+    offsets: Option<[Vec<i64>; TOPICS]>,
     /// `None` once the gateway shuts down: subscribers then end.
     sender: Option<broadcast::Sender<Arc<Batch>>>,
 }
 
-/// The fixes topic, fanned out to subscribers.
+/// The fixes and events topics, fanned out to subscribers.
 #[derive(Clone)]
 pub struct Hub {
     brokers: String,
-    topic: String,
+    topics: [String; TOPICS],
     tail: Arc<Mutex<Tail>>,
 }
 
 impl Hub {
-    /// Starts the tail; subscriptions are served once it has read the topic's end.
-    pub fn start(brokers: &str, topic: &str, buffer: usize) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the tail; subscriptions are served once it has read the topics' ends.
+    pub fn start(
+        brokers: &str,
+        topics: [String; TOPICS],
+        buffer: usize,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         trackmesh_shared::metrics::register(
             &[
                 "gateway_watch_fixes_total",
+                "gateway_watch_events_total",
                 "gateway_watch_lagged_messages_total",
             ],
             &["gateway_watch_subscribers"],
@@ -227,9 +267,9 @@ impl Hub {
         let (sender, _) = broadcast::channel(buffer);
         let hub = Self {
             brokers: brokers.to_owned(),
-            topic: topic.to_owned(),
+            topics,
             tail: Arc::new(Mutex::new(Tail {
-                offsets: Vec::new(),
+                offsets: None,
                 sender: Some(sender),
             })),
         };
@@ -249,41 +289,41 @@ impl Hub {
     }
 
     async fn run_tail(self) {
-        // Storage creates the topic: a gateway started first waits for it.
+        // Storage creates the topics: a gateway started first waits for them.
         let mut pause = Duration::from_millis(250);
         let reader = loop {
             match self.open_tail().await {
                 Ok(reader) => break reader,
                 Err(err) => {
-                    tracing::warn!(topic = %self.topic, error = %err, retry_in = ?pause, "fixes topic not readable yet");
+                    tracing::warn!(topics = ?self.topics, error = %err, retry_in = ?pause, "topics not readable yet");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(10));
                 }
             }
         };
-        tracing::info!(topic = %self.topic, "watch reads the fixes topic");
+        tracing::info!(topics = ?self.topics, "watch reads the topics");
         let mut seen = Seen::default();
         loop {
             let message = match reader.consumer.recv().await {
                 Ok(message) => message,
                 Err(err) => {
-                    tracing::warn!(error = %err, "fixes topic read failed");
+                    tracing::warn!(error = %err, "topic read failed");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
             };
+            let topic = self.topics.iter().position(|t| t == message.topic());
             let (partition, offset) = (message.partition(), message.offset());
-            let batch = crate::kafka::decode(&message, &mut seen);
+            let batch = reader.decode(&message, &mut seen);
             drop(message);
             // Offsets and broadcast move together: a subscriber's starting position is then
             // exactly the first message it receives.
             let mut tail = self.lock();
             let Tail { offsets, sender } = &mut *tail;
             let Some(sender) = sender else { return };
-            if let Some(next) = usize::try_from(partition)
-                .ok()
-                .and_then(|p| offsets.get_mut(p))
-            {
+            if let Some(next) = topic.zip(offsets.as_mut()).and_then(|(topic, offsets)| {
+                offsets[topic].get_mut(usize::try_from(partition).ok()?)
+            }) {
                 *next = offset + 1;
             }
             if let Some(batch) = batch {
@@ -293,20 +333,25 @@ impl Hub {
         }
     }
 
-    /// A reader at the topic's end, its offsets noted as the tail's.
+    /// A reader at the topics' ends, its offsets noted as the tail's.
     async fn open_tail(&self) -> Result<Reader, String> {
-        let (brokers, topic) = (self.brokers.clone(), self.topic.clone());
+        let (brokers, topics) = (self.brokers.clone(), self.topics.clone());
         let (reader, offsets) = tokio::task::spawn_blocking(move || {
-            let reader = Reader::new(&brokers, &topic)?;
-            let offsets: Vec<i64> = reader.watermarks()?.iter().map(|w| w.high).collect();
-            let from: Vec<(i32, i64)> = (0..).zip(offsets.iter().copied()).collect();
+            let reader = Reader::new(&brokers, &topics)?;
+            let offsets = reader
+                .watermarks()?
+                .map(|w| w.iter().map(|w| w.high).collect::<Vec<i64>>());
+            let mut from = Vec::new();
+            for (topic, offsets) in offsets.iter().enumerate() {
+                from.extend((0..).zip(offsets).map(|(p, &o)| (topic, p, o)));
+            }
             reader.assign(&from)?;
             Ok::<_, rdkafka::error::KafkaError>((reader, offsets))
         })
         .await
         .map_err(|err| err.to_string())?
         .map_err(|err| err.to_string())?;
-        self.lock().offsets = offsets;
+        self.lock().offsets = Some(offsets);
         Ok(reader)
     }
 
@@ -319,20 +364,21 @@ impl Hub {
         let (receiver, now) = {
             let tail = self.lock();
             let sender = tail.sender.as_ref().ok_or(Error::LiveEnded)?;
-            if tail.offsets.is_empty() {
-                return Err(Error::LiveStarting);
-            }
-            (sender.subscribe(), Position::at(&tail.offsets))
+            let offsets = tail.offsets.as_ref().ok_or(Error::LiveStarting)?;
+            (sender.subscribe(), Position::at(offsets))
         };
         let (position, catch_up) = match resume {
             None => (now.clone(), None),
             Some(mut position) => {
-                // Partitions the token does not know: from where the tail is.
-                if position.0.len() < now.0.len() {
-                    let known = position.0.len();
-                    position.0.extend_from_slice(&now.0[known..]);
+                let mut behind = false;
+                for (mine, tail) in position.0.iter_mut().zip(&now.0) {
+                    // Partitions the token does not know: from where the tail is.
+                    if mine.len() < tail.len() {
+                        let known = mine.len();
+                        mine.extend_from_slice(&tail[known..]);
+                    }
+                    behind |= tail.iter().zip(mine.iter()).any(|(n, p)| p.0 < n.0);
                 }
-                let behind = now.0.iter().zip(&position.0).any(|(n, p)| p.0 < n.0);
                 (position, behind.then_some(now))
             }
         };
@@ -396,7 +442,11 @@ impl Subscriber {
     /// Sends what `batch` holds for this subscriber; false once the client has gone.
     async fn deliver(&mut self, batch: &Batch) -> bool {
         self.subscription.take(batch, &mut self.out);
-        metrics::counter!("gateway_watch_fixes_total").increment(self.out.len() as u64);
+        let name = match batch.items {
+            Items::Fixes(_) => "gateway_watch_fixes_total",
+            Items::Events(_) => "gateway_watch_events_total",
+        };
+        metrics::counter!(name).increment(self.out.len() as u64);
         for message in self.out.drain(..) {
             if self.sender.send(Ok(message)).await.is_err() {
                 return false;
@@ -405,14 +455,13 @@ impl Subscriber {
         true
     }
 
-    /// Reads the topic from the subscriber's position up to `until` (where the tail was when
+    /// Reads the topics from the subscriber's position up to `until` (where the tail was when
     /// it subscribed), with a reader of its own.
     async fn catch_up(&mut self, hub: &Hub, until: &Position) -> Result<(), Status> {
-        let (brokers, topic) = (hub.brokers.clone(), hub.topic.clone());
-        let from = self.subscription.position.clone();
-        let unavailable = |err: String| Status::unavailable(format!("fixes topic: {err}"));
+        let (brokers, topics) = (hub.brokers.clone(), hub.topics.clone());
+        let unavailable = |err: String| Status::unavailable(format!("watch topics: {err}"));
         let (reader, watermarks) = tokio::task::spawn_blocking(move || {
-            let reader = Reader::new(&brokers, &topic)?;
+            let reader = Reader::new(&brokers, &topics)?;
             let watermarks = reader.watermarks()?;
             Ok::<_, rdkafka::error::KafkaError>((reader, watermarks))
         })
@@ -423,22 +472,25 @@ impl Subscriber {
         let mut dropped = 0;
         let mut assign = Vec::new();
         let mut pending = Vec::new();
-        for (p, ((offset, _), (end, _))) in from.0.iter().zip(&until.0).enumerate() {
-            if offset >= end {
-                continue;
-            }
-            let low = watermarks.get(p).map_or(0, |w| w.low);
-            let start = if *offset < low {
-                dropped += u64::try_from(low - offset).unwrap_or_default();
-                self.subscription.position.0[p] = (low, 0);
-                low
-            } else {
-                *offset
-            };
-            if start < *end {
-                let partition = i32::try_from(p).unwrap_or(i32::MAX);
-                assign.push((partition, start));
-                pending.push((partition, *end));
+        for topic in 0..TOPICS {
+            let from = self.subscription.position.0[topic].clone();
+            for (p, ((offset, _), (end, _))) in from.iter().zip(&until.0[topic]).enumerate() {
+                if offset >= end {
+                    continue;
+                }
+                let low = watermarks[topic].get(p).map_or(0, |w| w.low);
+                let start = if *offset < low {
+                    dropped += u64::try_from(low - offset).unwrap_or_default();
+                    self.subscription.position.0[topic][p] = (low, 0);
+                    low
+                } else {
+                    *offset
+                };
+                if start < *end {
+                    let partition = i32::try_from(p).unwrap_or(i32::MAX);
+                    assign.push((topic, partition, start));
+                    pending.push((topic, partition, *end));
+                }
             }
         }
         if dropped > 0 {
@@ -461,15 +513,17 @@ impl Subscriber {
                 message = reader.consumer.recv() => message.map_err(|err| unavailable(err.to_string()))?,
                 () = self.sender.closed() => return Err(Status::cancelled("client gone")),
             };
+            let topic = reader.topics.iter().position(|t| t == message.topic());
             let (partition, offset) = (message.partition(), message.offset());
-            let batch = crate::kafka::decode(&message, &mut seen);
+            let batch = reader.decode(&message, &mut seen);
             drop(message);
             if let Some(batch) = batch
                 && !self.deliver(&batch).await
             {
                 return Err(Status::cancelled("client gone"));
             }
-            pending.retain(|&(p, end)| !(p == partition && offset + 1 >= end));
+            pending
+                .retain(|&(t, p, end)| !(Some(t) == topic && p == partition && offset + 1 >= end));
         }
         Ok(())
     }

@@ -75,6 +75,21 @@ pub struct LearningConfig {
     pub state_ttl: Duration,
     /// Most fixes in one Observe call.
     pub max_batch: u32,
+    /// Kafka brokers. Set: learning also observes storage's fixes topic (as a consumer group,
+    /// so fixes whose Observe call failed are learned anyway), keeps geofences in a compacted
+    /// topic and produces events. Unset: none of that (geofence calls: FAILED_PRECONDITION).
+    pub kafka_brokers: Option<String>,
+    /// Storage's fixes topic (its KAFKA_TOPIC).
+    pub kafka_topic: String,
+    pub kafka_group_id: String,
+    pub kafka_events_topic: String,
+    pub kafka_geofences_topic: String,
+    /// For the events topic when learning creates it (storage creates it alike).
+    pub kafka_partitions: u32,
+    pub kafka_replication_factor: u32,
+    pub max_geofences_per_tenant: u32,
+    /// A device is inside a geofence once it has been inside this long (0: at the first fix).
+    pub geofence_min_dwell: Duration,
 }
 
 impl Default for LearningConfig {
@@ -93,6 +108,15 @@ impl Default for LearningConfig {
             min_label_visits: 3,
             state_ttl: Duration::from_secs(30 * 24 * 3600),
             max_batch: 10_000,
+            kafka_brokers: None,
+            kafka_topic: "trackmesh.fixes".into(),
+            kafka_group_id: "trackmesh-learning".into(),
+            kafka_events_topic: "trackmesh.events".into(),
+            kafka_geofences_topic: "trackmesh.geofences".into(),
+            kafka_partitions: 12,
+            kafka_replication_factor: 1,
+            max_geofences_per_tenant: 1_000,
+            geofence_min_dwell: Duration::from_secs(0),
         }
     }
 }
@@ -160,6 +184,45 @@ impl Validate for LearningConfig {
             Duration::from_secs(1)..=Duration::from_secs(10 * 365 * 24 * 3600),
         )?;
         check_range("MAX_BATCH", self.max_batch, 1..=1_000_000)?;
+        if let Some(brokers) = &self.kafka_brokers {
+            for broker in brokers.split(',') {
+                config::url("KAFKA_BROKERS", broker.trim(), "kafka")?;
+            }
+        }
+        for (var, value) in [
+            ("KAFKA_TOPIC", &self.kafka_topic),
+            ("KAFKA_GROUP_ID", &self.kafka_group_id),
+            ("KAFKA_EVENTS_TOPIC", &self.kafka_events_topic),
+            ("KAFKA_GEOFENCES_TOPIC", &self.kafka_geofences_topic),
+        ] {
+            let ok = (1..=249).contains(&value.len())
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(ConfigError::new(
+                    var,
+                    value,
+                    "1 to 249 characters of A-Z a-z 0-9 . _ -",
+                ));
+            }
+        }
+        check_range("KAFKA_PARTITIONS", self.kafka_partitions, 1..=10_000)?;
+        check_range(
+            "KAFKA_REPLICATION_FACTOR",
+            self.kafka_replication_factor,
+            1..=10,
+        )?;
+        check_range(
+            "MAX_GEOFENCES_PER_TENANT",
+            self.max_geofences_per_tenant,
+            0..=100_000,
+        )?;
+        check_range(
+            "GEOFENCE_MIN_DWELL",
+            self.geofence_min_dwell,
+            Duration::from_secs(0)..=Duration::from_secs(7 * 24 * 3600),
+        )?;
         self.calendar().map(drop)
     }
 }

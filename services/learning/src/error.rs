@@ -13,6 +13,12 @@ pub enum Error {
     Contention { device: String },
     #[error("device {device}: stored state is unreadable: {reason}")]
     Corrupt { device: String, reason: String },
+    #[error("kafka: {0}")]
+    Kafka(String),
+    #[error("geofences are off: learning has no KAFKA_BROKERS")]
+    GeofencesOff,
+    #[error("geofences: the tenant has MAX_GEOFENCES_PER_TENANT={0} already; delete one first")]
+    TooManyGeofences(u32),
 }
 
 impl Error {
@@ -38,6 +44,9 @@ impl From<Error> for Status {
                 Status::unavailable(error.to_string())
             }
             Error::Contention { .. } => Status::aborted(error.to_string()),
+            Error::Kafka(_) => Status::unavailable(error.to_string()),
+            Error::GeofencesOff => Status::failed_precondition(error.to_string()),
+            Error::TooManyGeofences(_) => Status::resource_exhausted(error.to_string()),
             Error::Redis(_) | Error::Corrupt { .. } => {
                 tracing::error!(%error, "internal error");
                 Status::internal(error.to_string())

@@ -5,16 +5,31 @@
 //! work labels, and a forecast of the next place (`model::predict`). A device's model lives in Redis and is updated with
 //! compare-and-set, so replicas may observe the same device at the same time; a watermark
 //! makes observing the same fixes twice change nothing.
+//!
+//! With Kafka (`kafka`), fixes come two ways: the gateway's Observe call, and the fixes topic
+//! read as a consumer group, so what an Observe call missed is learned anyway. Geofences are
+//! kept in a compacted topic (`geofences`); each observed fix is evaluated against its
+//! tenant's fences and the device's known places (`fence`, `model`), and the transitions are
+//! produced to the events topic before the model that records them is written.
 #![forbid(unsafe_code)]
 
 pub mod calendar;
 mod config;
 mod error;
+pub mod fence;
+mod geofences;
+mod kafka;
 pub mod model;
 mod service;
 mod store;
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -46,9 +61,32 @@ pub async fn run(
     let rules = settings.rules()?;
     let redis = Redis::connect(&config.redis.target(), config.redis.redis_timeout.get())?;
     let store = store::Store::new(redis.clone(), settings.state_ttl.get());
-    let service = service::LearningService::new(store, rules, settings.max_batch as usize);
+    let kafka = kafka::Kafka::new(settings)?;
+    let events = match &kafka {
+        Some(kafka) => {
+            kafka.ensure_topics().await?;
+            let book = geofences::Book::start(&kafka.brokers, &kafka.geofences_topic)?;
+            Some(service::EventSettings {
+                kafka: kafka.clone(),
+                book,
+                min_dwell_ms: i64::try_from(settings.geofence_min_dwell.get().as_millis())
+                    .unwrap_or(i64::MAX),
+                max_geofences: settings.max_geofences_per_tenant,
+            })
+        }
+        None => None,
+    };
+    let service = Arc::new(service::LearningService::new(
+        store,
+        rules,
+        settings.max_batch as usize,
+        events,
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer =
+        kafka.map(|kafka| tokio::spawn(kafka.observe_fixes(service.clone(), stop.clone())));
     let routes = Routes::new(
-        LearningServer::new(service)
+        LearningServer::from_arc(service)
             .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(server::MAX_MESSAGE_BYTES),
     );
@@ -61,5 +99,14 @@ pub async fn run(
         routes,
         ready,
     };
-    server::serve(&config.common, listener, service, shutdown).await
+    let shutdown = async move {
+        shutdown.await;
+        stop.store(true, Ordering::Relaxed);
+    };
+    let served = server::serve(&config.common, listener, service, shutdown).await;
+    if let Some(consumer) = consumer {
+        // It stops within half a second of the flag, after its current message.
+        let _ = tokio::time::timeout(config.common.shutdown_grace.get(), consumer).await;
+    }
+    served
 }

@@ -13,10 +13,13 @@
 //! jump faster than `MAX_SPEED_KMH`) closes it as a stay when it lasted long enough up to its
 //! last fix: the device was seen there that long.
 
-use trackmesh_proto::v1::{Place, PlaceLabel, Stay};
+use trackmesh_proto::v1::{Event, EventType, Fix, Place, PlaceLabel, Stay};
 use trackmesh_shared::geo;
 
-use crate::calendar::{Calendar, HOURS_PER_WEEK};
+use crate::{
+    calendar::{Calendar, HOURS_PER_WEEK},
+    fence::{self, FenceState, Fences},
+};
 
 /// The learning rules, in the units the decisions use.
 #[derive(Clone, Debug)]
@@ -58,6 +61,9 @@ pub struct Model {
     pub stays: u64,
     #[prost(message, optional, tag = "9")]
     pub last_stay: Option<StayState>,
+    /// Geofences the device is inside or entering (see `fence::evaluate`).
+    #[prost(message, repeated, tag = "10")]
+    pub fences: Vec<FenceState>,
 }
 
 /// Fixes since the anchor, all closer than the stay radius to it.
@@ -83,6 +89,9 @@ pub struct Candidate {
     pub sum_dlon: f64,
     #[prost(uint32, tag = "9")]
     pub fixes: u32,
+    /// The known place an ARRIVE event was sent for; 0: none yet.
+    #[prost(uint32, tag = "10")]
+    pub arrived_place: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -160,6 +169,17 @@ pub struct Outcome {
     pub stays: Vec<StayState>,
     pub places_created: u32,
     pub places_evicted: u32,
+    /// Transitions, in fix-time order (only with `Events`).
+    pub events: Vec<Event>,
+}
+
+/// What events are evaluated for a device: its geofences, and ARRIVE/DEPART of its known
+/// places. `fixes[i]` is the fix of `points[i]`, which events carry.
+pub struct Events<'a> {
+    pub device: &'a str,
+    pub fences: Option<&'a Fences>,
+    pub min_dwell_ms: i64,
+    pub fixes: &'a [&'a Fix],
 }
 
 impl Outcome {
@@ -171,11 +191,22 @@ impl Outcome {
 
 /// Observes `points` of one device (any order) into `model`.
 pub fn observe(model: &mut Model, points: &[Point], rules: &Rules) -> Outcome {
-    let mut order: Vec<&Point> = points.iter().collect();
+    observe_with(model, points, rules, None)
+}
+
+/// `observe`, evaluating `events` at each fix too, in fix-time order.
+pub fn observe_with(
+    model: &mut Model,
+    points: &[Point],
+    rules: &Rules,
+    events: Option<&Events<'_>>,
+) -> Outcome {
+    let mut order: Vec<usize> = (0..points.len()).collect();
     // Stable: of two fixes at the same time the first sent wins, the other is seen already.
-    order.sort_by_key(|p| p.time_ms);
+    order.sort_by_key(|&i| points[i].time_ms);
     let mut outcome = Outcome::default();
-    for point in order {
+    for i in order {
+        let point = points[i];
         if model.fixes_observed > 0 && point.time_ms <= model.watermark_ms {
             outcome.ignored += 1;
             continue;
@@ -183,9 +214,76 @@ pub fn observe(model: &mut Model, points: &[Point], rules: &Rules) -> Outcome {
         model.watermark_ms = point.time_ms;
         model.fixes_observed += 1;
         outcome.observed += 1;
-        step(model, *point, rules, &mut outcome);
+        let before = model
+            .candidate
+            .as_ref()
+            .map(|c| (c.start_ms, c.arrived_place));
+        step(model, point, rules, &mut outcome);
+        if let Some(events) = events
+            && let Some(fix) = events.fixes.get(i)
+        {
+            let fix: &Fix = fix;
+            places_events(model, before, rules, events.device, fix, &mut outcome);
+            if let Some(fences) = events.fences {
+                let entered = fence::evaluate(
+                    &mut model.fences,
+                    fences,
+                    events.device,
+                    fix,
+                    events.min_dwell_ms,
+                );
+                outcome.events.extend(entered);
+            } else {
+                // The tenant's last fence is gone: so is what the device was inside.
+                model.fences.clear();
+            }
+        }
     }
     outcome
+}
+
+/// DEPART when the stay that had arrived closed at this fix; ARRIVE once the stay in
+/// progress has lasted STAY_MIN_DURATION at a known place.
+fn places_events(
+    model: &mut Model,
+    before: Option<(i64, u32)>,
+    rules: &Rules,
+    device: &str,
+    fix: &Fix,
+    outcome: &mut Outcome,
+) {
+    let event = |kind: EventType, place: u32, time_ms: i64| Event {
+        r#type: kind as i32,
+        device_id: device.to_owned(),
+        place_id: place_name(place),
+        time_ms,
+        lat: fix.lat,
+        lon: fix.lon,
+        fix: Some(fix.clone()),
+        ..Event::default()
+    };
+    let now = model.candidate.as_ref().map(|c| c.start_ms);
+    if let Some((start_ms, arrived)) = before
+        && arrived != 0
+        && now != Some(start_ms)
+    {
+        let left_ms = outcome.stays.last().map_or(fix.time_ms, |s| s.end_ms);
+        outcome
+            .events
+            .push(event(EventType::Depart, arrived, left_ms));
+    }
+    let Some(stay) = current_stay(model, rules) else {
+        return;
+    };
+    if let Some(candidate) = model.candidate.as_mut()
+        && candidate.arrived_place == 0
+        && stay.place_id != 0
+    {
+        candidate.arrived_place = stay.place_id;
+        outcome
+            .events
+            .push(event(EventType::Arrive, stay.place_id, fix.time_ms));
+    }
 }
 
 fn step(model: &mut Model, point: Point, rules: &Rules, outcome: &mut Outcome) {
@@ -235,6 +333,7 @@ impl Candidate {
             sum_dlat: 0.0,
             sum_dlon: 0.0,
             fixes: 1,
+            arrived_place: 0,
         }
     }
 

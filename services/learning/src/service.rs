@@ -2,19 +2,26 @@
 //! in Rust, writes back with one compare-and-set per device and retries the devices another
 //! replica changed meanwhile; the queries read one model.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use prost::Message as _;
 
 use tonic::{Request, Response, Status};
 use trackmesh_proto::v1::{
-    ForgetRequest, ForgetResponse, GetPlacesRequest, GetPlacesResponse, GetProfileRequest,
-    GetProfileResponse, ObserveRequest, ObserveResponse, PredictNextRequest, PredictNextResponse,
-    Prediction, RefinedFix, Verdict, learning_server::Learning,
+    DeleteTenantGeofenceRequest, DeleteTenantGeofenceResponse, Fix, ForgetRequest, ForgetResponse,
+    Geofence, GetPlacesRequest, GetPlacesResponse, GetProfileRequest, GetProfileResponse,
+    ListTenantGeofencesResponse, ObserveRequest, ObserveResponse, PredictNextRequest,
+    PredictNextResponse, Prediction, RefinedFix, TenantGeofence, TenantGeofencesRequest, Verdict,
+    learning_server::Learning,
 };
 use trackmesh_shared::ids;
 
 use crate::{
     error::Error,
-    model::{self, Model, Outcome, Point, Rules},
+    fence::Fence,
+    geofences::{Book, now_ms},
+    kafka::Kafka,
+    model::{self, Events, Model, Outcome, Point, Rules},
     store::{Save, Store},
 };
 
@@ -27,15 +34,105 @@ pub struct LearningService {
     store: Store,
     rules: Rules,
     max_batch: usize,
+    /// Geofences and events; `None` without KAFKA_BROKERS.
+    events: Option<EventSettings>,
+}
+
+/// Where geofences are kept and events go, and their rules.
+pub struct EventSettings {
+    pub kafka: Kafka,
+    pub book: Arc<Book>,
+    pub min_dwell_ms: i64,
+    pub max_geofences: u32,
 }
 
 impl LearningService {
-    pub fn new(store: Store, rules: Rules, max_batch: usize) -> Self {
+    pub fn new(
+        store: Store,
+        rules: Rules,
+        max_batch: usize,
+        events: Option<EventSettings>,
+    ) -> Self {
         Self {
             store,
             rules,
             max_batch,
+            events,
         }
+    }
+
+    /// `observe` in calls of at most MAX_BATCH fixes (the fixes topic's messages may hold
+    /// more).
+    pub async fn observe_chunked(&self, tenant: &str, fixes: &[RefinedFix]) -> Result<(), Error> {
+        for chunk in fixes.chunks(self.max_batch.max(1)) {
+            self.observe(tenant, chunk).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn forget(&self, tenant: &str, device: &str) -> Result<bool, Error> {
+        ids::device_fields(tenant, device)?;
+        let existed = self.store.forget(tenant, device).await?;
+        tracing::info!(tenant = %tenant, existed, "device model forgotten");
+        Ok(existed)
+    }
+
+    fn events(&self) -> Result<&EventSettings, Error> {
+        self.events.as_ref().ok_or(Error::GeofencesOff)
+    }
+
+    async fn create_geofence(
+        &self,
+        tenant: &str,
+        geofence: Option<Geofence>,
+    ) -> Result<Geofence, Error> {
+        ids::tenant_field(tenant)?;
+        let events = self.events()?;
+        let mut geofence = geofence.ok_or_else(|| Error::invalid("geofence", "required"))?;
+        geofence.geofence_id = format!("gf-{:016x}", fastrand::u64(..));
+        geofence.created_ms = now_ms();
+        Fence::new(&geofence).map_err(|(field, rule)| Error::invalid(field, rule))?;
+        events.book.sync(now_ms()).await?;
+        if events.book.count(tenant) >= events.max_geofences as usize {
+            return Err(Error::TooManyGeofences(events.max_geofences));
+        }
+        events
+            .kafka
+            .produce_geofence(tenant, &geofence.geofence_id, Some(&geofence))
+            .await?;
+        // Here at once; other replicas read it before they evaluate later fixes (`sync`).
+        let key = format!("{tenant}/{}", geofence.geofence_id);
+        let value = TenantGeofence {
+            tenant_id: tenant.to_owned(),
+            geofence: Some(geofence.clone()),
+        }
+        .encode_to_vec();
+        events.book.apply(&key, Some(&value));
+        tracing::info!(tenant = %tenant, geofence = %geofence.geofence_id, "geofence created");
+        Ok(geofence)
+    }
+
+    async fn list_geofences(&self, tenant: &str) -> Result<Vec<Geofence>, Error> {
+        ids::tenant_field(tenant)?;
+        let events = self.events()?;
+        events.book.sync(now_ms()).await?;
+        Ok(events.book.list(tenant))
+    }
+
+    async fn delete_geofence(&self, tenant: &str, id: &str) -> Result<bool, Error> {
+        ids::tenant_field(tenant)?;
+        let events = self.events()?;
+        if id.is_empty() || id.len() > 64 {
+            return Err(Error::invalid("geofence_id", "1 to 64 characters"));
+        }
+        events.book.sync(now_ms()).await?;
+        let existed = events.book.contains(tenant, id);
+        if existed {
+            events.kafka.produce_geofence(tenant, id, None).await?;
+            events.book.apply(&format!("{tenant}/{id}"), None);
+            tracing::info!(tenant = %tenant, geofence = %id, "geofence deleted");
+        }
+        Ok(existed)
     }
 
     #[tracing::instrument(name = "observe", skip_all, fields(tenant = %tenant, fixes = fixes.len()))]
@@ -75,6 +172,14 @@ impl LearningService {
             ignored: not_accepted,
             ..ObserveResponse::default()
         };
+        // A fence created before these fixes arrived applies to them.
+        let fences = match &self.events {
+            Some(events) => {
+                events.book.sync(now_ms()).await?;
+                events.book.fences(tenant)
+            }
+            None => None,
+        };
         let mut todo: Vec<&str> = by_device.keys().copied().collect();
         for _ in 0..MAX_ATTEMPTS {
             if todo.is_empty() {
@@ -84,8 +189,29 @@ impl LearningService {
             let mut decided: Vec<(&str, u64, Model, Outcome)> = Vec::with_capacity(todo.len());
             for (device, loaded) in todo.iter().zip(loaded) {
                 let mut model = loaded.model;
-                let outcome = model::observe(&mut model, &by_device[device], &self.rules);
+                let (points, fixes) = &by_device[device];
+                let events = self.events.as_ref().map(|events| Events {
+                    device,
+                    fences: fences.as_deref(),
+                    min_dwell_ms: events.min_dwell_ms,
+                    fixes,
+                });
+                let outcome = model::observe_with(&mut model, points, &self.rules, events.as_ref());
                 decided.push((device, loaded.version, model, outcome));
+            }
+            // Events leave before the models that record them are written: a failure here
+            // writes nothing, and a retry makes the same events again (storage and Watch
+            // keep one of each).
+            if let Some(events) = &self.events {
+                let sent = decided
+                    .iter()
+                    .filter(|(_, _, _, outcome)| !outcome.events.is_empty())
+                    .map(|(device, _, _, outcome)| {
+                        events
+                            .kafka
+                            .produce_events(tenant, device, outcome.events.clone())
+                    });
+                futures::future::try_join_all(sent).await?;
             }
             let saves: Vec<Save<'_>> = decided
                 .iter()
@@ -191,9 +317,12 @@ impl LearningService {
     }
 }
 
+/// A device's accepted fixes, as points and as sent (events carry them).
+type DeviceFixes<'a> = (Vec<Point>, Vec<&'a Fix>);
+
 /// Accepted fixes per device, checked; and how many fixes were not accepted.
-fn group(fixes: &[RefinedFix]) -> Result<(BTreeMap<&str, Vec<Point>>, u32), Error> {
-    let mut by_device: BTreeMap<&str, Vec<Point>> = BTreeMap::new();
+fn group(fixes: &[RefinedFix]) -> Result<(BTreeMap<&str, DeviceFixes<'_>>, u32), Error> {
+    let mut by_device: BTreeMap<&str, DeviceFixes<'_>> = BTreeMap::new();
     let mut not_accepted = 0u32;
     for (index, refined) in fixes.iter().enumerate() {
         if refined.verdict != Verdict::Accepted as i32 {
@@ -224,14 +353,13 @@ fn group(fixes: &[RefinedFix]) -> Result<(BTreeMap<&str, Vec<Point>>, u32), Erro
                 format!("{} is outside -180..=180", fix.lon),
             ));
         }
-        by_device
-            .entry(fix.device_id.as_str())
-            .or_default()
-            .push(Point {
-                time_ms: fix.time_ms,
-                lat: fix.lat,
-                lon: fix.lon,
-            });
+        let (points, sent) = by_device.entry(fix.device_id.as_str()).or_default();
+        points.push(Point {
+            time_ms: fix.time_ms,
+            lat: fix.lat,
+            lon: fix.lon,
+        });
+        sent.push(fix);
     }
     Ok((by_device, not_accepted))
 }
@@ -319,34 +447,40 @@ impl Learning for LearningService {
         request: Request<ForgetRequest>,
     ) -> Result<Response<ForgetResponse>, Status> {
         let request = request.into_inner();
-        ids::device_fields(&request.tenant_id, &request.device_id)?;
-        let existed = self
-            .store
-            .forget(&request.tenant_id, &request.device_id)
-            .await?;
-        tracing::info!(tenant = %request.tenant_id, existed, "device model forgotten");
+        let existed = self.forget(&request.tenant_id, &request.device_id).await?;
         Ok(Response::new(ForgetResponse { existed }))
     }
 
-    // IN PROGRESS (lead): geofences.
     async fn create_geofence(
         &self,
-        _request: Request<trackmesh_proto::v1::TenantGeofence>,
-    ) -> Result<Response<trackmesh_proto::v1::Geofence>, Status> {
-        Err(Status::unimplemented("geofences are being built"))
+        request: Request<TenantGeofence>,
+    ) -> Result<Response<Geofence>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(
+            self.create_geofence(&request.tenant_id, request.geofence)
+                .await?,
+        ))
     }
 
     async fn list_geofences(
         &self,
-        _request: Request<trackmesh_proto::v1::TenantGeofencesRequest>,
-    ) -> Result<Response<trackmesh_proto::v1::ListTenantGeofencesResponse>, Status> {
-        Err(Status::unimplemented("geofences are being built"))
+        request: Request<TenantGeofencesRequest>,
+    ) -> Result<Response<ListTenantGeofencesResponse>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(ListTenantGeofencesResponse {
+            geofences: self.list_geofences(&request.tenant_id).await?,
+        }))
     }
 
     async fn delete_geofence(
         &self,
-        _request: Request<trackmesh_proto::v1::DeleteTenantGeofenceRequest>,
-    ) -> Result<Response<trackmesh_proto::v1::DeleteTenantGeofenceResponse>, Status> {
-        Err(Status::unimplemented("geofences are being built"))
+        request: Request<DeleteTenantGeofenceRequest>,
+    ) -> Result<Response<DeleteTenantGeofenceResponse>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(DeleteTenantGeofenceResponse {
+            existed: self
+                .delete_geofence(&request.tenant_id, &request.geofence_id)
+                .await?,
+        }))
     }
 }

@@ -25,7 +25,7 @@ use trackmesh_proto::v1::{
     Place, PlaceLabel, SortField, Verdict, gateway_server::Gateway as _,
 };
 
-use super::{fields::BadFix, ingest_json, live, osmand, owntracks};
+use super::{fields::BadFix, geofences, ingest_json, live, osmand, owntracks};
 use crate::{
     auth::{Scope, StreamTokens},
     export::{Encoder, Format},
@@ -65,6 +65,15 @@ pub fn router(api: Api) -> Router {
         .route("/v1/devices/{id}/predict", get(predict))
         .route("/v1/live", get(live::stream))
         .route("/v1/live/token", post(live::token))
+        .route(
+            "/v1/geofences",
+            get(geofences::list).post(geofences::create),
+        )
+        .route(
+            "/v1/geofences/{id}",
+            get(geofences::get).delete(geofences::delete),
+        )
+        .route("/v1/events", get(geofences::events))
         .with_state(api)
 }
 
@@ -222,14 +231,14 @@ fn one(fix: Fix) -> IngestRequest {
 }
 
 /// A gRPC request as the guard hands it on: the tenant in its extensions.
-fn request<T>(tenant: String, message: T) -> tonic::Request<T> {
+pub(super) fn request<T>(tenant: String, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.extensions_mut().insert(Tenant(tenant));
     request
 }
 
 /// The body, refused with 413 beyond `limit` bytes (by its declared length before reading).
-async fn body(request: Request, limit: usize) -> Result<Bytes, Failure> {
+pub(super) async fn body(request: Request, limit: usize) -> Result<Bytes, Failure> {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -358,8 +367,8 @@ pub(super) fn json_response(value: &Value) -> Response {
 
 /// A query route's caller: its tenant (API keys only), its slot, and the query parameters
 /// (strictly decoded: a bad one is a 400 naming it).
-struct Caller {
-    tenant: String,
+pub(super) struct Caller {
+    pub(super) tenant: String,
     params: Vec<(String, String)>,
     _slot: Slot,
 }
@@ -380,7 +389,7 @@ impl FromRequestParts<Api> for Caller {
 
 impl Caller {
     /// The last value of parameter `name`.
-    fn param(&self, name: &str) -> Option<&str> {
+    pub(super) fn param(&self, name: &str) -> Option<&str> {
         self.params
             .iter()
             .rev()
@@ -389,7 +398,7 @@ impl Caller {
     }
 
     /// A whole-number parameter; absent: 0 (the gRPC default).
-    fn number<T: std::str::FromStr + Default>(&self, name: &str) -> Result<T, Failure> {
+    pub(super) fn number<T: std::str::FromStr + Default>(&self, name: &str) -> Result<T, Failure> {
         self.param(name).map_or(Ok(T::default()), |text| {
             text.parse().map_err(|_| {
                 Failure::new(
@@ -403,7 +412,7 @@ impl Caller {
         })
     }
 
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
+    pub(super) fn request<T>(&self, message: T) -> tonic::Request<T> {
         request(self.tenant.clone(), message)
     }
 }

@@ -21,7 +21,7 @@ use trackmesh_proto::v1::{BoundingBox, WatchMessage, WatchRequest, watch_message
 
 use super::{
     api::{Answer, Api, Failure, code_name, json_response, now_ms},
-    osmand,
+    geofences, osmand,
 };
 use crate::{auth::Scope, export::refined_json};
 
@@ -110,8 +110,10 @@ fn event(message: &WatchMessage) -> Event {
         Some(Item::Lag(lag)) => {
             data.push_str(&format!("\"lag\":{{\"dropped\":\"{}\"}},", lag.dropped));
         }
-        // Geofence events are not produced yet.
-        Some(Item::Event(_)) | None => {}
+        Some(Item::Event(event)) => {
+            data.push_str(&format!("\"event\":{},", geofences::event_json(event)));
+        }
+        None => {}
     }
     data.push_str(&format!(
         "\"resumeToken\":{}}}",

@@ -70,9 +70,20 @@ impl Mesh {
                 Process::start("refinement-api", &common(&[("REDIS_ADDR", redis.clone())])).await,
             );
         }
-        let learning =
-            Process::start("learning-api", &common(&[("REDIS_ADDR", redis.clone())])).await;
         let name = testkit::unique("mesh");
+        let learning = Process::start(
+            "learning-api",
+            &common(&[
+                ("REDIS_ADDR", redis.clone()),
+                ("KAFKA_BROKERS", testkit::kafka_brokers()),
+                ("KAFKA_TOPIC", format!("{name}.fixes")),
+                ("KAFKA_EVENTS_TOPIC", format!("{name}.events")),
+                ("KAFKA_GEOFENCES_TOPIC", format!("{name}.geofences")),
+                ("KAFKA_GROUP_ID", format!("{name}-learning")),
+                ("KAFKA_PARTITIONS", "4".into()),
+            ]),
+        )
+        .await;
         let storage = Process::start(
             "storage-service",
             &common(&[
@@ -80,6 +91,7 @@ impl Mesh {
                 ("CLICKHOUSE_DATABASE", name.clone()),
                 ("KAFKA_BROKERS", testkit::kafka_brokers()),
                 ("KAFKA_TOPIC", format!("{name}.fixes")),
+                ("KAFKA_EVENTS_TOPIC", format!("{name}.events")),
                 ("KAFKA_DLQ_TOPIC", format!("{name}.dlq")),
                 ("KAFKA_GROUP_ID", name.clone()),
                 ("KAFKA_PARTITIONS", "4".into()),
@@ -114,6 +126,7 @@ impl Mesh {
             ("RESOLVE_INTERVAL", "100ms".into()),
             ("KAFKA_BROKERS", testkit::kafka_brokers()),
             ("KAFKA_TOPIC", format!("{name}.fixes")),
+            ("KAFKA_EVENTS_TOPIC", format!("{name}.events")),
         ]);
         gateway_env.extend(options.gateway_env);
         let gateway = Process::start("gateway", &gateway_env).await;

@@ -1,0 +1,234 @@
+//! The tenants' geofences. The compacted geofences topic is the durable copy (Redis is not:
+//! a fence must outlive a Redis loss); every replica reads it from the beginning and keeps each
+//! tenant's fences compiled with their spatial index (`fence::Fences`). Before fixes are
+//! evaluated, a replica makes sure it has read everything the topic held when the fixes
+//! arrived (`sync`), so a fence applies to every fix ingested after it was created.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use prost::Message as _;
+use rdkafka::{
+    ClientConfig, Message as _, Offset, TopicPartitionList,
+    consumer::{Consumer as _, StreamConsumer},
+};
+use tokio::sync::{Mutex, watch};
+use trackmesh_proto::v1::{Geofence, TenantGeofence};
+
+use crate::{
+    error::Error,
+    fence::{Fence, Fences},
+};
+
+const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Tenant {
+    protos: BTreeMap<String, Geofence>,
+    compiled: Arc<Fences>,
+}
+
+pub struct Book {
+    tenants: RwLock<HashMap<String, Tenant>>,
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    /// Next offset read, per partition.
+    read: watch::Receiver<Vec<i64>>,
+    /// Wall-clock milliseconds as of which everything in the topic has been read.
+    synced_ms: Mutex<i64>,
+}
+
+impl Book {
+    /// Starts reading the topic (which must exist) from its beginning.
+    pub fn start(brokers: &str, topic: &str) -> Result<Arc<Self>, Error> {
+        let kafka = |err: rdkafka::error::KafkaError| Error::Kafka(err.to_string());
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "trackmesh-learning-geofences")
+            .set("client.id", "trackmesh-learning")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()
+            .map_err(kafka)?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), SYNC_TIMEOUT)
+            .map_err(kafka)?;
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map_or(0, |t| t.partitions().len());
+        if partitions == 0 {
+            return Err(Error::Kafka(format!("topic {topic} has no partitions")));
+        }
+        let mut list = TopicPartitionList::new();
+        for p in 0..partitions {
+            list.add_partition_offset(topic, p as i32, Offset::Beginning)
+                .map_err(kafka)?;
+        }
+        consumer.assign(&list).map_err(kafka)?;
+        let (sender, read) = watch::channel(vec![0; partitions]);
+        let book = Arc::new(Self {
+            tenants: RwLock::default(),
+            consumer: Arc::new(consumer),
+            topic: topic.to_owned(),
+            read,
+            synced_ms: Mutex::new(i64::MIN),
+        });
+        tokio::spawn(Arc::clone(&book).read_topic(sender));
+        Ok(book)
+    }
+
+    async fn read_topic(self: Arc<Self>, read: watch::Sender<Vec<i64>>) {
+        loop {
+            match self.consumer.recv().await {
+                Ok(message) => {
+                    let key = message
+                        .key()
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                        .unwrap_or_default();
+                    self.apply(&key, message.payload());
+                    let (partition, offset) = (message.partition(), message.offset());
+                    read.send_modify(|read| {
+                        if let Some(next) = usize::try_from(partition)
+                            .ok()
+                            .and_then(|p| read.get_mut(p))
+                        {
+                            *next = offset + 1;
+                        }
+                    });
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "geofences topic read failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// A fence message: `tenant/id` and a `TenantGeofence`, or no value for a deleted fence.
+    pub fn apply(&self, key: &str, value: Option<&[u8]>) {
+        let Some((tenant, id)) = key.split_once('/') else {
+            tracing::warn!(key, "geofence message without a tenant/id key skipped");
+            return;
+        };
+        let geofence = match value.map(TenantGeofence::decode) {
+            None => None,
+            Some(Ok(message)) => message.geofence,
+            Some(Err(err)) => {
+                tracing::warn!(key, error = %err, "undecodable geofence skipped");
+                return;
+            }
+        };
+        let mut tenants = self
+            .tenants
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = tenants.entry(tenant.to_owned()).or_insert_with(|| Tenant {
+            protos: BTreeMap::new(),
+            compiled: Arc::new(Fences::new(Vec::new())),
+        });
+        match geofence {
+            Some(geofence) => entry.protos.insert(id.to_owned(), geofence),
+            None => entry.protos.remove(id),
+        };
+        let compiled: Vec<Fence> = entry
+            .protos
+            .values()
+            .filter_map(|proto| match Fence::new(proto) {
+                Ok(fence) => Some(fence),
+                Err((field, rule)) => {
+                    // Checked at creation; a rule made stricter later skips old fences.
+                    tracing::warn!(key, %field, %rule, "stored geofence no longer valid, skipped");
+                    None
+                }
+            })
+            .collect();
+        entry.compiled = Arc::new(Fences::new(compiled));
+    }
+
+    /// Reads up to the topic's end as of now, unless that was done since `as_of_ms`.
+    pub async fn sync(&self, as_of_ms: i64) -> Result<(), Error> {
+        let mut synced_ms = self.synced_ms.lock().await;
+        if *synced_ms >= as_of_ms {
+            return Ok(());
+        }
+        let started_ms = now_ms();
+        let (consumer, topic) = (Arc::clone(&self.consumer), self.topic.clone());
+        let partitions = self.read.borrow().len();
+        let ends = tokio::task::spawn_blocking(move || {
+            (0..partitions)
+                .map(|p| {
+                    consumer
+                        .fetch_watermarks(&topic, p as i32, SYNC_TIMEOUT)
+                        .map(|(_, high)| high)
+                })
+                .collect::<Result<Vec<i64>, _>>()
+        })
+        .await
+        .map_err(|err| Error::Kafka(err.to_string()))?
+        .map_err(|err| Error::Kafka(format!("geofences topic: {err}")))?;
+        let mut read = self.read.clone();
+        tokio::time::timeout(
+            SYNC_TIMEOUT,
+            read.wait_for(|read| read.iter().zip(&ends).all(|(r, end)| r >= end)),
+        )
+        .await
+        .map_err(|_| Error::Kafka("geofences topic: not read to its end in time".into()))?
+        .map_err(|_| Error::Kafka("geofences topic reader stopped".into()))?;
+        *synced_ms = started_ms;
+        Ok(())
+    }
+
+    /// The tenant's compiled fences; `None` when it has none.
+    pub fn fences(&self, tenant: &str) -> Option<Arc<Fences>> {
+        let tenants = self
+            .tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        tenants
+            .get(tenant)
+            .filter(|t| !t.protos.is_empty())
+            .map(|t| Arc::clone(&t.compiled))
+    }
+
+    /// The tenant's fences, oldest first.
+    pub fn list(&self, tenant: &str) -> Vec<Geofence> {
+        let tenants = self
+            .tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut list: Vec<Geofence> = tenants
+            .get(tenant)
+            .map(|t| t.protos.values().cloned().collect())
+            .unwrap_or_default();
+        list.sort_by(|a, b| (a.created_ms, &a.geofence_id).cmp(&(b.created_ms, &b.geofence_id)));
+        list
+    }
+
+    pub fn contains(&self, tenant: &str, id: &str) -> bool {
+        let tenants = self
+            .tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        tenants
+            .get(tenant)
+            .is_some_and(|t| t.protos.contains_key(id))
+    }
+
+    pub fn count(&self, tenant: &str) -> usize {
+        let tenants = self
+            .tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        tenants.get(tenant).map_or(0, |t| t.protos.len())
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
