@@ -122,6 +122,12 @@ function hours(ms) {
 const toInput = (ms) => new Date(ms).toISOString().slice(0, 16);
 const fromInput = (text) => (text ? Date.parse(`${text}:00Z`) : NaN);
 
+/** HOME or WORK (the proto enum's name without its prefix), else ''. */
+function labelOf(place) {
+  const label = String(place?.label || '').replace(/^PLACE_LABEL_/, '');
+  return label === 'HOME' || label === 'WORK' ? label : '';
+}
+
 function escapeHtml(text) {
   return String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
@@ -715,7 +721,8 @@ async function loadPlaces() {
   if (id !== selectedId) return;
   for (const p of places) {
     const dwellH = int(p.totalDwellMs) / 3600000;
-    const labelled = p.label === 'HOME' || p.label === 'WORK';
+    const label = labelOf(p);
+    const labelled = Boolean(label);
     const circle = L.circleMarker([p.lat, p.lon], {
       radius: Math.min(28, 6 + 4 * Math.sqrt(dwellH)),
       color: labelled ? '#b45309' : '#7c3aed',
@@ -723,10 +730,10 @@ async function loadPlaces() {
       fillOpacity: 0.25,
       tmPlace: p.placeId,
     }).bindPopup(
-      `<b>Place ${escapeHtml(p.placeId)}</b>${labelled ? ` (${p.label})` : ''}<br>${p.visits} visits, ${hours(p.totalDwellMs)} dwell<br>last ${utc(int(p.lastVisitMs))} UTC`,
+      `<b>Place ${escapeHtml(p.placeId)}</b>${labelled ? ` (${label})` : ''}<br>${p.visits} visits, ${hours(p.totalDwellMs)} dwell<br>last ${utc(int(p.lastVisitMs))} UTC`,
     );
     if (labelled) {
-      circle.bindTooltip(p.label, { permanent: true, direction: 'top', className: 'tm-label' });
+      circle.bindTooltip(label, { permanent: true, direction: 'top', className: 'tm-label' });
     }
     circle.addTo(layers.places);
   }
@@ -735,7 +742,7 @@ async function loadPlaces() {
     ? places
         .map(
           (p) =>
-            `<li>${p.label === 'HOME' || p.label === 'WORK' ? `<b>${p.label}</b> ` : ''}place ${escapeHtml(p.placeId)}: ${p.visits} visits, ${hours(p.totalDwellMs)}</li>`,
+            `<li>${labelOf(p) ? `<b>${labelOf(p)}</b> ` : ''}place ${escapeHtml(p.placeId)}: ${p.visits} visits, ${hours(p.totalDwellMs)}</li>`,
         )
         .join('')
     : '<li class="muted">none learned yet (stays of 20 min or more)</li>';
@@ -756,7 +763,7 @@ async function loadPlaces() {
     ? predictions
         .map(
           (x) =>
-            `<li>place ${escapeHtml(x.place?.placeId ?? '?')}${x.place?.label && x.place.label !== 'PLACE_LABEL_UNSPECIFIED' && x.place.label !== 'NONE' ? ` (${x.place.label})` : ''}: ${Math.round(Number(x.probability || 0) * 100)}%</li>`,
+            `<li>place ${escapeHtml(x.place?.placeId ?? '?')}${labelOf(x.place) ? ` (${labelOf(x.place)})` : ''}: ${Math.round(Number(x.probability || 0) * 100)}%</li>`,
         )
         .join('')
     : '<li class="muted">no prediction yet</li>';
@@ -805,7 +812,8 @@ function stopLive() {
 
 async function startLive() {
   stopLive();
-  const session = { source: null, retry: null, failures: 0 };
+  // lastId: the resume token of the last event, so that a new stream (new token) goes on from there.
+  const session = { source: null, retry: null, failures: 0, lastId: '' };
   live = session;
   connectLive(session);
 }
@@ -835,7 +843,9 @@ async function connectLive(session) {
     return;
   }
   if (live !== session) return;
-  const source = new EventSource(`/v1/live?token=${enc(token)}`);
+  // A resume token that keeps failing (too old to resume from) is dropped: live from now on.
+  const resume = session.lastId && session.failures < 3 ? `&resume_token=${enc(session.lastId)}` : '';
+  const source = new EventSource(`/v1/live?token=${enc(token)}${resume}`);
   session.source = source;
   source.onopen = () => {
     session.failures = 0;
@@ -848,6 +858,7 @@ async function connectLive(session) {
     } catch (_) {
       return;
     }
+    if (event.lastEventId) session.lastId = event.lastEventId;
     if (message.fix) onLiveFix(message.fix);
     else if (message.lag) {
       // Fixes were skipped: the list catches up from the API.
@@ -872,8 +883,8 @@ function retryLive(session, text) {
   session.failures += 1;
   const delay = Math.min(30000, 1000 * 2 ** Math.min(session.failures, 5));
   session.retry = setTimeout(async () => {
-    // Fixes may have been missed while disconnected.
-    await loadDevices().catch(() => {});
+    // Without a resume token, fixes may have been missed while disconnected.
+    if (!session.lastId) await loadDevices().catch(() => {});
     connectLive(session);
   }, delay);
 }
