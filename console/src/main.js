@@ -364,6 +364,8 @@ async function select(id) {
   placeMarker(d);
   renderDevices();
   $('detail').hidden = false;
+  const row = $('device-list').querySelector('li.selected');
+  if (row) row.scrollIntoView({ block: 'nearest' });
   $('detail-title').textContent = id;
   setRange(d, 'all');
   await Promise.all([loadTrack(true), loadStats(), loadPlaces()]);
@@ -478,7 +480,7 @@ async function loadTrack(fit) {
 function trackInfo() {
   const fixes = track.segments.reduce((n, s) => n + s.points.length, 0);
   return track.segments.length
-    ? `${track.segments.length} segments, ${fixes.toLocaleString('en')} points drawn (simplified to ${track.simplifyM} m)`
+    ? `${track.segments.length} segment${track.segments.length === 1 ? '' : 's'}, ${fixes.toLocaleString('en')} points drawn (simplified to ${track.simplifyM} m)`
     : 'no fixes in this range';
 }
 
