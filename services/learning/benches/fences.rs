@@ -56,7 +56,7 @@ fn fences(count: usize) -> Fences {
                 name: format!("fence {i}"),
                 ..Geofence::default()
             };
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 let (lat, lon) = at(n, e);
                 proto.circle = Some(Circle {
                     lat,
@@ -88,7 +88,11 @@ fn fix(i: usize) -> Fix {
     let along = i as f64 * STEP_M;
     let pass = (along / SIDE_M) as usize;
     let x = along % SIDE_M;
-    let east = if pass % 2 == 0 { x } else { SIDE_M - x };
+    let east = if pass.is_multiple_of(2) {
+        x
+    } else {
+        SIDE_M - x
+    };
     let (lat, lon) = at((pass as f64 * 1000.0) % SIDE_M, east);
     Fix {
         device_id: "bench".into(),

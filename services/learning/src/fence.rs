@@ -76,14 +76,14 @@ fn disc_bbox(lat: f64, lon: f64, radius_m: f64) -> Bbox {
         min: [-180.0, min_lat.max(-90.0)],
         max: [180.0, max_lat.min(90.0)],
     };
-    if !(dlat < 90.0) || min_lat <= -90.0 || max_lat >= 90.0 {
+    if !dlat.is_finite() || dlat >= 90.0 || min_lat <= -90.0 || max_lat >= 90.0 {
         return world_wide(min_lat, max_lat);
     }
     let cos_lat = lat.to_radians().cos();
     // The widest longitude of a spherical cap of angular radius δ at latitude φ is
     // asin(sin δ / cos φ) (the cap holds no pole here); the equirectangular one is δ / cos φ.
     let s = (r / geo::EARTH_RADIUS_M).sin() / cos_lat;
-    if !(s < 1.0) {
+    if s.is_nan() || s >= 1.0 {
         return world_wide(min_lat, max_lat);
     }
     let dlon = s.asin().to_degrees().max(dlat / cos_lat);
@@ -267,11 +267,9 @@ fn ring_bbox(ring: &[[f64; 2]]) -> Bbox {
         min: [f64::INFINITY; 2],
         max: [f64::NEG_INFINITY; 2],
     };
-    for p in ring {
-        for k in 0..2 {
-            bbox.min[k] = bbox.min[k].min(p[k]);
-            bbox.max[k] = bbox.max[k].max(p[k]);
-        }
+    for &[lon, lat] in ring {
+        bbox.min = [bbox.min[0].min(lon), bbox.min[1].min(lat)];
+        bbox.max = [bbox.max[0].max(lon), bbox.max[1].max(lat)];
     }
     bbox
 }
@@ -1347,7 +1345,7 @@ mod tests {
                 };
                 let id = format!("f{:03}", list.len());
                 let size = rng.range(50.0, 3000.0);
-                let proto = if rng.next() % 2 == 0 {
+                let proto = if rng.next().is_multiple_of(2) {
                     circle_proto(&id, lat, lon, size)
                 } else {
                     star(&mut rng, &id, lat, lon, size)
@@ -1467,7 +1465,7 @@ mod tests {
             for c in 0..circles.len() {
                 let kinds: Vec<EventType> = got.iter().filter(|e| e.1 == format!("c{c}")).map(|e| e.0).collect();
                 for (k, kind) in kinds.iter().enumerate() {
-                    prop_assert_eq!(*kind, if k % 2 == 0 { EventType::Enter } else { EventType::Exit });
+                    prop_assert_eq!(*kind, if k.is_multiple_of(2) { EventType::Enter } else { EventType::Exit });
                 }
             }
         }
