@@ -14,6 +14,7 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
     util::Timeout,
 };
+use testkit::{Backend, Kind};
 use tonic::{Code, transport::Channel};
 use trackmesh_proto::v1::{
     DeleteStoredDeviceRequest, Event, EventType, Fix, StoredEventsRequest, TenantEvents,
@@ -97,7 +98,13 @@ async fn wait_for(client: &mut StorageClient<Channel>, tenant: &str, last: &Even
     testkit::wait_until(
         Duration::from_secs(60),
         "the events were not stored",
-        async || get(client, request(tenant)).await.contains(last),
+        async || {
+            // Tolerates a ClickHouse that is just coming back.
+            client
+                .get_events(request(tenant))
+                .await
+                .is_ok_and(|answer| answer.into_inner().events.contains(last))
+        },
     )
     .await;
 }
@@ -258,6 +265,46 @@ async fn an_undecodable_message_is_skipped_and_later_events_are_stored() {
 
     wait_for(&mut client, &tenant, &later).await;
     assert_eq!(get(&mut client, request(&tenant)).await, [good, later]);
+}
+
+/// Events produced while ClickHouse is down are stored once it is back (the insert is
+/// retried), and events held when the service stops with ClickHouse down are not committed:
+/// the next instance stores them.
+#[tokio::test]
+async fn clickhouse_outages_delay_events_but_lose_none() {
+    let mut clickhouse = Backend::start(Kind::ClickHouse);
+    let mut config = config();
+    config.storage.clickhouse_url = clickhouse.addr();
+    config.common.shutdown_grace = trackmesh_shared::config::Duration::from_secs(3);
+    let topic = config.storage.kafka_events_topic.clone();
+    let (service, mut client) = start(config.clone()).await;
+    let tenant = testkit::unique("t");
+    let producer = producer();
+    let first = event(EventType::Enter, "v", "g1", 1000);
+    produce_events(&producer, &topic, &tenant, std::slice::from_ref(&first)).await;
+    wait_for(&mut client, &tenant, &first).await;
+
+    clickhouse.stop();
+    let second = event(EventType::Exit, "v", "g1", 2000);
+    produce_events(&producer, &topic, &tenant, std::slice::from_ref(&second)).await;
+    // The consumer holds the event and retries its insert.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    clickhouse.restart();
+    wait_for(&mut client, &tenant, &second).await;
+
+    clickhouse.stop();
+    let third = event(EventType::Enter, "v", "g2", 3000);
+    produce_events(&producer, &topic, &tenant, std::slice::from_ref(&third)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    service.shutdown().await.unwrap();
+    clickhouse.restart();
+    let (_service, mut client) = start(config).await;
+    wait_for(&mut client, &tenant, &third).await;
+    assert_eq!(
+        get(&mut client, request(&tenant)).await,
+        [first, second, third],
+        "every event, once"
+    );
 }
 
 #[tokio::test]
