@@ -220,6 +220,7 @@ async fn start(env: &Env) -> tokio::process::Child {
         .env("KAFKA_BROKERS", &env.brokers)
         .env("KAFKA_TOPIC", format!("{}.fixes", env.name))
         .env("KAFKA_DLQ_TOPIC", format!("{}.dlq", env.name))
+        .env("KAFKA_EVENTS_TOPIC", format!("{}.events", env.name))
         .env("KAFKA_GROUP_ID", &env.name)
         .env("KAFKA_PARTITIONS", "4")
         .env("KAFKA_SESSION_TIMEOUT", "6s")

@@ -1018,6 +1018,7 @@ mod process {
                 .env("KAFKA_BROKERS", &s.kafka_brokers)
                 .env("KAFKA_TOPIC", &s.kafka_topic)
                 .env("KAFKA_DLQ_TOPIC", &s.kafka_dlq_topic)
+                .env("KAFKA_EVENTS_TOPIC", &s.kafka_events_topic)
                 .env("KAFKA_GROUP_ID", &s.kafka_group_id)
                 .env("KAFKA_PARTITIONS", s.kafka_partitions.to_string())
                 .env("KAFKA_SESSION_TIMEOUT", "6s")
