@@ -1200,6 +1200,11 @@ mod process {
                     "KAFKA_TOPIC=a topic: 1 to 249 characters",
                 ),
                 (
+                    "KAFKA_EVENTS_TOPIC",
+                    "events/all",
+                    "KAFKA_EVENTS_TOPIC=events/all: 1 to 249 characters",
+                ),
+                (
                     "BATCH_MAX_WAIT",
                     "soon",
                     "BATCH_MAX_WAIT=soon: not a duration",
