@@ -4,6 +4,7 @@
 //! Store produces a device's fixes as consecutive messages under the broker's size limit (key
 //! `tenant/device`) and answers once Kafka has acknowledged all of them. A consumer group in
 //! the same binary batches messages into ClickHouse and commits offsets only after the insert.
+//! A second, separate group stores learning's geofence and place events (`events`).
 #![forbid(unsafe_code)]
 
 mod clickhouse;
