@@ -2,8 +2,9 @@
 # Sourced by scripts/bench: `run_watch`, Watch fan-out (issue 14). One fresh local stack
 # (release, rate and stream limits off, its own ports); for 1, 100 and 1 000 subscribers of
 # the whole tenant (`trackctl watch --subscribers N`, 100 per connection), 1 000-fix batches
-# over 100 devices are ingested for BENCH_SECONDS; reported: ingest fixes/s, fixes/s
-# delivered in all and per subscriber, Lag messages, and the gateway's CPU. Figures only.
+# over 100 devices are ingested for BENCH_SECONDS; reported: ingest fixes/s, the share of the
+# stored fixes each subscriber received, fixes/s delivered in all, Lag messages, and the
+# gateway's CPU. The subscribers' client runs on the same machine. Figures only.
 # WATCH_SUBSCRIBERS overrides the subscriber counts.
 
 run_watch() {
@@ -37,11 +38,12 @@ run_watch() {
         wait "$watcher"
         python3 - "$n" "$dir/load-$n.json" "$dir/watch-$n.json" "$((after - before))" "$seconds" "$(getconf CLK_TCK)" <<'PY'
 import json, sys
-n, load, watch, ticks, seconds, hz = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3])), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
-ingest = load.get("fixes_per_s") or load.get("throughput_fixes_per_s") or 0
-print(f"{n:>5} subscribers: ingest {ingest:,.0f} fixes/s; delivered {watch['fixes_per_s']:,.0f} fixes/s in all, "
-      f"{watch['per_subscriber_per_s']:,.0f}/s each; {watch['lag_messages']} lag messages "
-      f"({watch['dropped_messages']} topic messages skipped); gateway CPU {100 * ticks / hz / seconds:.0f} %")
+n, load, watch, ticks, seconds, hz = int(sys.argv[1]), json.load(open(sys.argv[2])), json.load(open(sys.argv[3])), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+stored = load.get("fixes_stored", 0)
+each = watch["fixes"] / n
+print(f"{n:>5} subscribers: ingest {load['fixes_per_s']:,.0f} fixes/s ({stored:,} stored); each subscriber got "
+      f"{each:,.0f} ({100 * each / max(stored, 1):.0f} %), {watch['fixes'] / load['elapsed_s']:,.0f} fixes/s delivered in all; "
+      f"{watch['lag_messages']} lag messages ({watch['dropped_messages']} topic messages skipped); gateway CPU {100 * ticks / hz / seconds:.0f} %")
 PY
     done
     scripts/stack down --purge

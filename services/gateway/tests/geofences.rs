@@ -398,3 +398,133 @@ async fn arrive_and_depart_follow_the_stays_at_a_learned_place() {
         .places;
     assert_eq!(places.len(), 2);
 }
+
+/// One HTTP/1.1 request; the status and the JSON body (Null when not JSON).
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nx-api-key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_json_api_creates_lists_gets_and_deletes_fences_and_lists_events() {
+    let mesh = Mesh::start(Options::default()).await;
+    let addr = mesh.gateway.addr();
+    let key = mesh.tenants[0].1.clone();
+    let mut client = mesh.client(0).await;
+    let (status, created) = http(
+        addr,
+        "POST",
+        "/v1/geofences",
+        &key,
+        r#"{"name":"pier","circle":{"lat":43.0,"lon":-70.0,"radiusM":100},"deviceIds":["boat"]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    let id = created["geofenceId"].as_str().unwrap().to_owned();
+    assert_eq!(created["circle"]["radiusM"], 100.0);
+    assert_eq!(created["deviceIds"], serde_json::json!(["boat"]));
+    // A polygon given as the GeoJSON object itself.
+    let (status, polygon) = http(
+        addr,
+        "POST",
+        "/v1/geofences",
+        &key,
+        r#"{"name":"yard","polygonGeojson":{"type":"Polygon","coordinates":[[[-70.01,43.01],[-70.0,43.01],[-70.0,43.02],[-70.01,43.01]]]}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{polygon}");
+    let (status, listed) = http(addr, "GET", "/v1/geofences", &key, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["geofences"].as_array().unwrap().len(), 2);
+    let (status, got) = http(addr, "GET", &format!("/v1/geofences/{id}"), &key, "").await;
+    assert_eq!((status, &got), (200, &created));
+    for (body, says) in [
+        ("[]", "body"),
+        (
+            r#"{"name":"x","circle":{"lat":43,"lon":-70}}"#,
+            "circle.radiusM",
+        ),
+        (
+            r#"{"name":"x","circle":{"lat":43,"lon":-70,"radiusM":5,"r":1}}"#,
+            "circle.r",
+        ),
+        (r#"{"name":"x","color":"red"}"#, "color"),
+        (
+            r#"{"name":"x","polygonGeojson":{"type":"Point","coordinates":[1,2]}}"#,
+            "polygon_geojson",
+        ),
+    ] {
+        let (status, answer) = http(addr, "POST", "/v1/geofences", &key, body).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains(says),
+            "{body}: {answer}"
+        );
+    }
+    let (status, _) = http(addr, "GET", "/v1/geofences/gf-none", &key, "").await;
+    assert_eq!(status, 404);
+    let (status, _) = http(addr, "GET", "/v1/geofences", &mesh.ingest_tokens[0], "").await;
+    assert_eq!(status, 403, "an ingest token cannot read fences");
+
+    // The filter: only "boat" enters.
+    let t0 = now_ms() - 3_600_000;
+    for device in ["boat", "car"] {
+        let fixes = walk(
+            device,
+            t0,
+            (43.0, -70.0),
+            &[(-500.0, 0.0), (0.0, 0.0), (500.0, 0.0)],
+        );
+        ingest(&mut client, fixes).await.unwrap();
+    }
+    events(&mut client, "boat", 2).await;
+    let (status, answer) = http(
+        addr,
+        "GET",
+        "/v1/events?device_id=boat&types=EXIT",
+        &key,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let listed = answer["events"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{answer}");
+    assert_eq!(listed[0]["type"], "EXIT");
+    assert_eq!(listed[0]["geofenceId"], id.as_str());
+    assert_eq!(listed[0]["fix"]["deviceId"], "boat");
+    let (status, answer) = http(addr, "GET", "/v1/events?device_id=car", &key, "").await;
+    assert_eq!(
+        (status, answer["events"].as_array().unwrap().len()),
+        (200, 0)
+    );
+    let (status, answer) = http(addr, "GET", "/v1/events?types=LEAVE", &key, "").await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["message"].as_str().unwrap().contains("types"),
+        "{answer}"
+    );
+
+    let (status, answer) = http(addr, "DELETE", &format!("/v1/geofences/{id}"), &key, "").await;
+    assert_eq!((status, answer["existed"].as_bool()), (200, Some(true)));
+    let (_, listed) = http(addr, "GET", "/v1/geofences", &key, "").await;
+    assert_eq!(listed["geofences"].as_array().unwrap().len(), 1);
+}

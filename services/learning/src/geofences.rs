@@ -1,13 +1,18 @@
 //! The tenants' geofences. The compacted geofences topic is the durable copy (Redis is not:
 //! a fence must outlive a Redis loss); every replica reads it from the beginning and keeps each
-//! tenant's fences compiled with their spatial index (`fence::Fences`). Before fixes are
-//! evaluated, a replica makes sure it has read everything the topic held when the fixes
-//! arrived (`sync`), so a fence applies to every fix ingested after it was created.
+//! tenant's fences compiled with their spatial index (`fence::Fences`).
+//!
+//! A fence applies to every fix ingested after CreateGeofence answered, on every replica,
+//! without a broker round trip per fix: each replica reads the topic up to its end every
+//! `STALENESS / 2` in the background, and evaluates fixes only while its last such read
+//! started less than `STALENESS` ago (else it reads first); CreateGeofence and DeleteGeofence
+//! answer `STALENESS` after the change was acknowledged. A fix ingested after the answer is
+//! evaluated after a read that started after the change, whichever replica evaluates it.
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, RwLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use prost::Message as _;
@@ -24,6 +29,8 @@ use crate::{
 };
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How old a replica's view of the topic may be when it evaluates fixes.
+pub const STALENESS: Duration = Duration::from_millis(200);
 
 struct Tenant {
     protos: BTreeMap<String, Geofence>,
@@ -36,8 +43,8 @@ pub struct Book {
     topic: String,
     /// Next offset read, per partition.
     read: watch::Receiver<Vec<i64>>,
-    /// Wall-clock milliseconds as of which everything in the topic has been read.
-    synced_ms: Mutex<i64>,
+    /// When the last read up to the topic's end started.
+    synced: Mutex<Option<Instant>>,
 }
 
 impl Book {
@@ -75,9 +82,10 @@ impl Book {
             consumer: Arc::new(consumer),
             topic: topic.to_owned(),
             read,
-            synced_ms: Mutex::new(i64::MIN),
+            synced: Mutex::new(None),
         });
         tokio::spawn(Arc::clone(&book).read_topic(sender));
+        tokio::spawn(Arc::clone(&book).keep_fresh());
         Ok(book)
     }
 
@@ -149,13 +157,32 @@ impl Book {
         entry.compiled = Arc::new(Fences::new(compiled));
     }
 
-    /// Reads up to the topic's end as of now, unless that was done since `as_of_ms`.
-    pub async fn sync(&self, as_of_ms: i64) -> Result<(), Error> {
-        let mut synced_ms = self.synced_ms.lock().await;
-        if *synced_ms >= as_of_ms {
+    async fn keep_fresh(self: Arc<Self>) {
+        loop {
+            if let Err(err) = self.sync().await {
+                tracing::warn!(error = %err, "geofences topic not read to its end");
+            }
+            tokio::time::sleep(STALENESS / 2).await;
+        }
+    }
+
+    /// Makes sure the last read up to the topic's end started less than `STALENESS` ago.
+    pub async fn fresh(&self) -> Result<(), Error> {
+        let synced = *self.synced.lock().await;
+        if synced.is_some_and(|at| at.elapsed() < STALENESS) {
             return Ok(());
         }
-        let started_ms = now_ms();
+        self.sync().await
+    }
+
+    /// Reads up to the topic's end as of now.
+    async fn sync(&self) -> Result<(), Error> {
+        let mut synced = self.synced.lock().await;
+        if synced.is_some_and(|at| at.elapsed() < STALENESS / 4) {
+            // Another caller just did it.
+            return Ok(());
+        }
+        let started = Instant::now();
         let (consumer, topic) = (Arc::clone(&self.consumer), self.topic.clone());
         let partitions = self.read.borrow().len();
         let ends = tokio::task::spawn_blocking(move || {
@@ -178,7 +205,7 @@ impl Book {
         .await
         .map_err(|_| Error::Kafka("geofences topic: not read to its end in time".into()))?
         .map_err(|_| Error::Kafka("geofences topic reader stopped".into()))?;
-        *synced_ms = started_ms;
+        *synced = Some(started);
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use trackmesh_shared::ids;
 use crate::{
     error::Error,
     fence::Fence,
-    geofences::{Book, now_ms},
+    geofences::{Book, STALENESS, now_ms},
     kafka::Kafka,
     model::{self, Events, Model, Outcome, Point, Rules},
     store::{Save, Store},
@@ -92,7 +92,7 @@ impl LearningService {
         geofence.geofence_id = format!("gf-{:016x}", fastrand::u64(..));
         geofence.created_ms = now_ms();
         Fence::new(&geofence).map_err(|(field, rule)| Error::invalid(field, rule))?;
-        events.book.sync(now_ms()).await?;
+        events.book.fresh().await?;
         if events.book.count(tenant) >= events.max_geofences as usize {
             return Err(Error::TooManyGeofences(events.max_geofences));
         }
@@ -109,13 +109,15 @@ impl LearningService {
         .encode_to_vec();
         events.book.apply(&key, Some(&value));
         tracing::info!(tenant = %tenant, geofence = %geofence.geofence_id, "geofence created");
+        // Every replica has read it by then (see `geofences`).
+        tokio::time::sleep(STALENESS).await;
         Ok(geofence)
     }
 
     async fn list_geofences(&self, tenant: &str) -> Result<Vec<Geofence>, Error> {
         ids::tenant_field(tenant)?;
         let events = self.events()?;
-        events.book.sync(now_ms()).await?;
+        events.book.fresh().await?;
         Ok(events.book.list(tenant))
     }
 
@@ -125,12 +127,13 @@ impl LearningService {
         if id.is_empty() || id.len() > 64 {
             return Err(Error::invalid("geofence_id", "1 to 64 characters"));
         }
-        events.book.sync(now_ms()).await?;
+        events.book.fresh().await?;
         let existed = events.book.contains(tenant, id);
         if existed {
             events.kafka.produce_geofence(tenant, id, None).await?;
             events.book.apply(&format!("{tenant}/{id}"), None);
             tracing::info!(tenant = %tenant, geofence = %id, "geofence deleted");
+            tokio::time::sleep(STALENESS).await;
         }
         Ok(existed)
     }
@@ -175,7 +178,7 @@ impl LearningService {
         // A fence created before these fixes arrived applies to them.
         let fences = match &self.events {
             Some(events) => {
-                events.book.sync(now_ms()).await?;
+                events.book.fresh().await?;
                 events.book.fences(tenant)
             }
             None => None,
