@@ -433,8 +433,9 @@ async function loadTrack(fit) {
   }
   showError(null);
   const request = ++trackRequest;
-  // Fitting the track changes the zoom: start coarse (the fleet view), refine after the fit.
-  const simplifyM = tolerance();
+  // Fitting the track changes the zoom: start coarse (at least 100 m, even when zoomed in
+  // elsewhere: a long track at street-level detail is large), refine after the fit.
+  const simplifyM = Math.max(100, tolerance());
   const started = performance.now();
   $('track-info').textContent = 'loading track…';
   let segments;
