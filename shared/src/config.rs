@@ -65,6 +65,32 @@ where
     }
 }
 
+/// Kafka topic and group names: 1 to 249 characters of A-Z a-z 0-9 . _ -.
+pub fn kafka_names(names: &[(&str, &str)]) -> Result<(), ConfigError> {
+    for (var, value) in names {
+        let ok = (1..=249).contains(&value.len())
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !ok {
+            return Err(ConfigError::new(
+                var,
+                value,
+                "1 to 249 characters of A-Z a-z 0-9 . _ -",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A comma list of Kafka brokers, each `host:port` or a URL.
+pub fn kafka_brokers(var: &str, brokers: &str) -> Result<(), ConfigError> {
+    for broker in brokers.split(',') {
+        url(var, broker.trim(), "kafka")?;
+    }
+    Ok(())
+}
+
 /// Normalizes an address given as `host:port` or as a URL into a URL with `default_scheme`.
 pub fn url(var: &str, value: &str, default_scheme: &str) -> Result<url::Url, ConfigError> {
     let with_scheme = if value.contains("://") {

@@ -318,10 +318,12 @@ impl Validate for GatewayConfig {
             Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600),
         )?;
         if let Some(brokers) = &self.kafka_brokers {
-            for broker in brokers.split(',') {
-                config::url("KAFKA_BROKERS", broker.trim(), "kafka")?;
-            }
+            config::kafka_brokers("KAFKA_BROKERS", brokers)?;
         }
+        config::kafka_names(&[
+            ("KAFKA_TOPIC", &self.kafka_topic),
+            ("KAFKA_EVENTS_TOPIC", &self.kafka_events_topic),
+        ])?;
         check_range("WATCH_BUFFER", self.watch_buffer, 16..=1_000_000)?;
         check_range(
             "LIVE_TOKEN_TTL",

@@ -472,13 +472,13 @@ impl Subscriber {
         let mut dropped = 0;
         let mut assign = Vec::new();
         let mut pending = Vec::new();
-        for topic in 0..TOPICS {
+        for (topic, marks) in watermarks.iter().enumerate() {
             let from = self.subscription.position.0[topic].clone();
             for (p, ((offset, _), (end, _))) in from.iter().zip(&until.0[topic]).enumerate() {
                 if offset >= end {
                     continue;
                 }
-                let low = watermarks[topic].get(p).map_or(0, |w| w.low);
+                let low = marks.get(p).map_or(0, |w| w.low);
                 let start = if *offset < low {
                     dropped += u64::try_from(low - offset).unwrap_or_default();
                     self.subscription.position.0[topic][p] = (low, 0);

@@ -161,7 +161,7 @@ async fn geofence_transitions_are_stored_once_and_streamed_in_fix_time_order() {
         (u.geofence_id.clone(), "u"),
     ];
 
-    let mut live = watch_events(&mut client).await;
+    let mut live = watch(&mut client, WatchRequest::default()).await;
     // Up the U's left arm (inside), across its gap (outside) into the right arm (inside),
     // then east through the circle and out.
     let t0 = now_ms() - 3_600_000;
@@ -268,22 +268,6 @@ async fn geofence_transitions_are_stored_once_and_streamed_in_fix_time_order() {
         .unwrap()
         .into_inner();
     assert!(!again.existed);
-}
-
-async fn watch_events(client: &mut Client) -> tonic::Streaming<trackmesh_proto::v1::WatchMessage> {
-    let start = std::time::Instant::now();
-    loop {
-        match client.watch(WatchRequest::default()).await {
-            Ok(stream) => return stream.into_inner(),
-            Err(status)
-                if status.code() == Code::Unavailable
-                    && start.elapsed() < Duration::from_secs(30) =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(status) => panic!("watch: {status:?}"),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -16,23 +16,6 @@ use trackmesh_proto::v1::{
     BoundingBox, Fix, RefinedFix, WatchMessage, WatchRequest, watch_message::Item,
 };
 
-/// A Watch stream, once the gateway's tail has read the topic's end.
-async fn watch(client: &mut Client, request: WatchRequest) -> Streaming<WatchMessage> {
-    let start = std::time::Instant::now();
-    loop {
-        match client.watch(request.clone()).await {
-            Ok(stream) => return stream.into_inner(),
-            Err(status)
-                if status.code() == Code::Unavailable
-                    && start.elapsed() < Duration::from_secs(30) =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(status) => panic!("watch: {status:?}"),
-        }
-    }
-}
-
 /// Messages until `fixes` fixes have come (a minute at most).
 async fn read(stream: &mut Streaming<WatchMessage>, fixes: usize) -> Vec<WatchMessage> {
     let mut messages = Vec::new();

@@ -185,28 +185,14 @@ impl Validate for LearningConfig {
         )?;
         check_range("MAX_BATCH", self.max_batch, 1..=1_000_000)?;
         if let Some(brokers) = &self.kafka_brokers {
-            for broker in brokers.split(',') {
-                config::url("KAFKA_BROKERS", broker.trim(), "kafka")?;
-            }
+            config::kafka_brokers("KAFKA_BROKERS", brokers)?;
         }
-        for (var, value) in [
+        config::kafka_names(&[
             ("KAFKA_TOPIC", &self.kafka_topic),
             ("KAFKA_GROUP_ID", &self.kafka_group_id),
             ("KAFKA_EVENTS_TOPIC", &self.kafka_events_topic),
             ("KAFKA_GEOFENCES_TOPIC", &self.kafka_geofences_topic),
-        ] {
-            let ok = (1..=249).contains(&value.len())
-                && value
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-            if !ok {
-                return Err(ConfigError::new(
-                    var,
-                    value,
-                    "1 to 249 characters of A-Z a-z 0-9 . _ -",
-                ));
-            }
-        }
+        ])?;
         check_range("KAFKA_PARTITIONS", self.kafka_partitions, 1..=10_000)?;
         check_range(
             "KAFKA_REPLICATION_FACTOR",

@@ -396,7 +396,7 @@ fn parse_polygon(text: &str) -> Result<Vec<Vec<[f64; 2]>>, String> {
             }
         }
         let (first, last) = (ring[0], ring[ring.len() - 1]);
-        if first != last || ring.len() == 1 {
+        if first != last {
             let last_position = parse_position(&positions[positions.len() - 1]).unwrap_or(last);
             return Err(format!(
                 "ring {r} is not closed: its first position {} differs from its last {}",
@@ -611,6 +611,10 @@ pub fn evaluate(
     fix: &Fix,
     min_dwell_ms: i64,
 ) -> Vec<Event> {
+    if fences.is_empty() {
+        states.clear();
+        return Vec::new();
+    }
     let near = if geo::valid_coordinates(fix.lat, fix.lon) {
         fences.near(fix.lat, fix.lon, fix.accuracy_m)
     } else {
@@ -920,6 +924,11 @@ mod tests {
             &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,0],[0,0]]]}"#),
             p,
             "fewer than 3 distinct vertices",
+        );
+        rejects(
+            &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[0,0],[0,0],[0,0]]]}"#),
+            p,
+            "ring 0 has fewer than 3 distinct vertices",
         );
         // A bow tie.
         rejects(

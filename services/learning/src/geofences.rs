@@ -209,12 +209,15 @@ impl Book {
         Ok(())
     }
 
+    fn read_tenants(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Tenant>> {
+        self.tenants
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The tenant's compiled fences; `None` when it has none.
     pub fn fences(&self, tenant: &str) -> Option<Arc<Fences>> {
-        let tenants = self
-            .tenants
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tenants = self.read_tenants();
         tenants
             .get(tenant)
             .filter(|t| !t.protos.is_empty())
@@ -223,10 +226,7 @@ impl Book {
 
     /// The tenant's fences, oldest first.
     pub fn list(&self, tenant: &str) -> Vec<Geofence> {
-        let tenants = self
-            .tenants
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tenants = self.read_tenants();
         let mut list: Vec<Geofence> = tenants
             .get(tenant)
             .map(|t| t.protos.values().cloned().collect())
@@ -236,20 +236,14 @@ impl Book {
     }
 
     pub fn contains(&self, tenant: &str, id: &str) -> bool {
-        let tenants = self
-            .tenants
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tenants = self.read_tenants();
         tenants
             .get(tenant)
             .is_some_and(|t| t.protos.contains_key(id))
     }
 
     pub fn count(&self, tenant: &str) -> usize {
-        let tenants = self
-            .tenants
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tenants = self.read_tenants();
         tenants.get(tenant).map_or(0, |t| t.protos.len())
     }
 }

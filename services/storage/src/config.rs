@@ -146,27 +146,13 @@ impl Validate for StorageConfig {
                 "allowed none or lz4",
             ));
         }
-        for broker in self.kafka_brokers.split(',') {
-            config::url("KAFKA_BROKERS", broker, "kafka")?;
-        }
-        for (var, value) in [
+        config::kafka_brokers("KAFKA_BROKERS", &self.kafka_brokers)?;
+        config::kafka_names(&[
             ("KAFKA_TOPIC", &self.kafka_topic),
             ("KAFKA_DLQ_TOPIC", &self.kafka_dlq_topic),
             ("KAFKA_EVENTS_TOPIC", &self.kafka_events_topic),
             ("KAFKA_GROUP_ID", &self.kafka_group_id),
-        ] {
-            let ok = (1..=249).contains(&value.len())
-                && value
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-            if !ok {
-                return Err(ConfigError::new(
-                    var,
-                    value,
-                    "1 to 249 characters of A-Z a-z 0-9 . _ -",
-                ));
-            }
-        }
+        ])?;
         check_range("KAFKA_PARTITIONS", self.kafka_partitions, 1..=10_000)?;
         check_range(
             "KAFKA_REPLICATION_FACTOR",

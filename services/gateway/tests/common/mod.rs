@@ -226,3 +226,23 @@ pub fn times(fixes: &[RefinedFix]) -> Vec<i64> {
         .map(|f| f.fix.as_ref().unwrap().time_ms)
         .collect()
 }
+
+/// A Watch stream, once the gateway's tail has read the topics' ends.
+pub async fn watch(
+    client: &mut Client,
+    request: trackmesh_proto::v1::WatchRequest,
+) -> tonic::Streaming<trackmesh_proto::v1::WatchMessage> {
+    let start = std::time::Instant::now();
+    loop {
+        match client.watch(request.clone()).await {
+            Ok(stream) => return stream.into_inner(),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && start.elapsed() < Duration::from_secs(30) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("watch: {status:?}"),
+        }
+    }
+}
