@@ -174,6 +174,14 @@ function logout(message) {
   sessionStorage.removeItem(KEY_STORAGE);
   apiKey = null;
   stopLive();
+  // Nothing of this tenant stays on the page for the next key.
+  if (map) closeDetail();
+  devices = new Map();
+  debug.devices = 0;
+  renderMarkers();
+  renderDevices();
+  $('search').value = '';
+  showError(null);
   showLogin(message);
 }
 

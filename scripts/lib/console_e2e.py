@@ -304,6 +304,12 @@ def check_console(browser, addr, key, vessel, places, other, out):
         seen = page.locator(f"#device-list li[data-id='{other}'] .seen").inner_text()
         expect(seen.endswith(" s ago"), f"the list says {other} was last seen {seen!r}")
         page.shot("4-live")
+    # Logging out forgets the key and the tenant's data.
+    page.click("#logout")
+    page.locator("#login").wait_for(state="visible", timeout=5000)
+    expect(page.evaluate("() => sessionStorage.length") == 0, "the key outlives the log-out")
+    expect(page.locator("#device-list li").count() == 0, "devices stay listed after the log-out")
+    expect(state(page)["markers"] == 0 and state(page)["track"] is None, "the map keeps the tenant's data")
     expect(not page.errors, f"errors in the page: {page.errors[:3]}")
     page.context.close()
     return load_s, live_s
