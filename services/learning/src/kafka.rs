@@ -157,6 +157,8 @@ impl Kafka {
             // Offsets are stored by hand after a message is observed; only those are committed.
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // Storage creates the topic: a learning started first sees it within seconds.
+            .set("topic.metadata.refresh.interval.ms", "5000")
             // A replica that died gives its partitions up within this (tansu joins take
             // about half of it).
             .set("session.timeout.ms", "10000")
