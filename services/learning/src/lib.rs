@@ -54,6 +54,7 @@ pub async fn run(
             "learning_places_created_total",
             "learning_places_evicted_total",
             "learning_cas_conflicts_total",
+            "learning_stream_messages_total",
         ],
         &[],
     );

@@ -8,11 +8,11 @@ use prost::Message as _;
 
 use tonic::{Request, Response, Status};
 use trackmesh_proto::v1::{
-    DeleteTenantGeofenceRequest, DeleteTenantGeofenceResponse, Fix, ForgetRequest, ForgetResponse,
-    Geofence, GetPlacesRequest, GetPlacesResponse, GetProfileRequest, GetProfileResponse,
-    ListTenantGeofencesResponse, ObserveRequest, ObserveResponse, PredictNextRequest,
-    PredictNextResponse, Prediction, RefinedFix, TenantGeofence, TenantGeofencesRequest, Verdict,
-    learning_server::Learning,
+    DeleteTenantGeofenceRequest, DeleteTenantGeofenceResponse, EventType, Fix, ForgetRequest,
+    ForgetResponse, Geofence, GetPlacesRequest, GetPlacesResponse, GetProfileRequest,
+    GetProfileResponse, ListTenantGeofencesResponse, ObserveRequest, ObserveResponse,
+    PredictNextRequest, PredictNextResponse, Prediction, RefinedFix, TenantGeofence,
+    TenantGeofencesRequest, Verdict, learning_server::Learning,
 };
 use trackmesh_shared::ids;
 
@@ -215,6 +215,13 @@ impl LearningService {
                             .produce_events(tenant, device, outcome.events.clone())
                     });
                 futures::future::try_join_all(sent).await?;
+                for (_, _, _, outcome) in &decided {
+                    for event in &outcome.events {
+                        let kind = EventType::try_from(event.r#type).unwrap_or_default();
+                        metrics::counter!("learning_events_total", "type" => kind.as_str_name())
+                            .increment(1);
+                    }
+                }
             }
             let saves: Vec<Save<'_>> = decided
                 .iter()

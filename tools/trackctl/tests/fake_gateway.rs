@@ -19,11 +19,15 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Code, Request, Response, Status, Streaming, transport::Server};
 use tonic_types::{ErrorDetails, StatusExt};
 use trackmesh_proto::v1::{
-    DailyStat, DailyStatsResponse, DeleteDeviceRequest, DeleteDeviceResponse, DevicePlacesRequest,
-    DevicePredictRequest, DeviceSummary, Fix, GetDailyStatsRequest, GetPlacesResponse,
-    GetTrackRequest, IngestRequest, IngestResponse, ListDevicesRequest, ListDevicesResponse, Place,
-    PlaceLabel, PredictNextResponse, Prediction, RefinedFix, Rejection, TrackChunk, Verdict,
+    DailyStat, DailyStatsResponse, DeleteDeviceRequest, DeleteDeviceResponse,
+    DeleteGeofenceRequest, DeleteGeofenceResponse, DevicePlacesRequest, DevicePredictRequest,
+    DeviceSummary, Fix, Geofence, GetDailyStatsRequest, GetEventsRequest, GetEventsResponse,
+    GetPlacesResponse, GetTrackRequest, IngestRequest, IngestResponse, Lag, ListDevicesRequest,
+    ListDevicesResponse, ListGeofencesRequest, ListGeofencesResponse, Place, PlaceLabel,
+    PredictNextResponse, Prediction, RefinedFix, Rejection, TrackChunk, Verdict, WatchMessage,
+    WatchRequest,
     gateway_server::{Gateway, GatewayServer},
+    watch_message,
 };
 
 const KEY: &str = "test-key";
@@ -272,6 +276,64 @@ impl Gateway for Fake {
             .deleted
             .push(request.into_inner().device_id);
         Ok(Response::new(DeleteDeviceResponse {}))
+    }
+
+    type WatchStream = Stream<WatchMessage>;
+
+    /// Two fixes of the requested devices (or "v1"), a Lag, then the end.
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        authenticate(&request)?;
+        let request = request.into_inner();
+        let device = request.device_ids.first().cloned().unwrap_or("v1".into());
+        let fix = |time_ms: i64| WatchMessage {
+            item: Some(watch_message::Item::Fix(RefinedFix {
+                fix: Some(Fix {
+                    device_id: device.clone(),
+                    time_ms,
+                    lat: 40.5,
+                    lon: -74.25,
+                    ..Fix::default()
+                }),
+                verdict: Verdict::Accepted as i32,
+                segment: 2,
+                ..RefinedFix::default()
+            })),
+            resume_token: format!("t{time_ms}"),
+        };
+        let lag = WatchMessage {
+            item: Some(watch_message::Item::Lag(Lag { dropped: 7 })),
+            resume_token: "t".into(),
+        };
+        let messages = vec![Ok(fix(1_000)), Ok(fix(2_000)), Ok(lag)];
+        Ok(Response::new(Box::pin(tokio_stream::iter(messages))))
+    }
+
+    async fn create_geofence(&self, _: Request<Geofence>) -> Result<Response<Geofence>, Status> {
+        Err(Status::unimplemented("not in the fake"))
+    }
+
+    async fn list_geofences(
+        &self,
+        _: Request<ListGeofencesRequest>,
+    ) -> Result<Response<ListGeofencesResponse>, Status> {
+        Err(Status::unimplemented("not in the fake"))
+    }
+
+    async fn delete_geofence(
+        &self,
+        _: Request<DeleteGeofenceRequest>,
+    ) -> Result<Response<DeleteGeofenceResponse>, Status> {
+        Err(Status::unimplemented("not in the fake"))
+    }
+
+    async fn get_events(
+        &self,
+        _: Request<GetEventsRequest>,
+    ) -> Result<Response<GetEventsResponse>, Status> {
+        Err(Status::unimplemented("not in the fake"))
     }
 }
 
@@ -627,4 +689,38 @@ async fn load_generates_accepted_fixes() {
         "--cleanup deletes the generated devices"
     );
     assert!(state.received.keys().all(|id| id.starts_with("t-")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_a_line_per_fix_and_counts_subscribers() {
+    let (_, addr) = start().await;
+    let output = trackctl(&addr, Some(KEY), &["watch", "--device", "ferry-9"]).await;
+    assert!(output.status.success());
+    let lines: Vec<String> = stdout(&output).lines().map(str::to_owned).collect();
+    assert_eq!(
+        lines,
+        vec![
+            "ferry-9\t1000\t40.500000\t-74.250000\tsegment 2",
+            "ferry-9\t2000\t40.500000\t-74.250000\tsegment 2",
+        ]
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("lagged: 7 messages dropped"), "{stderr}");
+
+    // Counting over several subscribers: a JSON summary.
+    let output = trackctl(
+        &addr,
+        Some(KEY),
+        &["watch", "--subscribers", "3", "--duration", "1s", "--json"],
+    )
+    .await;
+    assert!(output.status.success());
+    let summary: Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+    assert_eq!(summary["subscribers"], 3);
+    assert_eq!(summary["fixes"], 6);
+    assert_eq!(summary["lag_messages"], 3);
+    assert_eq!(summary["dropped_messages"], 21);
+    let output = trackctl(&addr, Some(KEY), &["watch", "--bbox", "1,2,3"]).await;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--bbox"));
 }
