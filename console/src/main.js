@@ -1,14 +1,22 @@
 // The trackmesh console: the tenant's devices on a Leaflet map, a device's track with playback,
-// its daily stats, learned places and next-place prediction, and live positions over SSE.
-// Plain DOM and the gateway's JSON API; window.__console exposes what is drawn, for tests.
+// its daily stats, learned places and next-place prediction, its geofence and place events,
+// the tenant's geofences (drawn, created by drawing, deleted), and live positions and events
+// over SSE. Plain DOM and the gateway's JSON API; window.__console exposes what is drawn, for tests.
 import L from 'leaflet';
 import 'leaflet/dist/leaflet.css';
 import './console.css';
+import { draw } from './draw.js';
 
 const KEY_STORAGE = 'trackmesh.apiKey';
 const DAY_MS = 86400000;
 const SEGMENT_COLOURS = ['#2563eb', '#ea580c', '#059669', '#c026d3', '#0891b2', '#ca8a04'];
 const MAX_DEVICES = 5000;
+const EVENT_COLOURS = { ENTER: '#16a34a', EXIT: '#dc2626', ARRIVE: '#2563eb', DEPART: '#ea580c' };
+// The list shows the newest; the map the newest markers (GET /v1/events answers up to 10 000).
+const MAX_EVENT_ROWS = 300;
+const MAX_EVENT_MARKERS = 2000;
+// How long a live event stays highlighted.
+const FRESH_MS = 4000;
 
 const $ = (id) => document.getElementById(id);
 
@@ -21,7 +29,10 @@ const debug = {
   playback: null,
   places: 0,
   predictions: 0,
-  live: { status: 'off', fixes: 0, last: null },
+  live: { status: 'off', fixes: 0, last: null, events: 0, lastEvent: null },
+  fences: { count: 0, layers: 0, drawing: null, draft: null, saving: false },
+  events: null,
+  eventsFetched: null,
   tiles: { loaded: 0, failed: 0 },
   errors: [],
 };
@@ -33,6 +44,15 @@ debug.markerAt = (id) => {
   const at = marker.getLatLng();
   return [at.lat, at.lng];
 };
+// For tests that drive the mouse: where (lat, lon) is on the page, and a view to draw in.
+debug.screenPoint = (lat, lon) => {
+  const p = map.latLngToContainerPoint([lat, lon]);
+  const box = map.getContainer().getBoundingClientRect();
+  return [box.left + p.x, box.top + p.y];
+};
+debug.setView = (lat, lon, zoom) => {
+  map.setView([lat, lon], zoom, { animate: false });
+};
 
 let apiKey = null;
 let map = null;
@@ -40,6 +60,12 @@ let devices = new Map();
 let selectedId = null;
 let live = null;
 const layers = {};
+// The tenant's geofences by id; the selected device's events, in time order.
+let fences = new Map();
+let events = [];
+// Set while a drawing tool is active: cancels it.
+let drawing = null;
+let draft = null;
 
 // ------------------------------------------------------------------ API
 
@@ -158,6 +184,7 @@ async function login(key) {
   renderDevices();
   fitFleet();
   startLive();
+  loadFences();
 }
 
 function showLogin(message) {
@@ -176,6 +203,9 @@ function logout(message) {
   stopLive();
   // Nothing of this tenant stays on the page for the next key.
   if (map) closeDetail();
+  cancelDraft();
+  fences = new Map();
+  renderFences();
   devices = new Map();
   debug.devices = 0;
   renderMarkers();
@@ -195,15 +225,21 @@ async function setUpMap() {
   map = L.map('map', { preferCanvas: true, worldCopyJump: true }).setView([20, 0], 2);
   L.control.scale({ imperial: false }).addTo(map);
   addLegend();
-  // In drawing order: the fleet's markers above tracks and places, the playback marker on top.
+  // In drawing order: fences at the bottom, the fleet's markers above tracks, places and
+  // events, the draft of a new fence and the playback marker on top.
+  layers.fences = L.layerGroup().addTo(map);
+  layers.fenceById = new Map();
   layers.track = L.layerGroup().addTo(map);
   layers.detail = L.layerGroup().addTo(map);
   layers.places = L.layerGroup().addTo(map);
+  layers.events = L.layerGroup().addTo(map);
   layers.devices = L.layerGroup().addTo(map);
   layers.deviceMarkers = new Map();
+  layers.draft = L.layerGroup().addTo(map);
   layers.playback = L.layerGroup().addTo(map);
   map.on('zoomend moveend', scheduleDetail);
   renderMarkers();
+  renderFences();
   fitFleet();
   let config = { tileUrl: '', attribution: '' };
   try {
@@ -239,7 +275,8 @@ function addLegend() {
 <div><i class="line" style="background:${SEGMENT_COLOURS[0]}"></i><i class="line" style="background:${SEGMENT_COLOURS[1]}"></i>track, one colour per segment</div>
 <div><i class="dot" style="background:#16a34a"></i>start <i class="dot" style="background:#111827"></i>end <i class="dot" style="background:#facc15"></i>playback</div>
 <div><i class="ring"></i>learned place, size: time spent</div>
-<div><i class="dash"></i>next place, probability</div>`;
+<div><i class="dash"></i>next place, probability</div>
+<div><i class="fence"></i>geofence <i class="dot" style="background:${EVENT_COLOURS.ENTER}"></i>enter <i class="dot" style="background:${EVENT_COLOURS.EXIT}"></i>exit <i class="dot" style="background:${EVENT_COLOURS.ARRIVE}"></i>arrive <i class="dot" style="background:${EVENT_COLOURS.DEPART}"></i>depart</div>`;
     return div;
   };
   legend.addTo(map);
@@ -353,7 +390,7 @@ function placeMarker(d) {
   };
   if (!marker) {
     marker = L.circleMarker([d.lastLat, d.lastLon], style).bindTooltip(d.id);
-    marker.on('click', () => select(d.id));
+    marker.on('click', () => drawing || select(d.id));
     marker.addTo(layers.devices);
     layers.deviceMarkers.set(d.id, marker);
   } else {
@@ -376,7 +413,7 @@ async function select(id) {
   if (row) row.scrollIntoView({ block: 'nearest' });
   $('detail-title').textContent = id;
   setRange(d, 'all');
-  await Promise.all([loadTrack(true), loadStats(), loadPlaces()]);
+  await Promise.all([loadTrack(true), loadStats(), loadPlaces(), loadEvents()]);
 }
 
 function setRange(d, which) {
@@ -396,8 +433,10 @@ function closeDetail() {
   track = null;
   trackRequest += 1;
   stopPlayback();
-  for (const layer of [layers.track, layers.detail, layers.places, layers.playback]) layer.clearLayers();
+  for (const layer of [layers.track, layers.detail, layers.places, layers.events, layers.playback]) layer.clearLayers();
   playMarker = null;
+  events = [];
+  debug.events = null;
   debug.track = null;
   debug.detail = null;
   debug.playback = null;
@@ -871,6 +910,7 @@ async function connectLive(session) {
     }
     if (event.lastEventId) session.lastId = event.lastEventId;
     if (message.fix) onLiveFix(message.fix);
+    else if (message.event) onLiveEvent(message.event);
     else if (message.lag) {
       // Fixes were skipped: the list catches up from the API.
       loadDevices().catch(showError);
@@ -926,6 +966,308 @@ function onLiveFix(refined) {
   queueRender();
 }
 
+// ------------------------------------------------------------------ geofences
+
+/** A fence's outline as Leaflet rings ([lat, lon], open), or null when it is not a Polygon. */
+function polygonRings(fence) {
+  try {
+    const geometry = JSON.parse(fence.polygonGeojson);
+    if (geometry.type !== 'Polygon') return null;
+    return geometry.coordinates.map((ring) => ring.slice(0, -1).map(([lon, lat]) => [lat, lon]));
+  } catch (_) {
+    return null;
+  }
+}
+
+function describeFence(f) {
+  if (f.circle) return `circle, ${Math.round(f.circle.radiusM).toLocaleString('en')} m radius`;
+  const rings = polygonRings(f);
+  return rings ? `polygon, ${rings[0].length} vertices${rings.length > 1 ? `, ${rings.length - 1} hole(s)` : ''}` : 'polygon';
+}
+
+const fenceName = (id) => (fences.has(id) ? fences.get(id).name : `deleted fence ${id}`);
+
+async function loadFences() {
+  try {
+    const { geofences = [] } = await api('/v1/geofences');
+    if (!apiKey) return;
+    fences = new Map(geofences.map((f) => [f.geofenceId, f]));
+  } catch (e) {
+    showError(e);
+    return;
+  }
+  renderFences();
+  if (events.length) renderEvents();
+}
+
+function renderFences() {
+  const sorted = [...fences.values()].sort((a, b) => a.name.localeCompare(b.name) || a.geofenceId.localeCompare(b.geofenceId));
+  $('fence-count').textContent = fences.size ? `(${fences.size})` : '';
+  $('fence-list').innerHTML = sorted.length
+    ? sorted
+        .map(
+          (f) =>
+            `<li data-fence="${escapeHtml(f.geofenceId)}" title="Show on the map"><span class="name">${escapeHtml(f.name)}</span><span class="muted">${describeFence(f)}${f.deviceIds.length ? `, ${f.deviceIds.length} device(s)` : ''}</span></li>`,
+        )
+        .join('')
+    : '<li class="muted">none: draw one with ◯ Circle or ⬠ Polygon</li>';
+  debug.fences.count = fences.size;
+  if (!layers.fences) return;
+  layers.fences.clearLayers();
+  layers.fenceById = new Map();
+  for (const f of sorted) {
+    const style = { color: '#0f766e', weight: 2, fillColor: '#14b8a6', fillOpacity: 0.12, tmFence: f.geofenceId };
+    const rings = f.circle ? null : polygonRings(f);
+    let layer;
+    if (f.circle) layer = L.circle([f.circle.lat, f.circle.lon], { ...style, radius: f.circle.radiusM });
+    else if (rings) layer = L.polygon(rings, style);
+    else continue;
+    layer.bindTooltip(escapeHtml(f.name), { permanent: true, direction: 'center', className: 'tm-fence-label' });
+    // Not bindPopup: a click while drawing is a vertex, not a request for the popup.
+    layer.on('click', (e) => drawing || showFence(f.geofenceId, false, e.latlng));
+    layer.addTo(layers.fences);
+    layers.fenceById.set(f.geofenceId, layer);
+  }
+  debug.fences.layers = layers.fenceById.size;
+}
+
+/** Opens fence `id`'s popup (name, shape, devices, Delete), zooming to it when `fit`. */
+function showFence(id, fit, at) {
+  const f = fences.get(id);
+  const layer = layers.fenceById && layers.fenceById.get(id);
+  if (!f || !layer || drawing) return;
+  if (fit) map.fitBounds(layer.getBounds().pad(0.3), { maxZoom: 16 });
+  const div = document.createElement('div');
+  div.innerHTML = `<b>${escapeHtml(f.name)}</b><br>${describeFence(f)}<br>${
+    f.deviceIds.length ? `devices: ${f.deviceIds.map(escapeHtml).join(', ')}` : 'every device'
+  }<br><span class="muted">${escapeHtml(f.geofenceId)}, created ${utc(int(f.createdMs))} UTC</span><br>`;
+  const button = document.createElement('button');
+  button.type = 'button';
+  button.className = 'danger';
+  button.textContent = 'Delete fence';
+  button.dataset.fence = id;
+  button.addEventListener('click', () => deleteFence(id, button));
+  div.append(button);
+  L.popup().setLatLng(at || layer.getBounds().getCenter()).setContent(div).openOn(map);
+}
+
+async function deleteFence(id, button) {
+  button.disabled = true;
+  button.textContent = 'deleting…';
+  try {
+    await api(`/v1/geofences/${enc(id)}`, { method: 'DELETE' });
+  } catch (e) {
+    button.disabled = false;
+    button.textContent = 'Delete fence';
+    fenceError(e);
+    return;
+  }
+  map.closePopup();
+  fences.delete(id);
+  renderFences();
+  loadFences();
+}
+
+function fenceError(error) {
+  const p = $('fence-error');
+  if (!error) {
+    p.hidden = true;
+    return;
+  }
+  const text = error instanceof ApiError ? `${error.code}: ${error.message}` : String(error.message || error);
+  debug.errors.push(text);
+  p.textContent = text;
+  p.hidden = false;
+}
+
+function drawHint(text) {
+  $('draw-hint').textContent = text || '';
+  $('draw-hint').hidden = !text;
+}
+
+function startDrawing(kind) {
+  const again = debug.fences.drawing === kind;
+  cancelDraft();
+  // The active tool's button again: off.
+  if (again || !map) return;
+  map.closePopup();
+  fenceError(null);
+  debug.fences.drawing = kind;
+  $(`draw-${kind}`).classList.add('active');
+  drawing = draw(
+    map,
+    kind,
+    (shape) => {
+      drawing = null;
+      debug.fences.drawing = null;
+      $(`draw-${kind}`).classList.remove('active');
+      drawHint('');
+      if (shape) showDraft(shape);
+    },
+    drawHint,
+  );
+}
+
+/** The shape just drawn, dashed on the map, waiting for a name. */
+function showDraft(shape) {
+  draft = shape;
+  debug.fences.draft = shape;
+  const style = { color: '#0f766e', weight: 2, dashArray: '5 5', fillOpacity: 0.2, interactive: false };
+  layers.draft.clearLayers();
+  if (shape.kind === 'circle') L.circle([shape.lat, shape.lon], { ...style, radius: shape.radiusM }).addTo(layers.draft);
+  else L.polygon(shape.ring, style).addTo(layers.draft);
+  $('fence-form').hidden = false;
+  drawHint(
+    shape.kind === 'circle'
+      ? `New circle, ${shape.radiusM.toLocaleString('en')} m radius: name it and save.`
+      : `New polygon, ${shape.ring.length} vertices: name it and save.`,
+  );
+  $('fence-name').focus();
+}
+
+function cancelDraft() {
+  if (drawing) drawing();
+  drawing = null;
+  draft = null;
+  debug.fences.drawing = null;
+  debug.fences.draft = null;
+  for (const kind of ['circle', 'polygon']) $(`draw-${kind}`).classList.remove('active');
+  if (layers.draft) layers.draft.clearLayers();
+  $('fence-form').hidden = true;
+  $('fence-name').value = '';
+  drawHint('');
+  fenceError(null);
+}
+
+async function saveDraft() {
+  if (!draft || debug.fences.saving) return;
+  const name = $('fence-name').value.trim();
+  const body = { name };
+  if (draft.kind === 'circle') {
+    body.circle = { lat: draft.lat, lon: draft.lon, radiusM: draft.radiusM };
+  } else {
+    // GeoJSON: [lon, lat], the ring closed.
+    const ring = [...draft.ring, draft.ring[0]].map(([lat, lon]) => [lon, lat]);
+    body.polygonGeojson = { type: 'Polygon', coordinates: [ring] };
+  }
+  const save = $('fence-save');
+  save.disabled = true;
+  save.textContent = 'saving…';
+  debug.fences.saving = true;
+  fenceError(null);
+  try {
+    // Answers once every learning replica applies the fence (about 2 s).
+    const created = await api('/v1/geofences', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+    });
+    fences.set(created.geofenceId, created);
+    cancelDraft();
+    renderFences();
+    loadFences();
+  } catch (e) {
+    // The draft stays: rename it, or cancel and draw again.
+    fenceError(e);
+  } finally {
+    save.disabled = false;
+    save.textContent = 'Save';
+    debug.fences.saving = false;
+  }
+}
+
+// ------------------------------------------------------------------ events
+
+async function loadEvents() {
+  const id = selectedId;
+  const { from, to } = range();
+  if (!id || !Number.isFinite(from) || !Number.isFinite(to) || from >= to) return;
+  try {
+    const { events: list = [] } = await api(`/v1/events?device_id=${enc(id)}&from_ms=${from}&to_ms=${to}`);
+    if (id !== selectedId) return;
+    events = list;
+    debug.eventsFetched = {
+      deviceId: id,
+      count: list.length,
+      types: list.map((e) => e.type),
+      fences: list.map((e) => e.geofenceId || null),
+      atMs: Date.now(),
+    };
+  } catch (e) {
+    showError(e);
+    return;
+  }
+  renderEvents();
+}
+
+function eventWhat(e) {
+  if (e.geofenceId) return fenceName(e.geofenceId);
+  return e.placeId !== undefined ? `place ${e.placeId}` : '';
+}
+
+function renderEvents() {
+  const now = Date.now();
+  const fresh = (e) => e.freshUntil && e.freshUntil > now;
+  const newest = events
+    .map((e, i) => [e, i])
+    .slice(-MAX_EVENT_ROWS)
+    .reverse();
+  $('events').innerHTML = newest.length
+    ? newest
+        .map(
+          ([e, i]) =>
+            `<li data-index="${i}" data-type="${escapeHtml(e.type)}" class="${fresh(e) ? 'fresh' : ''}"><span class="type" style="color:${EVENT_COLOURS[e.type] || '#1d2430'}">${escapeHtml(e.type)}</span><span>${escapeHtml(eventWhat(e))}</span><span class="muted">${utc(int(e.timeMs))}</span></li>`,
+        )
+        .join('')
+    : '<li class="muted">no geofence or place events in this range</li>';
+  $('event-count').textContent = events.length
+    ? `(${events.length}${events.length > MAX_EVENT_ROWS ? `, newest ${MAX_EVENT_ROWS} listed` : ''})`
+    : '';
+  if (!layers.events) return;
+  layers.events.clearLayers();
+  for (const e of events.slice(-MAX_EVENT_MARKERS)) {
+    if (!Number.isFinite(e.lat) || !Number.isFinite(e.lon)) continue;
+    L.circleMarker([e.lat, e.lon], {
+      radius: fresh(e) ? 10 : 5,
+      color: fresh(e) ? '#facc15' : '#fff',
+      weight: fresh(e) ? 3 : 1,
+      fillColor: EVENT_COLOURS[e.type] || '#1d2430',
+      fillOpacity: 1,
+      tmEvent: e.type,
+    })
+      .bindTooltip(`${escapeHtml(e.type)} ${escapeHtml(eventWhat(e))}<br>${utc(int(e.timeMs))} UTC`)
+      .addTo(layers.events);
+  }
+  debug.events = {
+    deviceId: selectedId,
+    count: events.length,
+    types: events.map((e) => e.type),
+    fences: events.map((e) => e.geofenceId || null),
+    rows: newest.length,
+    markers: layers.events.getLayers().length,
+  };
+}
+
+const sameEvent = (a, b) =>
+  a.type === b.type && a.timeMs === b.timeMs && a.geofenceId === b.geofenceId && a.placeId === b.placeId;
+
+function onLiveEvent(e) {
+  debug.live.events += 1;
+  debug.live.lastEvent = { type: e.type, deviceId: e.deviceId, geofenceId: e.geofenceId, timeMs: int(e.timeMs), receivedMs: Date.now() };
+  // The fence it concerns flashes, whichever device it is.
+  const layer = e.geofenceId && layers.fenceById && layers.fenceById.get(e.geofenceId);
+  if (layer) {
+    layer.setStyle({ color: EVENT_COLOURS[e.type] || '#0f766e', weight: 4 });
+    setTimeout(() => layer.setStyle({ color: '#0f766e', weight: 2 }), FRESH_MS);
+  }
+  if (e.deviceId !== selectedId || events.some((x) => sameEvent(x, e))) return;
+  e.freshUntil = Date.now() + FRESH_MS;
+  events.push(e);
+  events.sort((a, b) => int(a.timeMs) - int(b.timeMs));
+  renderEvents();
+  setTimeout(renderEvents, FRESH_MS + 100);
+}
+
 // ------------------------------------------------------------------ wiring
 
 function wire() {
@@ -946,6 +1288,7 @@ function wire() {
   $('show-track').addEventListener('click', () => {
     loadTrack(true);
     loadStats();
+    loadEvents();
   });
   $('range-day').addEventListener('click', () => {
     const d = devices.get(selectedId);
@@ -953,6 +1296,7 @@ function wire() {
       setRange(d, 'day');
       loadTrack(true);
       loadStats();
+      loadEvents();
     }
   });
   $('range-all').addEventListener('click', () => {
@@ -961,6 +1305,7 @@ function wire() {
       setRange(d, 'all');
       loadTrack(true);
       loadStats();
+      loadEvents();
     }
   });
   $('slider').addEventListener('input', (event) => {
@@ -968,6 +1313,22 @@ function wire() {
     moveTo(event.target.value);
   });
   $('play').addEventListener('click', togglePlayback);
+  $('draw-circle').addEventListener('click', () => startDrawing('circle'));
+  $('draw-polygon').addEventListener('click', () => startDrawing('polygon'));
+  $('fence-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    saveDraft();
+  });
+  $('fence-cancel').addEventListener('click', cancelDraft);
+  $('fence-list').addEventListener('click', (event) => {
+    const li = event.target.closest('li[data-fence]');
+    if (li) showFence(li.dataset.fence, true);
+  });
+  $('events').addEventListener('click', (event) => {
+    const li = event.target.closest('li[data-index]');
+    const e = li && events[Number(li.dataset.index)];
+    if (e && map) map.setView([e.lat, e.lon], Math.max(map.getZoom(), 14));
+  });
   // "last seen … ago" stays current.
   setInterval(() => debug.loggedIn && queueRender(), 30000);
 }

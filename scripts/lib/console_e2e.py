@@ -5,7 +5,11 @@ Against a running stack: replays the AIS vessels of data/ais-virginia-beach-*.cs
 logs in and leaves the address bar, the device list shows the vessels, a vessel's track is
 drawn with as many segments as its JSON export has, playback moves the marker, its learned
 places are drawn, a fix ingested now appears live (when the gateway serves /v1/live), a
-wrong key gets a clear message, and all this with the basemap's tiles unreachable.
+wrong key gets a clear message, and all this with the basemap's tiles unreachable. Geofences:
+a circle drawn with the mouse is saved and drawn, a self-intersecting polygon gets the API's
+400 message, a polygon drawn is saved, fixes crossing the circle show ENTER and EXIT in the
+selected device's event list (live, then fetched), and both fences are deleted from their
+popups.
 Screenshots go to --out (default target/console-e2e/). Exits 1 naming the first failure.
 
     python3 scripts/lib/console_e2e.py --addr http://127.0.0.1:15050 --key demo-key [--full]
@@ -376,6 +380,170 @@ def check_full(browser, addr, key, n, out):
     page.context.close()
 
 
+FENCE_DEVICE = "console-fence-e2e"
+# Open sea off Virginia Beach, away from the replayed vessels: the fence the test draws.
+FENCE_AT = (36.80, -75.80)
+FENCE_RADIUS_M = 300
+FENCE_LABELS = "[...document.querySelectorAll('.tm-fence-label')].map((e) => e.textContent)"
+
+
+def offset(lat, lon, north_m, east_m):
+    return (lat + north_m / 111_320.0, lon + east_m / (111_320.0 * math.cos(math.radians(lat))))
+
+
+def drop_test_fences(addr, key):
+    """Fences a failed earlier run left (named "e2e …")."""
+    for fence in get(addr, key, "/v1/geofences")["geofences"]:
+        if fence["name"].startswith("e2e "):
+            call(addr, key, f"/v1/geofences/{quote(fence['geofenceId'])}", method="DELETE")
+
+
+def screen(page, lat, lon):
+    return page.evaluate(f"() => window.__console.screenPoint({lat}, {lon})")
+
+
+def check_fences(browser, addr, key, out):
+    """Draws a circle fence with the mouse, sees a device's fixes cross it as ENTER and EXIT
+    in the event list (live, then fetched), a bad polygon's 400 message, a polygon drawn, and
+    both deleted from their popups."""
+    drop_test_fences(addr, key)
+    lat0, lon0 = FENCE_AT
+    # A loop 400 m west of the fence → its centre → 400 m east → back west (no fix inside),
+    # 15 s, 15 s and 30 s apart (at most 96 km/h), after the device's last fix: a run soon after
+    # another must not send fixes older than its, nor jump (refinement would drop them).
+    last = max([int(d["lastMs"]) for d in get(addr, key, "/v1/devices?page_size=1000")["devices"]
+                if d["deviceId"] == FENCE_DEVICE] or [0])
+    t0 = max(int(time.time() * 1000) - 60_000, last + 1000)
+    # The device exists before the fence (its first fix 400 m west of it), so it can be selected.
+    start = offset(lat0, lon0, 0, -400)
+    ingest(addr, [{"deviceId": FENCE_DEVICE, "timeMs": str(t0), "lat": start[0], "lon": start[1]}])
+    deadline = time.monotonic() + 60
+    while not any(d["deviceId"] == FENCE_DEVICE and int(d["lastMs"]) >= t0
+                  for d in get(addr, key, "/v1/devices?sort=-last_ms&page_size=1000")["devices"]):
+        expect(time.monotonic() < deadline, f"{FENCE_DEVICE}: not listed within 60 s")
+        time.sleep(0.5)
+    page = new_page(browser, out, "fences")
+    page.goto(f"{addr}/#key={key}")
+    wait_for(page, "() => window.__console.loggedIn && window.__console.devices > 0", "log in")
+    page.fill("#search", FENCE_DEVICE)
+    page.click(f"#device-list li[data-id='{FENCE_DEVICE}']")
+    wait_for(page, f"() => window.__console.track && window.__console.events && "
+             f"window.__console.events.deviceId === '{FENCE_DEVICE}'", "the device's track and events")
+    page.wait_for_timeout(300)  # the fit to its one fix
+    page.evaluate(f"() => window.__console.setView({lat0}, {lon0}, 15)")
+    before = state(page)["fences"]["layers"]
+
+    # A circle: press at the centre, drag to the edge.
+    page.click("#draw-circle")
+    x0, y0 = screen(page, lat0, lon0)
+    x1, y1 = screen(page, *offset(lat0, lon0, FENCE_RADIUS_M, 0))
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for step in range(1, 6):
+        page.mouse.move(x0 + (x1 - x0) * step / 5, y0 + (y1 - y0) * step / 5)
+    page.mouse.up()
+    draft = state(page)["fences"]["draft"]
+    expect(draft and draft["kind"] == "circle", f"no circle drawn: {draft}")
+    expect(abs(draft["radiusM"] - FENCE_RADIUS_M) < 0.05 * FENCE_RADIUS_M and
+           abs(draft["lat"] - lat0) < 1e-3 and abs(draft["lon"] - lon0) < 1e-3,
+           f"the circle drawn is {draft}, not {FENCE_RADIUS_M} m around {FENCE_AT}")
+    page.fill("#fence-name", "e2e pier")
+    page.click("#fence-save")
+    wait_for(page, f"() => window.__console.fences.layers === {before + 1} && "
+             "!window.__console.fences.draft", "the new circle fence drawn")
+    fence = next((f for f in get(addr, key, "/v1/geofences")["geofences"] if f["name"] == "e2e pier"),
+                 None)
+    expect(fence and fence.get("circle"), f"the API has no circle fence 'e2e pier': {fence}")
+    # A replaced label fades out for 200 ms.
+    wait_for(page, f"() => {FENCE_LABELS}.filter((t) => t === 'e2e pier').length === 1",
+             "the fence's name on the map", 5)
+
+    # A bow-tie polygon: its 400 message shows, the draft stays until cancelled.
+    page.click("#draw-polygon")
+    corners = [offset(lat0, lon0, n, e) for n, e in
+               [(600, 600), (1000, 1000), (600, 1000), (1000, 600)]]
+    for corner in corners + corners[:1]:
+        page.mouse.click(*screen(page, *corner))
+    draft = state(page)["fences"]["draft"]
+    expect(draft and draft["kind"] == "polygon" and len(draft["ring"]) == 4,
+           f"the polygon drawn is {draft}")
+    page.fill("#fence-name", "e2e bow-tie")
+    page.click("#fence-save")
+    error = page.locator("#fence-error")
+    error.wait_for(state="visible", timeout=15000)
+    text = error.inner_text()
+    expect("intersects itself" in text, f"the bad polygon's message: {text!r}")
+    page.click("#fence-cancel")
+    expect(error.is_hidden() and state(page)["fences"]["draft"] is None, "cancel keeps the draft")
+    # A triangle, closed by a double-click.
+    page.click("#draw-polygon")
+    triangle = [offset(lat0, lon0, n, e) for n, e in [(-500, 600), (-900, 900), (-500, 1100)]]
+    for corner in triangle[:-1]:
+        page.mouse.click(*screen(page, *corner))
+    page.mouse.dblclick(*screen(page, *triangle[-1]))
+    page.fill("#fence-name", "e2e yard")
+    page.click("#fence-save")
+    wait_for(page, f"() => window.__console.fences.layers === {before + 2}", "the triangle drawn")
+
+    # Fixes crossing the circle: ENTER and EXIT, live in the list, then fetched.
+    inside = offset(lat0, lon0, 0, 0)
+    beyond = offset(lat0, lon0, 0, 400)
+    sent = time.monotonic()
+    ingest(addr, [{"deviceId": FENCE_DEVICE, "timeMs": str(t0 + 15_000), "lat": inside[0], "lon": inside[1]},
+                  {"deviceId": FENCE_DEVICE, "timeMs": str(t0 + 30_000), "lat": beyond[0], "lon": beyond[1]},
+                  {"deviceId": FENCE_DEVICE, "timeMs": str(t0 + 60_000), "lat": start[0], "lon": start[1]}])
+    # This fence's events (earlier runs left theirs), in time order.
+    has_both = (f"(e) => e && JSON.stringify(e.types.filter((t, i) => e.fences[i] === "
+                f"'{fence['geofenceId']}')) === '[\"ENTER\",\"EXIT\"]'")
+    wait_for(page, f"() => ({has_both})(window.__console.events)", "ENTER and EXIT in the event list", 90)
+    events_s = time.monotonic() - sent
+    s = state(page)
+    live = s["live"]["events"] >= 2
+    # Newest first; earlier runs' events name their fence "deleted fence …".
+    rows = page.locator("#events li[data-type]").all_inner_texts()[:2]
+    expect(len(rows) == 2 and rows[0].startswith("EXIT") and rows[1].startswith("ENTER") and
+           all("e2e pier" in r for r in rows), f"the newest event rows: {rows}")
+    # Stored a moment after they stream: fetched again until storage has them.
+    deadline = time.monotonic() + 60
+    while True:
+        api_events = get(addr, key, f"/v1/events?device_id={FENCE_DEVICE}&from_ms={t0}"
+                         f"&to_ms={t0 + 30_001}&types=ENTER,EXIT")["events"]
+        mine = [e["type"] for e in api_events if e.get("geofenceId") == fence["geofenceId"]]
+        if mine == ["ENTER", "EXIT"]:
+            break
+        expect(time.monotonic() < deadline, f"GET /v1/events has {mine} for the fence after 60 s")
+        time.sleep(0.5)
+    clicked = page.evaluate("() => Date.now()")
+    page.click("#range-all")
+    wait_for(page, f"() => window.__console.eventsFetched && window.__console.eventsFetched.atMs >= "
+             f"{clicked} && ({has_both})(window.__console.eventsFetched)", "ENTER and EXIT fetched", 30)
+    s = state(page)
+    expect(s["events"]["markers"] == s["events"]["count"] == s["eventsFetched"]["count"],
+           f"{s['events']['markers']} event markers, {s['events']['count']} events listed, "
+           f"{s['eventsFetched']['count']} fetched")
+    page.evaluate(f"() => window.__console.setView({lat0 - 0.002}, {lon0 + 0.004}, 14)")
+    page.wait_for_timeout(300)
+    page.shot("1-events")
+
+    # Deleted from their popups (the list opens them).
+    for name in ["e2e pier", "e2e yard"]:
+        page.click(f"#fence-list li:has-text('{name}')")
+        page.click(".leaflet-popup button.danger")
+        wait_for(page, f"() => !document.querySelector('#fence-list').textContent.includes('{name}')",
+                 f"{name} deleted", 15)
+    expect(state(page)["fences"]["layers"] == before, "fence layers stay after the deletes")
+    wait_for(page, f"() => !{FENCE_LABELS}.some((t) => t.startsWith('e2e '))",
+             "the deleted fences' names leave the map", 5)
+    left = [f["name"] for f in get(addr, key, "/v1/geofences")["geofences"] if f["name"].startswith("e2e ")]
+    expect(not left, f"the API still has {left}")
+    # The browser logs the bow-tie's 400 itself.
+    errors = [e for e in page.errors if not ("status of 400" in e and "/v1/geofences'" in e)]
+    expect(len(errors) == len(page.errors) - 1, f"the bow-tie's 400 is not in the log: {page.errors}")
+    expect(not errors, f"errors in the page: {errors[:3]}")
+    page.context.close()
+    return events_s, live
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--addr", default="http://127.0.0.1:50050")
@@ -398,6 +566,7 @@ def main():
                 load_s, live_s = check_console(browser, args.addr, args.key, vessel, places, other,
                                                args.out)
                 check_wrong_key(browser, args.addr, args.out)
+                events_s, events_live = check_fences(browser, args.addr, args.key, args.out)
                 if args.full:
                     check_full(browser, args.addr, args.key, args.full_fixes, args.out)
             finally:
@@ -407,7 +576,8 @@ def main():
         return 1
     live = f"{live_s:.2f} s" if live_s is not None else "skipped (no /v1/live)"
     print(f"console-e2e: passed in {time.monotonic() - started:.0f} s: page loaded and listed the "
-          f"fleet in {load_s:.2f} s, live fix shown {live} after its ingest; screenshots in "
+          f"fleet in {load_s:.2f} s, live fix shown {live} after its ingest, geofence ENTER/EXIT "
+          f"listed {events_s:.2f} s after the ingest ({'live' if events_live else 'fetched'}); screenshots in "
           f"{os.path.relpath(args.out, ROOT)}")
     return 0
 
