@@ -123,6 +123,8 @@ function utc(ms) {
   return new Date(ms).toISOString().slice(0, 16).replace('T', ' ');
 }
 
+const utcSeconds = (ms) => new Date(ms).toISOString().slice(0, 19).replace('T', ' ');
+
 function ago(ms) {
   if (!ms) return 'never';
   const s = (Date.now() - ms) / 1000;
@@ -985,7 +987,7 @@ function describeFence(f) {
   return rings ? `polygon, ${rings[0].length} vertices${rings.length > 1 ? `, ${rings.length - 1} hole(s)` : ''}` : 'polygon';
 }
 
-const fenceName = (id) => (fences.has(id) ? fences.get(id).name : `deleted fence ${id}`);
+const fenceName = (id) => (fences.has(id) ? fences.get(id).name : '(deleted fence)');
 
 async function loadFences() {
   try {
@@ -1022,7 +1024,14 @@ function renderFences() {
     if (f.circle) layer = L.circle([f.circle.lat, f.circle.lon], { ...style, radius: f.circle.radiusM });
     else if (rings) layer = L.polygon(rings, style);
     else continue;
-    layer.bindTooltip(escapeHtml(f.name), { permanent: true, direction: 'center', className: 'tm-fence-label' });
+    // The name above the fence, not over its centre (where events often are).
+    const top = f.circle
+      ? [f.circle.lat + f.circle.radiusM / 111320, f.circle.lon]
+      : rings[0].reduce((a, b) => (b[0] > a[0] ? b : a));
+    L.tooltip({ permanent: true, direction: 'top', className: 'tm-fence-label', interactive: false })
+      .setLatLng(top)
+      .setContent(escapeHtml(f.name))
+      .addTo(layers.fences);
     // Not bindPopup: a click while drawing is a vertex, not a request for the popup.
     layer.on('click', (e) => drawing || showFence(f.geofenceId, false, e.latlng));
     layer.addTo(layers.fences);
@@ -1216,7 +1225,7 @@ function renderEvents() {
     ? newest
         .map(
           ([e, i]) =>
-            `<li data-index="${i}" data-type="${escapeHtml(e.type)}" class="${fresh(e) ? 'fresh' : ''}"><span class="type" style="color:${EVENT_COLOURS[e.type] || '#1d2430'}">${escapeHtml(e.type)}</span><span>${escapeHtml(eventWhat(e))}</span><span class="muted">${utc(int(e.timeMs))}</span></li>`,
+            `<li data-index="${i}" data-type="${escapeHtml(e.type)}" class="${fresh(e) ? 'fresh' : ''}" title="${escapeHtml(e.geofenceId || '')}"><span class="type" style="color:${EVENT_COLOURS[e.type] || '#1d2430'}">${escapeHtml(e.type)}</span><span class="what">${escapeHtml(eventWhat(e))}</span><span class="muted">${utcSeconds(int(e.timeMs))}</span></li>`,
         )
         .join('')
     : '<li class="muted">no geofence or place events in this range</li>';
@@ -1235,7 +1244,7 @@ function renderEvents() {
       fillOpacity: 1,
       tmEvent: e.type,
     })
-      .bindTooltip(`${escapeHtml(e.type)} ${escapeHtml(eventWhat(e))}<br>${utc(int(e.timeMs))} UTC`)
+      .bindTooltip(`${escapeHtml(e.type)} ${escapeHtml(eventWhat(e))}<br>${utcSeconds(int(e.timeMs))} UTC`)
       .addTo(layers.events);
   }
   debug.events = {
