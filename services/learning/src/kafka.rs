@@ -222,8 +222,9 @@ impl Kafka {
                     };
                     match done {
                         Ok(()) => break,
-                        Err(Error::InvalidArgument { field, rule }) => {
-                            tracing::warn!(%field, %rule, "fixes in the topic refused, skipped");
+                        // Retrying cannot help these: skip rather than stall the partition.
+                        Err(err @ (Error::InvalidArgument { .. } | Error::Corrupt { .. })) => {
+                            tracing::warn!(error = %err, "fixes in the topic not observable, skipped");
                             break;
                         }
                         Err(err) if stop.load(Ordering::Relaxed) => {
