@@ -321,6 +321,8 @@ async function loadDevices() {
       lastMs: Math.max(int(d.lastMs), old ? old.lastMs : 0),
       firstMs: int(d.firstMs),
       distanceM: Number(d.distanceM || 0),
+      fixesToday: int(d.fixesToday || 0),
+      distanceTodayM: Number(d.distanceTodayM || 0),
       lastLat: d.lastLat ?? old?.lastLat,
       lastLon: d.lastLon ?? old?.lastLon,
       fresh: old?.fresh || false,
@@ -348,8 +350,8 @@ function sortedDevices() {
   const list = [...devices.values()].filter((d) => !filter || d.id.toLowerCase().includes(filter));
   const keys = {
     last: (a, b) => b.lastMs - a.lastMs,
-    fixes: (a, b) => b.fixes - a.fixes,
-    distance: (a, b) => b.distanceM - a.distanceM,
+    fixes: (a, b) => b.fixesToday - a.fixesToday,
+    distance: (a, b) => b.distanceTodayM - a.distanceTodayM,
     name: (a, b) => a.id.localeCompare(b.id),
   };
   return list.sort((a, b) => keys[by](a, b) || a.id.localeCompare(b.id));
@@ -363,7 +365,7 @@ function renderDevices() {
     .map(
       (d) => `<li data-id="${escapeHtml(d.id)}" data-last-ms="${d.lastMs}" class="${d.id === selectedId ? 'selected' : ''}${d.fresh ? ' fresh' : ''}">
 <span class="id">${escapeHtml(d.id)}</span><span class="seen" title="${utc(d.lastMs)} UTC">${ago(d.lastMs)}</span>
-<span class="nums">${d.fixes.toLocaleString('en')} fixes · ${km(d.distanceM)}</span></li>`,
+<span class="nums" title="${d.fixes.toLocaleString('en')} fixes, ${km(d.distanceM)} in all">today: ${d.fixesToday.toLocaleString('en')} fixes · ${km(d.distanceTodayM)}</span></li>`,
     )
     .join('');
   $('device-count').textContent =
@@ -949,12 +951,17 @@ function onLiveFix(refined) {
   const timeMs = int(fix.timeMs);
   let d = devices.get(id);
   if (!d) {
-    d = { id, fixes: 0, lastMs: 0, firstMs: timeMs, distanceM: 0, lastLat: null, lastLon: null };
+    d = { id, fixes: 0, lastMs: 0, firstMs: timeMs, distanceM: 0, fixesToday: 0, distanceTodayM: 0, lastLat: null, lastLon: null };
     devices.set(id, d);
     debug.devices = devices.size;
   }
   d.fixes += 1;
   d.distanceM += Number(refined.distanceM || 0);
+  // Today as storage counts days: UTC.
+  if (Math.floor(timeMs / 86400000) === Math.floor(Date.now() / 86400000)) {
+    d.fixesToday += 1;
+    d.distanceTodayM += Number(refined.distanceM || 0);
+  }
   if (timeMs >= d.lastMs) {
     d.lastMs = timeMs;
     d.lastLat = fix.lat;

@@ -426,6 +426,12 @@ def check_fences(browser, addr, key, out):
     page.goto(f"{addr}/#key={key}")
     wait_for(page, "() => window.__console.loggedIn && window.__console.devices > 0", "log in")
     page.fill("#search", FENCE_DEVICE)
+    # The row shows the device's figures of the day, as ListDevices counts them.
+    listed = next(d for d in get(addr, key, "/v1/devices?page_size=1000")["devices"]
+                  if d["deviceId"] == FENCE_DEVICE)
+    row = page.locator(f"#device-list li[data-id='{FENCE_DEVICE}'] .nums").inner_text()
+    expect(f"today: {int(listed['fixesToday']):,} fixes" in row,
+           f"the row says {row!r}; the API has {listed['fixesToday']} fixes today")
     page.click(f"#device-list li[data-id='{FENCE_DEVICE}']")
     wait_for(page, f"() => window.__console.track && window.__console.events && "
              f"window.__console.events.deviceId === '{FENCE_DEVICE}'", "the device's track and events")

@@ -138,6 +138,8 @@ pub struct DeviceRow {
     pub last_ms: i64,
     pub distance_m: f64,
     pub max_speed_kmh: f64,
+    pub fixes_today: u64,
+    pub distance_today_m: f64,
 }
 
 /// A device's position at a given time, as [`Db::last_positions`] reads it.
@@ -160,6 +162,8 @@ pub const SORT_FIELDS: &[&str] = &[
     "last_ms",
     "distance_m",
     "max_speed_kmh",
+    "fixes_today",
+    "distance_today_m",
 ];
 
 #[derive(Clone)]
@@ -399,6 +403,10 @@ impl Db {
         offset: u64,
         limit: u64,
     ) -> Query {
+        // Today as the consumer files days: UTC.
+        let today = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64 / 86_400);
         let mut order: Vec<String> = sort
             .iter()
             .map(|(field, descending)| {
@@ -414,6 +422,8 @@ impl Db {
                 "{DEVICES} ORDER BY {} LIMIT ?, ?",
                 order.join(", ")
             ))
+            .bind(today)
+            .bind(today)
             .bind(tenant)
             .bind(offset)
             .bind(limit)
@@ -763,9 +773,12 @@ const DAILY: &str = "SELECT device_id, toString(day) AS day_text, sum(fix_count)
     GROUP BY device_id, day ORDER BY day";
 
 /// Followed by `ORDER BY … LIMIT ?, ?`; the output names are [`SORT_FIELDS`].
+/// The first two `?` are today's UTC day number.
 const DEVICES: &str = "SELECT device_id, sum(fix_count) AS fixes, min(time_min_ms) AS first_ms,
         max(time_max_ms) AS last_ms, sum(distance_sum_m) AS distance_m,
-        max(speed_max_kmh) AS max_speed_kmh
+        max(speed_max_kmh) AS max_speed_kmh,
+        sumIf(fix_count, toInt64(toUInt16(day)) = ?) AS fixes_today,
+        sumIf(distance_sum_m, toInt64(toUInt16(day)) = ?) AS distance_today_m
     FROM daily_parts FINAL WHERE tenant_id = ?
     GROUP BY device_id";
 

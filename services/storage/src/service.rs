@@ -261,6 +261,8 @@ impl Storage for StorageService {
                     max_speed_kmh: row.max_speed_kmh,
                     last_lat,
                     last_lon,
+                    fixes_today: row.fixes_today,
+                    distance_today_m: row.distance_today_m,
                 }
             })
             .collect();

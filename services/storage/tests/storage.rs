@@ -432,6 +432,44 @@ async fn list_devices_shows_each_devices_last_position() {
 }
 
 #[tokio::test]
+async fn list_devices_counts_todays_fixes_and_distance() {
+    let (_service, mut client) = start(config()).await;
+    let tenant = testkit::unique("t");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let today_ms = now_ms - now_ms.rem_euclid(86_400_000);
+    // 10 fixes a minute apart yesterday, then 5 fixes today (a millisecond apart, so that
+    // they are in the past whenever the test runs).
+    let mut fixes = track("ferry", 15, today_ms - 3_600_000);
+    for (i, fix) in fixes[10..].iter_mut().enumerate() {
+        fix.fix.as_mut().unwrap().time_ms = today_ms + i as i64;
+    }
+    store(&mut client, &tenant, &fixes).await.unwrap();
+    let start = Instant::now();
+    let device = loop {
+        let listed = client
+            .list_devices(ListStoredDevicesRequest {
+                tenant_id: tenant.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .devices;
+        if let Some(device) = listed.into_iter().find(|d| d.fixes == 15) {
+            break device;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "not stored in time");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(device.fixes_today, 5);
+    assert!((device.distance_today_m - 5.0 * 111.2).abs() < 1e-6, "{device:?}");
+    assert!((device.distance_m - 14.0 * 111.2).abs() < 1e-6, "{device:?}");
+}
+
+#[tokio::test]
 async fn invalid_requests_name_the_field() {
     let (_service, mut client) = start(config()).await;
     let tenant = testkit::unique("t");

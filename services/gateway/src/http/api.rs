@@ -601,6 +601,8 @@ fn device_json(device: &DeviceSummary) -> Value {
         // NaN (unknown) becomes null.
         "lastLat": device.last_lat,
         "lastLon": device.last_lon,
+        "fixesToday": device.fixes_today.to_string(),
+        "distanceTodayM": device.distance_today_m,
     })
 }
 
