@@ -461,12 +461,21 @@ async fn list_devices_counts_todays_fixes_and_distance() {
         if let Some(device) = listed.into_iter().find(|d| d.fixes == 15) {
             break device;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "not stored in time");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not stored in time"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(device.fixes_today, 5);
-    assert!((device.distance_today_m - 5.0 * 111.2).abs() < 1e-6, "{device:?}");
-    assert!((device.distance_m - 14.0 * 111.2).abs() < 1e-6, "{device:?}");
+    assert!(
+        (device.distance_today_m - 5.0 * 111.2).abs() < 1e-6,
+        "{device:?}"
+    );
+    assert!(
+        (device.distance_m - 14.0 * 111.2).abs() < 1e-6,
+        "{device:?}"
+    );
 }
 
 #[tokio::test]
