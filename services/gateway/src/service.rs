@@ -625,12 +625,10 @@ impl Gateway for GatewayService {
     ) -> Result<Response<Geofence>, Status> {
         let (tenant, deadline) = self.caller(&request)?;
         self.limit(&tenant, 0)?;
-        let mut geofence = request.into_inner();
-        // Ids are learning's to assign, times its to set.
-        geofence.geofence_id.clear();
+        // Learning assigns the id and the creation time.
         let create = TenantGeofence {
             tenant_id: tenant,
-            geofence: Some(geofence),
+            geofence: Some(request.into_inner()),
         };
         let created = unary(
             &self.inner.downstreams.learning,

@@ -5,8 +5,8 @@
 //! buffer is shared and bounded (WATCH_BUFFER messages): a subscriber that reads too slowly
 //! skips ahead and gets a `Lag` message, and never holds back the tail or anyone else.
 //! Every message carries a resume token, the subscriber's position in each partition of each
-//! topic (offset, and fix or event within the message); a subscriber that resumes reads from there with a reader of
-//! its own until it reaches the tail, then joins the broadcast.
+//! topic (offset, and fix or event within the message); a subscriber that resumes reads from
+//! there with a reader of its own until it reaches the tail, then joins the broadcast.
 
 use std::{
     pin::Pin,
@@ -33,7 +33,7 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchMessage, Status>> +
 /// Most device ids one subscription may filter on.
 pub const MAX_DEVICE_IDS: usize = 1000;
 
-/// What a subscriber receives: its tenant's fixes, of some devices, in an area.
+/// What a subscriber receives: its tenant's fixes and events, of some devices, in an area.
 #[derive(Clone, Debug)]
 pub struct Filter {
     tenant: String,

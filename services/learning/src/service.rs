@@ -5,7 +5,6 @@
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use prost::Message as _;
-
 use tonic::{Request, Response, Status};
 use trackmesh_proto::v1::{
     DeleteTenantGeofenceRequest, DeleteTenantGeofenceResponse, EventType, Fix, ForgetRequest,
@@ -100,7 +99,7 @@ impl LearningService {
             .kafka
             .produce_geofence(tenant, &geofence.geofence_id, Some(&geofence))
             .await?;
-        // Here at once; other replicas read it before they evaluate later fixes (`sync`).
+        // Here at once; the other replicas within STALENESS (see `geofences`).
         let key = format!("{tenant}/{}", geofence.geofence_id);
         let value = TenantGeofence {
             tenant_id: tenant.to_owned(),
@@ -109,7 +108,6 @@ impl LearningService {
         .encode_to_vec();
         events.book.apply(&key, Some(&value));
         tracing::info!(tenant = %tenant, geofence = %geofence.geofence_id, "geofence created");
-        // Every replica has read it by then (see `geofences`).
         tokio::time::sleep(STALENESS).await;
         Ok(geofence)
     }
