@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prost::Message as _;
 use rdkafka::{
-    Message as _, Offset, TopicPartitionList,
+    Message as _,
     consumer::{CommitMode, Consumer as _, StreamConsumer},
 };
 use tokio::{sync::watch, time::Instant};
@@ -205,21 +205,7 @@ impl Sink {
     }
 
     fn commit(&self, batch: &Batch, mode: CommitMode) {
-        let mut offsets = TopicPartitionList::new();
-        for (&partition, &next) in &batch.next_offsets {
-            if let Err(error) =
-                offsets.add_partition_offset(&self.topic, partition, Offset::Offset(next))
-            {
-                tracing::warn!(%error, partition, "cannot record events offset");
-            }
-        }
-        if offsets.count() == 0 {
-            return;
-        }
-        if let Err(error) = self.consumer.commit(&offsets, mode) {
-            // Not fatal: the events are stored; a redelivery collapses in ClickHouse.
-            tracing::warn!(%error, "kafka events offset commit failed");
-        }
+        kafka::commit(&self.consumer, &self.topic, &batch.next_offsets, mode);
     }
 
     /// Pauses (or resumes) every assigned partition; true when it took effect.

@@ -464,6 +464,30 @@ pub fn group_consumer(
     Ok((consumer, context))
 }
 
+/// Commits the next offsets (partition → offset) of `topic`. A failure is only logged: what
+/// they cover is stored, and a redelivery collapses in ClickHouse.
+pub fn commit<'a>(
+    consumer: &StreamConsumer<Context>,
+    topic: &str,
+    next_offsets: impl IntoIterator<Item = (&'a i32, &'a i64)>,
+    mode: rdkafka::consumer::CommitMode,
+) {
+    let mut offsets = rdkafka::TopicPartitionList::new();
+    for (&partition, &next) in next_offsets {
+        if let Err(error) =
+            offsets.add_partition_offset(topic, partition, rdkafka::Offset::Offset(next))
+        {
+            tracing::warn!(%error, topic, partition, "cannot record offset");
+        }
+    }
+    if offsets.count() == 0 {
+        return;
+    }
+    if let Err(error) = consumer.commit(&offsets, mode) {
+        tracing::warn!(%error, topic, "kafka offset commit failed");
+    }
+}
+
 /// A message copied out of the consumer's buffer.
 pub struct Owned {
     pub partition: i32,

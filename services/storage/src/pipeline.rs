@@ -14,10 +14,7 @@ use std::{
 };
 
 use prost::Message as _;
-use rdkafka::{
-    Offset, TopicPartitionList,
-    consumer::{CommitMode, Consumer as _, StreamConsumer},
-};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use tokio::{sync::watch, time::Instant};
 use tracing::Instrument as _;
 use trackmesh_proto::v1::{Fix, FixBatch, FixBatches, RefinedFix, Verdict};
@@ -520,21 +517,7 @@ impl Pipeline {
     }
 
     fn commit(&self, batch: &Batch, mode: CommitMode) {
-        let mut offsets = TopicPartitionList::new();
-        for (partition, next) in &batch.next_offsets {
-            if let Err(error) =
-                offsets.add_partition_offset(&self.topic, *partition, Offset::Offset(*next))
-            {
-                tracing::warn!(%error, partition, "cannot record offset");
-            }
-        }
-        if offsets.count() == 0 {
-            return;
-        }
-        if let Err(error) = self.consumer.commit(&offsets, mode) {
-            // Not fatal: the rows are stored; a redelivery collapses in ClickHouse.
-            tracing::warn!(%error, "kafka offset commit failed");
-        }
+        kafka::commit(&self.consumer, &self.topic, &batch.next_offsets, mode);
     }
 
     /// Pauses (or resumes) every assigned partition; true when it took effect.
