@@ -713,7 +713,6 @@ impl Gateway for GatewayService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let (tenant, _) = self.caller(&request)?;
-        self.limit(&tenant, 0)?;
         let stream = self.watch_as(tenant, request.into_inner())?;
         Ok(Response::new(stream))
     }
@@ -723,6 +722,7 @@ impl GatewayService {
     /// The Watch stream of `tenant` (gRPC and SSE); it ends after STREAM_MAX_DURATION, and
     /// the client resumes with its last token.
     pub fn watch_as(&self, tenant: String, request: WatchRequest) -> Result<WatchStream, Error> {
+        self.limit(&tenant, 0)?;
         let hub = self.inner.hub.as_ref().ok_or(Error::LiveOff)?;
         let filter = Filter::new(tenant, request.device_ids, request.bbox)?;
         let resume = match request.resume_token.as_str() {
