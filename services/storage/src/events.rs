@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use prost::Message as _;
 use rdkafka::{
     Message as _,
-    consumer::{CommitMode, Consumer as _, StreamConsumer},
+    consumer::{CommitMode, StreamConsumer},
 };
 use tokio::{sync::watch, time::Instant};
 use trackmesh_proto::v1::{Event, EventType, Fix, TenantEvents};
@@ -210,17 +210,7 @@ impl Sink {
 
     /// Pauses (or resumes) every assigned partition; true when it took effect.
     fn pause(&self, pause: bool) -> bool {
-        let result = self.consumer.assignment().and_then(|assignment| {
-            if pause {
-                self.consumer.pause(&assignment)
-            } else {
-                self.consumer.resume(&assignment)
-            }
-        });
-        if let Err(error) = &result {
-            tracing::warn!(%error, pause, "cannot pause or resume kafka events consumption");
-        }
-        result.is_ok()
+        kafka::set_paused(&self.consumer, &self.topic, pause)
     }
 
     /// Stopped while still joining: finish the join before leaving, or tansu keeps the group

@@ -488,6 +488,28 @@ pub fn commit<'a>(
     }
 }
 
+/// Pauses (or resumes) every assigned partition of `topic`'s consumer; true when it took
+/// effect.
+pub fn set_paused(consumer: &StreamConsumer<Context>, topic: &str, pause: bool) -> bool {
+    let result = consumer.assignment().and_then(|assignment| {
+        if pause {
+            consumer.pause(&assignment)
+        } else {
+            consumer.resume(&assignment)
+        }
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!(topic, paused = pause, "kafka consumption");
+            true
+        }
+        Err(error) => {
+            tracing::warn!(%error, topic, pause, "cannot pause or resume kafka consumption");
+            false
+        }
+    }
+}
+
 /// A message copied out of the consumer's buffer.
 pub struct Owned {
     pub partition: i32,

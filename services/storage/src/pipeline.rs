@@ -14,7 +14,7 @@ use std::{
 };
 
 use prost::Message as _;
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{CommitMode, StreamConsumer};
 use tokio::{sync::watch, time::Instant};
 use tracing::Instrument as _;
 use trackmesh_proto::v1::{Fix, FixBatch, FixBatches, RefinedFix, Verdict};
@@ -522,23 +522,7 @@ impl Pipeline {
 
     /// Pauses (or resumes) every assigned partition; true when it took effect.
     fn pause(&self, pause: bool) -> bool {
-        let result = self.consumer.assignment().and_then(|assignment| {
-            if pause {
-                self.consumer.pause(&assignment)
-            } else {
-                self.consumer.resume(&assignment)
-            }
-        });
-        match result {
-            Ok(()) => {
-                tracing::info!(paused = pause, "kafka consumption");
-                true
-            }
-            Err(error) => {
-                tracing::warn!(%error, pause, "cannot pause or resume kafka consumption");
-                false
-            }
-        }
+        kafka::set_paused(&self.consumer, &self.topic, pause)
     }
 }
 
