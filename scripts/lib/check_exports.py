@@ -8,7 +8,7 @@ its exact latitude, longitude, time and values. Exits 1 naming the first differe
 
     python3 scripts/lib/check_exports.py --addr http://127.0.0.1:50050 --key demo-key [--devices 3]
 
-Run with any python3: it installs its pinned parsers into .tools/exports-venv and re-runs
+Run with any python3: it installs its pinned parsers into .tools/check-exports-venv and re-runs
 itself there.
 """
 
@@ -25,26 +25,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VENV = os.path.join(ROOT, ".tools", "exports-venv")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pinned_venv  # noqa: E402
+
 # Pinned: a new parser release must not break CI on its own; raise them on purpose.
 WANT = ["gpxpy==1.6.2", "geojson==3.3.0"]
 
-if "CHECK_EXPORTS_IN_VENV" not in os.environ:
-    python = os.path.join(VENV, "bin", "python")
-    stamp = os.path.join(VENV, ".requirements")
-    if not os.path.exists(stamp) or open(stamp).read() != " ".join(WANT):
-        import shutil
-        import subprocess
-        print(f"check-exports: installing {' '.join(WANT)} into {VENV}", file=sys.stderr)
-        shutil.rmtree(VENV, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "--no-input", *WANT], check=True, stdin=subprocess.DEVNULL)
-        with open(stamp, "w") as file:
-            file.write(" ".join(WANT))
-    os.environ["CHECK_EXPORTS_IN_VENV"] = "1"
-    os.execv(python, [python, *sys.argv])
+pinned_venv.reexec("check-exports", WANT)
 
 import geojson  # noqa: E402 (after the venv bootstrap)
 import gpxpy  # noqa: E402

@@ -17,7 +17,7 @@ Screenshots go to --out (default target/console-e2e/). Exits 1 naming the first 
 --full also ingests a 1M-fix track (--full-fixes) and measures the page drawing it.
 
 Run with any python3: it installs Debian's chromium when missing (apt, as root or with sudo),
-and its pinned Playwright into .tools/console-venv (never Playwright's own browsers), then
+and its pinned Playwright into .tools/console-e2e-venv (never Playwright's own browsers), then
 re-runs itself there.
 """
 
@@ -35,8 +35,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pinned_venv  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VENV = os.path.join(ROOT, ".tools", "console-venv")
 # Pinned: a new release must not break CI on its own; raise it on purpose.
 WANT = ["playwright==1.65.2"]
 DATA = os.path.join(ROOT, "data", "ais-virginia-beach-2020-06-04..06.csv")
@@ -60,20 +62,9 @@ def install_chromium():
         subprocess.run(install, env=env, check=True, stdin=subprocess.DEVNULL)
 
 
-if "CONSOLE_E2E_IN_VENV" not in os.environ:
+if __name__ == "__main__":
     install_chromium()
-    python = os.path.join(VENV, "bin", "python")
-    stamp = os.path.join(VENV, ".requirements")
-    if not os.path.exists(stamp) or open(stamp).read() != " ".join(WANT):
-        print(f"console-e2e: installing {' '.join(WANT)} into {VENV}", file=sys.stderr)
-        shutil.rmtree(VENV, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                        "--no-input", *WANT], check=True, stdin=subprocess.DEVNULL)
-        with open(stamp, "w") as file:
-            file.write(" ".join(WANT))
-    os.environ["CONSOLE_E2E_IN_VENV"] = "1"
-    os.execv(python, [python, *sys.argv])
+    pinned_venv.reexec("console-e2e", WANT)
 
 from playwright.sync_api import sync_playwright  # noqa: E402 (after the venv bootstrap)
 
