@@ -716,6 +716,34 @@ impl Gateway for GatewayService {
         let stream = self.watch_as(tenant, request.into_inner())?;
         Ok(Response::new(stream))
     }
+
+    // PLACEHOLDER (issue 15, being built)
+    type RelearnStream = BoxStream<trackmesh_proto::v1::RelearnProgress>;
+
+    async fn get_stays(
+        &self,
+        _r: Request<trackmesh_proto::v1::GetStaysRequest>,
+    ) -> Result<Response<trackmesh_proto::v1::GetStaysResponse>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
+    async fn get_trips(
+        &self,
+        _r: Request<trackmesh_proto::v1::GetTripsRequest>,
+    ) -> Result<Response<trackmesh_proto::v1::GetTripsResponse>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
+    async fn relearn(
+        &self,
+        _r: Request<trackmesh_proto::v1::RelearnRequest>,
+    ) -> Result<Response<Self::RelearnStream>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
+    async fn reseed(
+        &self,
+        _r: Request<trackmesh_proto::v1::ReseedRequest>,
+    ) -> Result<Response<trackmesh_proto::v1::ReseedResponse>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
 }
 
 impl GatewayService {

@@ -106,6 +106,7 @@ impl Kafka {
         let value = TenantEvents {
             tenant_id: tenant.to_owned(),
             events,
+            ..TenantEvents::default()
         }
         .encode_to_vec();
         let key = format!("{tenant}/{device}");

@@ -491,4 +491,16 @@ impl Learning for LearningService {
                 .await?,
         }))
     }
+
+    // PLACEHOLDER (issue 15, being built)
+    type RebuildStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<trackmesh_proto::v1::RebuildReply, Status>> + Send>,
+    >;
+
+    async fn rebuild(
+        &self,
+        _r: Request<tonic::Streaming<trackmesh_proto::v1::RebuildRequest>>,
+    ) -> Result<Response<Self::RebuildStream>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
 }

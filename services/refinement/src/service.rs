@@ -207,6 +207,14 @@ impl Refinement for RefinementService {
         tracing::info!(tenant = %request.tenant_id, existed, "device state reset");
         Ok(Response::new(ResetDeviceResponse { existed }))
     }
+
+    // PLACEHOLDER (issue 15, being built)
+    async fn seed(
+        &self,
+        _r: Request<trackmesh_proto::v1::SeedRequest>,
+    ) -> Result<Response<trackmesh_proto::v1::SeedResponse>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
 }
 
 fn now_ms() -> i64 {

@@ -320,6 +320,26 @@ impl Storage for StorageService {
         let events = rows.into_iter().map(events::event).collect();
         Ok(Response::new(GetEventsResponse { events }))
     }
+
+    // PLACEHOLDER (issue 15, being built)
+    async fn get_stays(
+        &self,
+        _r: Request<trackmesh_proto::v1::StoredHistoryRequest>,
+    ) -> Result<Response<trackmesh_proto::v1::GetStaysResponse>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
+    async fn get_trips(
+        &self,
+        _r: Request<trackmesh_proto::v1::StoredHistoryRequest>,
+    ) -> Result<Response<trackmesh_proto::v1::GetTripsResponse>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
+    async fn delete_history(
+        &self,
+        _r: Request<trackmesh_proto::v1::DeleteHistoryRequest>,
+    ) -> Result<Response<trackmesh_proto::v1::DeleteHistoryResponse>, Status> {
+        Err(Status::unimplemented("in progress"))
+    }
 }
 
 /// The requested event types as stored (1..=4), each once; empty: every type.
