@@ -123,7 +123,7 @@ impl<S: NamedService> NamedService for Guard<S> {
 }
 
 /// The streaming-request methods: long-lived, counted in their own slots.
-pub const STREAM_METHODS: &[&str] = &["IngestStream", "Watch"];
+pub const STREAM_METHODS: &[&str] = &["IngestStream", "Watch", "Relearn"];
 
 impl<S> Service<http::Request<Body>> for Guard<S>
 where

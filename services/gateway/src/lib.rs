@@ -17,6 +17,7 @@ mod guard;
 mod http;
 mod kafka;
 mod limits;
+mod relearn;
 mod service;
 mod simplify;
 mod watch;

@@ -14,12 +14,14 @@ use trackmesh_proto::v1::{
     DeleteGeofenceRequest, DeleteGeofenceResponse, DeleteStoredDeviceRequest,
     DeleteTenantGeofenceRequest, DevicePlacesRequest, DevicePredictRequest, Fix, ForgetRequest,
     Geofence, GetDailyStatsRequest, GetEventsRequest, GetEventsResponse, GetPlacesRequest,
-    GetPlacesResponse, GetTrackRequest, IngestRequest, IngestResponse, ListDevicesRequest,
-    ListDevicesResponse, ListGeofencesRequest, ListGeofencesResponse, ListStoredDevicesRequest,
-    ObserveRequest, PredictNextRequest, PredictNextResponse, QueryTrackRequest, RefineRequest,
-    ResetDeviceRequest, StoreRequest, StoredEventsRequest, TenantGeofence, TenantGeofencesRequest,
-    TrackChunk, WatchRequest, gateway_server::Gateway, learning_client::LearningClient,
-    refinement_client::RefinementClient, storage_client::StorageClient,
+    GetPlacesResponse, GetStaysRequest, GetStaysResponse, GetTrackRequest, GetTripsRequest,
+    GetTripsResponse, IngestRequest, IngestResponse, ListDevicesRequest, ListDevicesResponse,
+    ListGeofencesRequest, ListGeofencesResponse, ListStoredDevicesRequest, ObserveRequest,
+    PredictNextRequest, PredictNextResponse, QueryTrackRequest, RefineRequest, RelearnRequest,
+    ReseedRequest, ReseedResponse, ResetDeviceRequest, StoreRequest, StoredEventsRequest,
+    StoredHistoryRequest, TenantGeofence, TenantGeofencesRequest, TrackChunk, WatchRequest,
+    gateway_server::Gateway, learning_client::LearningClient, refinement_client::RefinementClient,
+    storage_client::StorageClient,
 };
 use trackmesh_shared::{grpc::Deadline, ids, server::MAX_MESSAGE_BYTES, telemetry};
 
@@ -29,6 +31,7 @@ use crate::{
     error::Error,
     guard::Tenant,
     limits::Limits,
+    relearn::{Devices, History, RelearnStream},
     simplify,
     watch::{Filter, Hub, Position, WatchStream},
 };
@@ -41,17 +44,17 @@ fn traced(channel: Channel) -> Traced {
     InterceptedService::new(channel, telemetry::propagate as Propagate)
 }
 
-fn refinement(channel: Channel) -> RefinementClient<Traced> {
+pub(crate) fn refinement(channel: Channel) -> RefinementClient<Traced> {
     RefinementClient::new(traced(channel))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-fn learning(channel: Channel) -> LearningClient<Traced> {
+pub(crate) fn learning(channel: Channel) -> LearningClient<Traced> {
     LearningClient::new(traced(channel)).max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-fn storage(channel: Channel) -> StorageClient<Traced> {
+pub(crate) fn storage(channel: Channel) -> StorageClient<Traced> {
     StorageClient::new(traced(channel)).max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
@@ -63,7 +66,7 @@ fn with_timeout<T>(message: T, timeout: Duration) -> Request<T> {
 
 /// One unary call through `downstream` (retried as it decides): per attempt a client on its
 /// balanced channel and a copy of `message` carrying the attempt's timeout.
-async fn unary<C, Req, Resp, Fut>(
+pub(crate) async fn unary<C, Req, Resp, Fut>(
     downstream: &Downstream,
     deadline: Deadline,
     client: fn(Channel) -> C,
@@ -717,32 +720,107 @@ impl Gateway for GatewayService {
         Ok(Response::new(stream))
     }
 
-    // PLACEHOLDER (issue 15, being built)
-    type RelearnStream = BoxStream<trackmesh_proto::v1::RelearnProgress>;
+    type RelearnStream = RelearnStream;
 
     async fn get_stays(
         &self,
-        _r: Request<trackmesh_proto::v1::GetStaysRequest>,
-    ) -> Result<Response<trackmesh_proto::v1::GetStaysResponse>, Status> {
-        Err(Status::unimplemented("in progress"))
+        request: Request<GetStaysRequest>,
+    ) -> Result<Response<GetStaysResponse>, Status> {
+        let (tenant, deadline) = self.caller(&request)?;
+        self.limit(&tenant, 0)?;
+        let request = request.into_inner();
+        device(&request.device_id)?;
+        let query = StoredHistoryRequest {
+            tenant_id: tenant,
+            device_id: request.device_id,
+            from_ms: request.from_ms,
+            to_ms: request.to_ms,
+        };
+        let stays = unary(
+            &self.inner.downstreams.storage,
+            deadline,
+            storage,
+            &query,
+            |mut c, r| async move { c.get_stays(r).await },
+        );
+        Ok(Response::new(stays.await?))
     }
+
     async fn get_trips(
         &self,
-        _r: Request<trackmesh_proto::v1::GetTripsRequest>,
-    ) -> Result<Response<trackmesh_proto::v1::GetTripsResponse>, Status> {
-        Err(Status::unimplemented("in progress"))
+        request: Request<GetTripsRequest>,
+    ) -> Result<Response<GetTripsResponse>, Status> {
+        let (tenant, deadline) = self.caller(&request)?;
+        self.limit(&tenant, 0)?;
+        let request = request.into_inner();
+        device(&request.device_id)?;
+        let query = StoredHistoryRequest {
+            tenant_id: tenant,
+            device_id: request.device_id,
+            from_ms: request.from_ms,
+            to_ms: request.to_ms,
+        };
+        let trips = unary(
+            &self.inner.downstreams.storage,
+            deadline,
+            storage,
+            &query,
+            |mut c, r| async move { c.get_trips(r).await },
+        );
+        Ok(Response::new(trips.await?))
     }
+
     async fn relearn(
         &self,
-        _r: Request<trackmesh_proto::v1::RelearnRequest>,
+        request: Request<RelearnRequest>,
     ) -> Result<Response<Self::RelearnStream>, Status> {
-        Err(Status::unimplemented("in progress"))
+        let (tenant, _) = self.caller(&request)?;
+        Ok(Response::new(
+            self.relearn_as(tenant, request.into_inner())?,
+        ))
     }
+
     async fn reseed(
         &self,
-        _r: Request<trackmesh_proto::v1::ReseedRequest>,
-    ) -> Result<Response<trackmesh_proto::v1::ReseedResponse>, Status> {
-        Err(Status::unimplemented("in progress"))
+        request: Request<ReseedRequest>,
+    ) -> Result<Response<ReseedResponse>, Status> {
+        let (tenant, _) = self.caller(&request)?;
+        self.limit(&tenant, 0)?;
+        let request = request.into_inner();
+        let devices = Devices::new(request.device_ids, request.all_devices)?;
+        // One deadline per downstream call: a whole tenant takes longer than one TIMEOUT.
+        let response = self
+            .history()
+            .reseed(&tenant, devices, self.inner.max_batch)
+            .await?;
+        Ok(Response::new(response))
+    }
+}
+
+impl GatewayService {
+    fn history(&self) -> History {
+        History::new(self.inner.downstreams.clone(), self.inner.timeout)
+    }
+
+    /// The Relearn stream of `tenant` (gRPC and NDJSON): validated here, run in the
+    /// background while the caller reads; no deadline but each downstream call's own.
+    pub fn relearn_as(
+        &self,
+        tenant: String,
+        request: RelearnRequest,
+    ) -> Result<RelearnStream, Error> {
+        self.limit(&tenant, 0)?;
+        let devices = Devices::new(request.device_ids, request.all_devices)?;
+        if request.from_ms < 0 {
+            return Err(Error::invalid(
+                "from_ms",
+                format!(
+                    "{} is negative: Unix ms >= 0 (0: every stored fix)",
+                    request.from_ms
+                ),
+            ));
+        }
+        Ok(self.history().relearn(tenant, devices, request.from_ms))
     }
 }
 
