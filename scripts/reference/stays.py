@@ -10,6 +10,9 @@ MAX_TIME_DIFF=12h as the gap threshold) and clusters the stays into locations
 
   scripts/reference/stays.py [INPUT.csv [OUTPUT.csv]]
 
+STAY_RADIUS_M in the environment overrides the stay radius (a relearn with a larger radius is
+compared with `STAY_RADIUS_M=500`, written to ais-virginia-beach-stays-500m.csv).
+
 INPUT has the columns device_id,timestamp,lon,lat (timestamp ISO-8601 UTC); by
 default the AIS sample in data/, and OUTPUT the committed reference beside this
 script. The learning crate's `reference` test compares the online stays with it.
@@ -17,6 +20,7 @@ script. The learning crate's `reference` test compares the online stays with it.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -29,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 INPUT = ROOT / "data" / "ais-virginia-beach-2020-06-04..06.csv"
 OUTPUT = Path(__file__).resolve().parent / "ais-virginia-beach-stays.csv"
 
-STAY_RADIUS_M = 200
+STAY_RADIUS_M = int(os.environ.get("STAY_RADIUS_M", "200"))
 STAY_MIN_DURATION_MIN = 20
 MAX_TIME_DIFF_MIN = 12 * 60
 PLACE_RADIUS_M = 200

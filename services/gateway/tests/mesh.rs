@@ -40,31 +40,7 @@ async fn daily_total(client: &mut Client, device: &str, expected: u64) -> u64 {
 
 /// The Virginia Beach AIS sample in time order, as a device would stream it.
 fn ais_sample() -> Vec<Fix> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../data/ais-virginia-beach-2020-06-04..06.csv"
-    );
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut fixes: Vec<Fix> = text
-        .lines()
-        .skip(1)
-        .map(|line| {
-            let fields: Vec<&str> = line.split(',').collect();
-            let time = humantime::parse_rfc3339(fields[1]).unwrap();
-            Fix {
-                device_id: fields[0].into(),
-                time_ms: time
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_millis() as i64,
-                lon: fields[2].parse().unwrap(),
-                lat: fields[3].parse().unwrap(),
-                ..Fix::default()
-            }
-        })
-        .collect();
-    fixes.sort_by_key(|fix| fix.time_ms);
-    fixes
+    ais("ais-virginia-beach-2020-06-04..06.csv", &[])
 }
 
 /// Whether the fixes stay within `radius_m` of one of them for at least `min_ms`, reporting

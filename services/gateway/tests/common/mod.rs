@@ -50,11 +50,13 @@ pub struct Options {
     pub gateway_env: Vec<(&'static str, String)>,
     /// For all four services.
     pub env: Vec<(&'static str, String)>,
+    /// Refinement's and learning's Redis, if not the shared one (a test that flushes it).
+    pub redis: Option<String>,
 }
 
 impl Mesh {
     pub async fn start(options: Options) -> Self {
-        let redis = testkit::redis_addr();
+        let redis = options.redis.clone().unwrap_or_else(testkit::redis_addr);
         let common = |extra: &[(&'static str, String)]| {
             let mut env = vec![
                 ("READINESS_INTERVAL", "100ms".to_owned()),
@@ -211,6 +213,34 @@ pub fn moving(device: &str, n: usize) -> Vec<Fix> {
             ..Fix::default()
         })
         .collect()
+}
+
+/// The rows of an AIS sample in data/ (`device_id,timestamp,lon,lat`) of `devices` (all when
+/// empty), in time order as a live feed would deliver them.
+pub fn ais(file: &str, devices: &[&str]) -> Vec<Fix> {
+    let path = format!("{}/../../data/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut fixes: Vec<Fix> = text
+        .lines()
+        .skip(1)
+        .map(|line| line.split(',').collect::<Vec<&str>>())
+        .filter(|fields| devices.is_empty() || devices.contains(&fields[0]))
+        .map(|fields| {
+            let time = humantime::parse_rfc3339(fields[1]).unwrap();
+            Fix {
+                device_id: fields[0].into(),
+                time_ms: time
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as i64,
+                lon: fields[2].parse().unwrap(),
+                lat: fields[3].parse().unwrap(),
+                ..Fix::default()
+            }
+        })
+        .collect();
+    fixes.sort_by_key(|fix| fix.time_ms);
+    fixes
 }
 
 pub fn now_ms() -> i64 {
