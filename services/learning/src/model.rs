@@ -12,8 +12,13 @@
 //! anchor. Unlike trackintel, which drops a candidate at a gap, a gap over `MAX_TIME_DIFF` (or a
 //! jump faster than `MAX_SPEED_KMH`) closes it as a stay when it lasted long enough up to its
 //! last fix: the device was seen there that long.
+//!
+//! A trip is the movement between two consecutive closed stays A and B: the fixes with
+//! A.end_ms <= time <= B.start_ms. It is accumulated online in `Model::trip`, which always
+//! ends at the current candidate's anchor; a candidate that closes as no stay folds its own
+//! path (kept in the candidate) into it.
 
-use trackmesh_proto::v1::{Event, EventType, Fix, Place, PlaceLabel, Stay};
+use trackmesh_proto::v1::{Event, EventType, Fix, Place, PlaceLabel, Stay, Trip};
 use trackmesh_shared::geo;
 
 use crate::{
@@ -64,6 +69,24 @@ pub struct Model {
     /// Geofences the device is inside or entering (see `fence::evaluate`).
     #[prost(message, repeated, tag = "10")]
     pub fences: Vec<FenceState>,
+    /// The trip since the last closed stay's end, up to the candidate's anchor; none before
+    /// the first stay (and in models written before trips, until their next stay).
+    #[prost(message, optional, tag = "11")]
+    pub trip: Option<TripState>,
+}
+
+/// A trip in progress: from `start_ms` (the last stay's end) along `fixes` fixes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TripState {
+    #[prost(int64, tag = "1")]
+    pub start_ms: i64,
+    #[prost(double, tag = "2")]
+    pub distance_m: f64,
+    /// The fastest hop so far.
+    #[prost(double, tag = "3")]
+    pub max_kmh: f64,
+    #[prost(uint32, tag = "4")]
+    pub fixes: u32,
 }
 
 /// Fixes since the anchor, all closer than the stay radius to it.
@@ -92,6 +115,12 @@ pub struct Candidate {
     /// The known place an ARRIVE event was sent for; 0: none yet.
     #[prost(uint32, tag = "10")]
     pub arrived_place: u32,
+    /// Along the candidate's fixes from the anchor, and its fastest hop: what a trip gains
+    /// when the candidate turns out to be no stay.
+    #[prost(double, tag = "11")]
+    pub path_m: f64,
+    #[prost(double, tag = "12")]
+    pub max_kmh: f64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -159,6 +188,19 @@ pub struct Point {
     pub lon: f64,
 }
 
+/// A closed trip: from the end of stay `from` to the start of stay `to` (both settled).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClosedTrip {
+    pub from: StayState,
+    pub to: StayState,
+    /// `from.end_ms` and `to.start_ms`.
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub distance_m: f64,
+    pub max_speed_kmh: f64,
+    pub fixes: u32,
+}
+
 /// What one call did to one device.
 #[derive(Debug, Default, PartialEq)]
 pub struct Outcome {
@@ -171,6 +213,8 @@ pub struct Outcome {
     pub places_evicted: u32,
     /// Transitions, in fix-time order (only with `Events`).
     pub events: Vec<Event>,
+    /// Closed trips, in time order.
+    pub trips: Vec<ClosedTrip>,
 }
 
 /// What events are evaluated for a device: its geofences, and ARRIVE/DEPART of its known
@@ -293,32 +337,70 @@ fn step(model: &mut Model, point: Point, rules: &Rules, outcome: &mut Outcome) {
     };
     let dt_ms = point.time_ms - candidate.last_ms;
     let hop_m = geo::haversine_m(candidate.last_lat, candidate.last_lon, point.lat, point.lon);
-    let (closed, end_ms) =
-        if dt_ms > rules.max_time_diff_ms || geo::speed_kmh(hop_m, dt_ms) > rules.max_speed_kmh {
-            // Where the device was meanwhile is unknown: the stay ends at its last fix.
-            (true, candidate.last_ms)
-        } else if geo::haversine_m(
-            candidate.anchor_lat,
-            candidate.anchor_lon,
-            point.lat,
-            point.lon,
-        ) >= rules.stay_radius_m
-        {
-            (true, point.time_ms)
-        } else {
-            candidate.add(point);
-            (false, 0)
-        };
+    let hop_kmh = geo::speed_kmh(hop_m, dt_ms);
+    let (closed, end_ms) = if dt_ms > rules.max_time_diff_ms || hop_kmh > rules.max_speed_kmh {
+        // Where the device was meanwhile is unknown: the stay ends at its last fix.
+        (true, candidate.last_ms)
+    } else if geo::haversine_m(
+        candidate.anchor_lat,
+        candidate.anchor_lon,
+        point.lat,
+        point.lon,
+    ) >= rules.stay_radius_m
+    {
+        (true, point.time_ms)
+    } else {
+        candidate.add(point, hop_m, hop_kmh);
+        (false, 0)
+    };
     if !closed {
         return;
     }
-    if let Some(done) = model.candidate.replace(Candidate::start(point))
-        && end_ms - done.start_ms >= rules.stay_min_duration_ms
-    {
-        let stay = done.stay(end_ms);
-        let stay = settle(model, stay, rules, outcome);
-        outcome.stays.push(stay);
+    let Some(done) = model.candidate.replace(Candidate::start(point)) else {
+        return;
+    };
+    if end_ms - done.start_ms < rules.stay_min_duration_ms {
+        // No stay: the trip goes on through the candidate's fixes and the hop to `point`,
+        // the new anchor.
+        if let Some(trip) = model.trip.as_mut() {
+            trip.distance_m += done.path_m + hop_m;
+            trip.max_kmh = trip.max_kmh.max(done.max_kmh).max(hop_kmh);
+            trip.fixes = trip.fixes.saturating_add(done.fixes);
+        }
+        return;
     }
+    let from = model.last_stay.clone();
+    let stay = settle(model, done.stay(end_ms), rules, outcome);
+    // The trip ended at the stay's anchor, its first fix.
+    if let (Some(trip), Some(from)) = (model.trip.take(), from) {
+        outcome.trips.push(ClosedTrip {
+            start_ms: from.end_ms,
+            end_ms: stay.start_ms,
+            from,
+            to: stay.clone(),
+            distance_m: trip.distance_m,
+            max_speed_kmh: trip.max_kmh,
+            fixes: trip.fixes,
+        });
+    }
+    // The next trip starts where the stay ended: at `point` when it left the radius, at the
+    // stay's last fix when a gap or jump closed it (and then takes the hop to `point`).
+    model.trip = Some(if end_ms == point.time_ms {
+        TripState {
+            start_ms: end_ms,
+            distance_m: 0.0,
+            max_kmh: 0.0,
+            fixes: 1,
+        }
+    } else {
+        TripState {
+            start_ms: end_ms,
+            distance_m: hop_m,
+            max_kmh: hop_kmh,
+            fixes: 2,
+        }
+    });
+    outcome.stays.push(stay);
 }
 
 impl Candidate {
@@ -334,10 +416,15 @@ impl Candidate {
             sum_dlon: 0.0,
             fixes: 1,
             arrived_place: 0,
+            path_m: 0.0,
+            max_kmh: 0.0,
         }
     }
 
-    fn add(&mut self, point: Point) {
+    /// `point`, `hop_m` from the last fix at `hop_kmh`.
+    fn add(&mut self, point: Point, hop_m: f64, hop_kmh: f64) {
+        self.path_m += hop_m;
+        self.max_kmh = self.max_kmh.max(hop_kmh);
         self.sum_dlat += point.lat - self.anchor_lat;
         self.sum_dlon += wrap_lon(point.lon - self.anchor_lon);
         self.last_lat = point.lat;
@@ -708,6 +795,34 @@ impl PlaceState {
                 .iter()
                 .map(|ms| i64::try_from(*ms).unwrap_or(i64::MAX))
                 .collect(),
+        }
+    }
+}
+
+impl ClosedTrip {
+    pub fn to_proto(&self, device: &str) -> Trip {
+        let place = |stay: &StayState| Place {
+            place_id: place_name(stay.place_id),
+            lat: stay.lat,
+            lon: stay.lon,
+            ..Place::default()
+        };
+        let duration_ms = self.end_ms - self.start_ms;
+        Trip {
+            from_place: Some(place(&self.from)),
+            to_place: Some(place(&self.to)),
+            start_ms: self.start_ms,
+            end_ms: self.end_ms,
+            distance_m: self.distance_m,
+            max_speed_kmh: self.max_speed_kmh,
+            // A trip of one fix (left a stay straight into the next) has no speed.
+            mean_speed_kmh: if duration_ms > 0 {
+                geo::speed_kmh(self.distance_m, duration_ms)
+            } else {
+                0.0
+            },
+            fixes: self.fixes,
+            device_id: device.to_owned(),
         }
     }
 }

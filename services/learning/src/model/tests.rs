@@ -211,6 +211,187 @@ fn stay_open_at_the_end_of_a_batch_is_closed_by_the_next() {
     assert!(current_stay(&model, &rules).is_none(), "just left");
 }
 
+// ---- trips
+
+/// Distance, fastest hop and count of the fixes of `points` (time-ordered) within
+/// `from..=to`: a trip computed the slow way.
+fn brute_trip(points: &[Point], from: i64, to: i64) -> (f64, f64, u32) {
+    let inside: Vec<&Point> = points
+        .iter()
+        .filter(|p| from <= p.time_ms && p.time_ms <= to)
+        .collect();
+    let (mut distance, mut fastest) = (0.0, 0.0f64);
+    for hop in inside.windows(2) {
+        let m = geo::haversine_m(hop[0].lat, hop[0].lon, hop[1].lat, hop[1].lon);
+        distance += m;
+        fastest = fastest.max(geo::speed_kmh(m, hop[1].time_ms - hop[0].time_ms));
+    }
+    (distance, fastest, inside.len() as u32)
+}
+
+#[test]
+fn trip_runs_from_the_end_of_one_stay_to_the_start_of_the_next() {
+    // Home for 30 minutes, a drive east with short halts (candidates that are no stay), work
+    // for 40 minutes, then away.
+    let mut points = dwell(T0, T0 + 30 * MINUTE_MS, MINUTE_MS, 0.0, 0.0);
+    let drive = [
+        (32, 800.0),
+        (34, 1_900.0),
+        (35, 1_950.0),
+        (37, 3_200.0),
+        (40, 5_000.0),
+    ];
+    points.extend(
+        drive
+            .iter()
+            .map(|(m, east)| at(T0 + m * MINUTE_MS, *east, 0.0)),
+    );
+    points.extend(dwell(
+        T0 + 41 * MINUTE_MS,
+        T0 + 80 * MINUTE_MS,
+        MINUTE_MS,
+        5_010.0,
+        0.0,
+    ));
+    points.push(at(T0 + 85 * MINUTE_MS, 9_000.0, 0.0));
+    let (model, outcome) = run(&points, &rules());
+    assert_eq!(outcome.stays.len(), 2);
+    let (home, work) = (&outcome.stays[0], &outcome.stays[1]);
+    // Home ends at the first fix outside its radius; work starts at the drive's last fix.
+    assert_eq!(
+        (home.end_ms, work.start_ms),
+        (T0 + 32 * MINUTE_MS, T0 + 40 * MINUTE_MS)
+    );
+    assert_eq!(outcome.trips.len(), 1);
+    let trip = &outcome.trips[0];
+    assert_eq!((&trip.from, &trip.to), (home, work));
+    let (distance, fastest, fixes) = brute_trip(&points, home.end_ms, work.start_ms);
+    assert_eq!(fixes, 5);
+    assert_eq!(trip.fixes, fixes);
+    assert!(
+        (trip.distance_m - distance).abs() < 1e-6,
+        "{} vs {distance}",
+        trip.distance_m
+    );
+    assert!((distance - 4_200.0).abs() < 1.0, "{distance}");
+    assert_eq!(trip.max_speed_kmh, fastest);
+
+    let proto = trip.to_proto("v1");
+    assert_eq!((proto.start_ms, proto.end_ms), (home.end_ms, work.start_ms));
+    let from = proto.from_place.expect("from place");
+    assert_eq!(
+        (from.place_id.as_str(), from.lat, from.lon),
+        ("p1", home.lat, home.lon)
+    );
+    let to = proto.to_place.expect("to place");
+    assert_eq!(
+        (to.place_id.as_str(), to.lat, to.lon),
+        ("p2", work.lat, work.lon)
+    );
+    // 4.2 km in 8 minutes.
+    assert!(
+        (proto.mean_speed_kmh - 31.5).abs() < 0.01,
+        "{}",
+        proto.mean_speed_kmh
+    );
+    assert_eq!((proto.fixes, proto.device_id.as_str()), (5, "v1"));
+
+    // The next trip has begun at work's end: the fix that left.
+    let open = model.trip.expect("trip in progress");
+    assert_eq!(
+        (open.start_ms, open.fixes, open.distance_m),
+        (T0 + 85 * MINUTE_MS, 1, 0.0)
+    );
+}
+
+#[test]
+fn trip_after_a_gap_starts_at_the_stays_last_fix() {
+    // A stay closed by a gap: it ends at its last fix, and the trip takes the gap's hop.
+    let mut points = dwell(T0, T0 + 30 * MINUTE_MS, MINUTE_MS, 0.0, 0.0);
+    let back = T0 + 30 * MINUTE_MS + 13 * HOUR_MS;
+    points.push(at(back, 3_000.0, 0.0));
+    points.extend(dwell(
+        back + MINUTE_MS,
+        back + 40 * MINUTE_MS,
+        MINUTE_MS,
+        6_000.0,
+        0.0,
+    ));
+    points.push(at(back + 50 * MINUTE_MS, 12_000.0, 0.0));
+    let (_, outcome) = run(&points, &rules());
+    assert_eq!(outcome.stays.len(), 2);
+    assert_eq!(outcome.stays[0].end_ms, T0 + 30 * MINUTE_MS);
+    let trip = &outcome.trips[0];
+    assert_eq!(
+        (trip.start_ms, trip.end_ms),
+        (T0 + 30 * MINUTE_MS, back + MINUTE_MS)
+    );
+    let (distance, fastest, fixes) = brute_trip(&points, trip.start_ms, trip.end_ms);
+    assert_eq!((trip.fixes, fixes), (3, 3));
+    assert!((trip.distance_m - distance).abs() < 1e-6);
+    assert_eq!(trip.max_speed_kmh, fastest);
+}
+
+#[test]
+fn a_stay_straight_after_a_stay_is_a_trip_of_one_fix() {
+    // Leaving home, the device halts at once at the first fix outside for 20 minutes.
+    let mut points = dwell(T0, T0 + 30 * MINUTE_MS, MINUTE_MS, 0.0, 0.0);
+    points.extend(dwell(
+        T0 + 31 * MINUTE_MS,
+        T0 + 60 * MINUTE_MS,
+        MINUTE_MS,
+        1_000.0,
+        0.0,
+    ));
+    points.push(at(T0 + 70 * MINUTE_MS, 5_000.0, 0.0));
+    let (_, outcome) = run(&points, &rules());
+    assert_eq!(outcome.stays.len(), 2);
+    let trip = outcome.trips[0].to_proto("v1");
+    assert_eq!(
+        (trip.start_ms, trip.end_ms, trip.fixes),
+        (T0 + 31 * MINUTE_MS, T0 + 31 * MINUTE_MS, 1)
+    );
+    assert_eq!(
+        (trip.distance_m, trip.max_speed_kmh, trip.mean_speed_kmh),
+        (0.0, 0.0, 0.0)
+    );
+}
+
+#[test]
+fn no_trip_before_the_first_stay_nor_in_a_model_from_before_trips() {
+    let rules = rules();
+    let first = dwell(T0, T0 + 30 * MINUTE_MS, MINUTE_MS, 0.0, 0.0);
+    let mut later = vec![at(T0 + 40 * MINUTE_MS, 5_000.0, 0.0)];
+    later.extend(dwell(
+        T0 + 41 * MINUTE_MS,
+        T0 + 70 * MINUTE_MS,
+        MINUTE_MS,
+        5_000.0,
+        0.0,
+    ));
+    later.push(at(T0 + 80 * MINUTE_MS, 0.0, 0.0));
+    let mut model = Model::default();
+    let outcome = observe(&mut model, &first, &rules);
+    assert!(
+        outcome.trips.is_empty() && model.trip.is_none(),
+        "no stay closed yet"
+    );
+
+    // A model written before trips: its last stay is known but no trip was accumulated, so
+    // the stay it closes next starts one rather than ending one from the middle.
+    let mut old = model.clone();
+    let both: Vec<Point> = first.iter().chain(&later).copied().collect();
+    let (_, whole) = run(&both, &rules);
+    assert_eq!((whole.stays.len(), whole.trips.len()), (2, 1));
+    observe(&mut old, &later[..1], &rules);
+    assert!(old.trip.is_some());
+    old.trip = None;
+    let outcome = observe(&mut old, &later[1..], &rules);
+    assert_eq!(outcome.stays.len(), 1);
+    assert!(outcome.trips.is_empty());
+    assert!(old.trip.is_some(), "the next trip is accumulated");
+}
+
 #[test]
 fn centroid_is_the_mean_of_the_stay_fixes() {
     let points = [
@@ -837,15 +1018,18 @@ proptest! {
         let (whole, outcome) = run(&points, &rules);
         let mut model = Model::default();
         let mut stays = Vec::new();
+        let mut trips = Vec::new();
         let (mut created, mut evicted) = (0, 0);
         for batch in batches(&points, &cuts, seed) {
             let part = observe(&mut model, &batch, &rules);
             stays.extend(part.stays);
+            trips.extend(part.trips);
             created += part.places_created;
             evicted += part.places_evicted;
         }
         prop_assert_eq!(&model, &whole);
         prop_assert_eq!(stays, outcome.stays);
+        prop_assert_eq!(trips, outcome.trips);
         prop_assert_eq!((created, evicted), (outcome.places_created, outcome.places_evicted));
         prop_assert_eq!(model.fixes_observed, points.len() as u64);
     }
@@ -874,6 +1058,42 @@ proptest! {
             prop_assert_eq!(predict(&model, &rules, 10), predict(&after, &rules, 10));
         }
         prop_assert_eq!(&model, &whole);
+    }
+
+    #[test]
+    fn trips_are_the_fixes_between_consecutive_stays(points in stream()) {
+        let rules = tight_rules();
+        let (model, outcome) = run(&points, &rules);
+        // One trip between each two consecutive stays, chaining them.
+        prop_assert_eq!(outcome.trips.len(), outcome.stays.len().saturating_sub(1));
+        for (trip, pair) in outcome.trips.iter().zip(outcome.stays.windows(2)) {
+            prop_assert_eq!(&trip.from, &pair[0]);
+            prop_assert_eq!(&trip.to, &pair[1]);
+            prop_assert_eq!((trip.start_ms, trip.end_ms), (pair[0].end_ms, pair[1].start_ms));
+            prop_assert!(trip.start_ms <= trip.end_ms);
+            let (distance, fastest, fixes) = brute_trip(&points, trip.start_ms, trip.end_ms);
+            prop_assert_eq!(trip.fixes, fixes);
+            prop_assert!(
+                (trip.distance_m - distance).abs() <= 1e-9 * distance + 1e-6,
+                "distance {} vs {}", trip.distance_m, distance
+            );
+            prop_assert_eq!(trip.max_speed_kmh, fastest);
+        }
+        for pair in outcome.trips.windows(2) {
+            prop_assert!(pair[0].end_ms <= pair[1].start_ms, "trips overlap");
+        }
+        // The trip in progress is the same sums up to the candidate's anchor.
+        if let (Some(trip), Some(last), Some(candidate)) =
+            (&model.trip, outcome.stays.last(), &model.candidate)
+        {
+            prop_assert_eq!(trip.start_ms, last.end_ms);
+            let (distance, fastest, fixes) = brute_trip(&points, last.end_ms, candidate.start_ms);
+            prop_assert_eq!(trip.fixes, fixes);
+            prop_assert!((trip.distance_m - distance).abs() <= 1e-9 * distance + 1e-6);
+            prop_assert_eq!(trip.max_kmh, fastest);
+        } else {
+            prop_assert!(model.trip.is_none() && outcome.stays.is_empty());
+        }
     }
 
     #[test]
