@@ -25,7 +25,7 @@ use trackmesh_proto::v1::{
     Place, PlaceLabel, SortField, Verdict, gateway_server::Gateway as _,
 };
 
-use super::{fields::BadFix, geofences, ingest_json, live, osmand, owntracks};
+use super::{fields::BadFix, geofences, history, ingest_json, live, osmand, owntracks};
 use crate::{
     auth::{Scope, StreamTokens},
     export::{Encoder, Format},
@@ -63,6 +63,10 @@ pub fn router(api: Api) -> Router {
         .route("/v1/devices/{id}/stats", get(stats))
         .route("/v1/devices/{id}/places", get(places))
         .route("/v1/devices/{id}/predict", get(predict))
+        .route("/v1/devices/{id}/stays", get(history::stays))
+        .route("/v1/devices/{id}/trips", get(history::trips))
+        .route("/v1/relearn", post(history::relearn))
+        .route("/v1/reseed", post(history::reseed))
         .route("/v1/live", get(live::stream))
         .route("/v1/live/token", post(live::token))
         .route(
@@ -618,7 +622,7 @@ fn day_json(day: &DailyStat) -> Value {
     })
 }
 
-fn place_json(place: &Place) -> Value {
+pub(super) fn place_json(place: &Place) -> Value {
     let label = PlaceLabel::try_from(place.label).unwrap_or_default();
     json!({
         "placeId": place.place_id,

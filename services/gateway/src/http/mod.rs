@@ -5,6 +5,7 @@ pub mod api;
 pub mod console;
 pub mod fields;
 pub mod geofences;
+pub mod history;
 pub mod ingest_json;
 pub mod live;
 pub mod osmand;
