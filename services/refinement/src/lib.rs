@@ -36,6 +36,7 @@ pub async fn run(
             "refinement_cas_conflicts_total",
             "refinement_replays_total",
             "refinement_recovered_total",
+            "refinement_seeded_total",
         ],
         &[],
     );

@@ -101,7 +101,7 @@ pub struct Record {
 impl Record {
     pub const SIZE: usize = 45;
 
-    fn of(accepted: &RefinedFix) -> Self {
+    pub fn of(accepted: &RefinedFix) -> Self {
         let fix = accepted
             .fix
             .as_ref()

@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 use trackmesh_proto::v1::{
     Fix, GetDeviceStateRequest, GetDeviceStateResponse, RefineRequest, RefineResponse, RefinedFix,
-    ResetDeviceRequest, ResetDeviceResponse, Verdict, refinement_server::Refinement,
+    ResetDeviceRequest, ResetDeviceResponse, SeedRequest, SeedResponse, Verdict,
+    refinement_server::Refinement,
 };
 use trackmesh_shared::ids;
 
 use crate::{
     error::Error,
-    refine::{self, NeedHistory, Outcome, Rules},
+    refine::{self, DeviceState, NeedHistory, Outcome, Record, Rules},
     store::{Save, Store},
 };
 
@@ -119,6 +120,83 @@ impl RefinementService {
         Ok(RefineResponse { results, recovered })
     }
 
+    /// Anchors each device without state on its given last stored fix, so that a late older
+    /// fix is OUT_OF_ORDER again after the state was lost. Devices with state keep it: it is
+    /// at least as recent as storage (refinement decides before storage writes).
+    #[tracing::instrument(name = "seed", skip_all, fields(tenant = %tenant, fixes = fixes.len()))]
+    pub async fn seed(&self, tenant: &str, fixes: &[RefinedFix]) -> Result<SeedResponse, Error> {
+        ids::tenant_field(tenant)?;
+        if fixes.len() > self.max_batch {
+            return Err(Error::invalid(
+                "fixes",
+                format!(
+                    "{} fixes, more than MAX_BATCH={}",
+                    fixes.len(),
+                    self.max_batch
+                ),
+            ));
+        }
+        // Everything is checked before anything is written: a bad request changes nothing.
+        let mut first_of: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut devices = Vec::with_capacity(fixes.len());
+        for (index, seed) in fixes.iter().enumerate() {
+            let Some(fix) = &seed.fix else {
+                return Err(Error::invalid(format!("fixes[{index}].fix"), "required"));
+            };
+            ids::check_device(&fix.device_id)
+                .map_err(|rule| Error::invalid(format!("fixes[{index}].fix.device_id"), rule))?;
+            if seed.verdict != Verdict::Accepted as i32 {
+                return Err(Error::invalid(
+                    format!("fixes[{index}].verdict"),
+                    "must be ACCEPTED, a device is anchored on an accepted fix only",
+                ));
+            }
+            if let Err((Verdict::Invalid, detail)) = refine::check_fix(fix, i64::MAX, &self.rules) {
+                let (field, rule) = detail.split_once(": ").unwrap_or(("", detail.as_str()));
+                return Err(Error::invalid(format!("fixes[{index}].fix.{field}"), rule));
+            }
+            if let Some(first) = first_of.insert(&fix.device_id, index) {
+                return Err(Error::invalid(
+                    format!("fixes[{index}].fix.device_id"),
+                    format!("at most one fix per device, fixes[{first}] has the same device"),
+                ));
+            }
+            devices.push(fix.device_id.as_str());
+        }
+
+        let loaded = self.store.load(tenant, &devices).await?;
+        let mut targets = Vec::new();
+        for ((device, seed), loaded) in devices.iter().zip(fixes).zip(loaded) {
+            if loaded.version == 0 {
+                let state = DeviceState {
+                    last: Some(seed.clone()),
+                    ..DeviceState::default()
+                };
+                // In the replay log too: the seeded fix re-sent later is a replay, not late.
+                targets.push((*device, state, [Record::of(seed)]));
+            }
+        }
+        let saves: Vec<Save<'_>> = targets
+            .iter()
+            .map(|(device, state, appended)| Save {
+                device,
+                // Only where there is no state: a device that got some meanwhile keeps it.
+                expected: 0,
+                state,
+                appended,
+            })
+            .collect();
+        let applied = self.store.save(tenant, &saves).await?;
+        let seeded = applied.iter().filter(|applied| **applied).count();
+        let kept = devices.len() - seeded;
+        metrics::counter!("refinement_seeded_total").increment(seeded as u64);
+        tracing::info!(seeded, kept, "devices seeded");
+        Ok(SeedResponse {
+            seeded: u32::try_from(seeded).unwrap_or(u32::MAX),
+            kept: u32::try_from(kept).unwrap_or(u32::MAX),
+        })
+    }
+
     /// Reads the devices' state and decides their fixes, loading replay logs only if needed.
     async fn decide<'a>(
         &self,
@@ -208,12 +286,11 @@ impl Refinement for RefinementService {
         Ok(Response::new(ResetDeviceResponse { existed }))
     }
 
-    // PLACEHOLDER (issue 15, being built)
-    async fn seed(
-        &self,
-        _r: Request<trackmesh_proto::v1::SeedRequest>,
-    ) -> Result<Response<trackmesh_proto::v1::SeedResponse>, Status> {
-        Err(Status::unimplemented("in progress"))
+    async fn seed(&self, request: Request<SeedRequest>) -> Result<Response<SeedResponse>, Status> {
+        let request = request.into_inner();
+        Ok(Response::new(
+            self.seed(&request.tenant_id, &request.fixes).await?,
+        ))
     }
 }
 

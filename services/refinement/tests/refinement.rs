@@ -10,7 +10,7 @@ use tonic_health::pb::{
 };
 use trackmesh_proto::v1::{
     Fix, GetDeviceStateRequest, RefineRequest, RefineResponse, RefinedFix, ResetDeviceRequest,
-    Verdict, refinement_client::RefinementClient,
+    SeedRequest, SeedResponse, Verdict, refinement_client::RefinementClient,
 };
 use trackmesh_shared::{
     config::Duration as ConfigDuration,
@@ -90,7 +90,9 @@ testkit::on_both_redis!(
     reset_forgets_the_device,
     a_retried_max_batch_of_one_device_is_replayed_whole,
     a_retried_reanchor_stores_its_run,
-    replay_logs_are_read_by_range
+    replay_logs_are_read_by_range,
+    seed_anchors_devices_without_state,
+    concurrent_seeds_of_a_device_seed_it_once
 );
 
 async fn verdicts_in_input_order(redis: RedisConfig) {
@@ -399,6 +401,201 @@ async fn reset_forgets_the_device(redis: RedisConfig) {
             .existed
     );
     assert_eq!(accepted_count(&mut client, &tenant, "a").await, (false, 0));
+}
+
+/// A device's last stored fix, as storage returns it.
+fn stored(device: &str, time_ms: i64, lat: f64, segment: u32) -> RefinedFix {
+    RefinedFix {
+        fix: Some(Fix {
+            device_id: device.into(),
+            time_ms,
+            lat,
+            lon: -74.0,
+            ..Fix::default()
+        }),
+        verdict: Verdict::Accepted as i32,
+        segment,
+        distance_m: 11.1,
+        dt_ms: 10_000,
+        speed_kmh: 4.0,
+        ..RefinedFix::default()
+    }
+}
+
+async fn seed(
+    client: &mut RefinementClient<Channel>,
+    tenant: &str,
+    fixes: Vec<RefinedFix>,
+) -> Result<SeedResponse, tonic::Status> {
+    client
+        .seed(SeedRequest {
+            tenant_id: tenant.into(),
+            fixes,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn seed_anchors_devices_without_state(redis: RedisConfig) {
+    let (_service, mut client) = start(config(redis)).await;
+    let tenant = testkit::unique("t");
+    // "b" has state, last accepted at T0 + 20 s; "a" has none (its state was lost).
+    refine(&mut client, &tenant, &track("b", 3, T0)).await;
+    let answer = seed(
+        &mut client,
+        &tenant,
+        vec![
+            stored("a", T0 + 100_000, 40.6, 3),
+            stored("b", T0 + 1_000_000, 41.0, 7),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!((answer.seeded, answer.kept), (1, 1));
+
+    // A late fix older than the seeded one is out of order again, not accepted as new.
+    let late = refine(&mut client, &tenant, &track("a", 1, T0 + 50_000)).await;
+    assert_eq!(verdicts(&late.results), [Verdict::OutOfOrder]);
+    // The next one continues from the seed: its segment, distance and time from it.
+    let next = Fix {
+        device_id: "a".into(),
+        time_ms: T0 + 110_000,
+        lat: 40.6001,
+        lon: -74.0,
+        ..Fix::default()
+    };
+    let answer = refine(&mut client, &tenant, &[next]).await;
+    let result = &answer.results[0];
+    assert_eq!(verdicts(&answer.results), [Verdict::Accepted]);
+    assert!(!result.replay);
+    assert_eq!((result.segment, result.dt_ms), (3, 10_000));
+    assert!((result.distance_m - 11.12).abs() < 0.05, "{result:?}");
+    assert!((result.speed_kmh - 4.0).abs() < 0.05, "{result:?}");
+    // The seeded fix re-sent is a replay of it.
+    let again = refine(&mut client, &tenant, &track("a", 1, T0 + 100_000)).await;
+    assert_eq!(verdicts(&again.results), [Verdict::Accepted]);
+    assert!(again.results[0].replay);
+
+    // "b" kept its own state: T0 + 30 s is its next fix, not older than a seed at T0 + 1000 s.
+    let state = client
+        .get_device_state(GetDeviceStateRequest {
+            tenant_id: tenant.clone(),
+            device_id: "b".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.accepted_count, 3);
+    assert_eq!(
+        state.last_accepted.unwrap().fix.unwrap().time_ms,
+        T0 + 20_000
+    );
+    let b = refine(&mut client, &tenant, &track("b", 4, T0)[3..]).await;
+    assert_eq!(verdicts(&b.results), [Verdict::Accepted]);
+
+    // Seeding again changes nothing: "a" has state now.
+    let answer = seed(
+        &mut client,
+        &tenant,
+        vec![stored("a", T0 + 500_000, 40.7, 9)],
+    )
+    .await
+    .unwrap();
+    assert_eq!((answer.seeded, answer.kept), (0, 1));
+    // The seed counts no accepted fix of its own: one accepted since.
+    assert_eq!(accepted_count(&mut client, &tenant, "a").await, (true, 1));
+    let later = refine(&mut client, &tenant, &track("a", 1, T0 + 120_000)).await;
+    assert_eq!(verdicts(&later.results), [Verdict::Accepted]);
+}
+
+async fn concurrent_seeds_of_a_device_seed_it_once(redis: RedisConfig) {
+    // Gateways reseeding at the same time: each device is seeded by one of them, the others
+    // count it as kept (the compare-and-set on "no state" decides).
+    let (_service, client) = start(config(redis)).await;
+    let tenant = testkit::unique("t");
+    let devices: Vec<String> = (0..20).map(|d| format!("d{d}")).collect();
+    let calls: Vec<_> = (0..8)
+        .map(|call| {
+            let (mut client, tenant) = (client.clone(), tenant.clone());
+            let fixes: Vec<RefinedFix> = devices
+                .iter()
+                .map(|d| stored(d, T0 + call * 1_000, 40.6, 1))
+                .collect();
+            tokio::spawn(async move { seed(&mut client, &tenant, fixes).await.unwrap() })
+        })
+        .collect();
+    let (mut seeded, mut kept) = (0, 0);
+    for call in calls {
+        let answer = call.await.unwrap();
+        seeded += answer.seeded;
+        kept += answer.kept;
+    }
+    assert_eq!((seeded, kept), (20, 7 * 20));
+}
+
+#[tokio::test]
+async fn seed_checks_the_whole_request_before_writing() {
+    let (_service, mut client) = start(config(testkit::redis_standalone())).await;
+    let tenant = testkit::unique("t");
+    let good = || stored("x", T0, 40.6, 1);
+    let cases: Vec<(&str, Vec<RefinedFix>, &str)> = vec![
+        (
+            "",
+            vec![good()],
+            "tenant_id: required, 1 to 64 characters of A-Z a-z 0-9 _ . -",
+        ),
+        (
+            &tenant,
+            vec![good(), RefinedFix::default()],
+            "fixes[1].fix: required",
+        ),
+        (
+            &tenant,
+            vec![good(), stored("", T0, 40.6, 1)],
+            "fixes[1].fix.device_id: required",
+        ),
+        (
+            &tenant,
+            vec![
+                good(),
+                stored("y", T0, 40.6, 1),
+                stored("x", T0 + 1, 40.6, 1),
+            ],
+            "fixes[2].fix.device_id: at most one fix per device, fixes[0] has the same device",
+        ),
+        (
+            &tenant,
+            vec![
+                good(),
+                RefinedFix {
+                    verdict: Verdict::Speed as i32,
+                    ..stored("y", T0, 40.6, 1)
+                },
+            ],
+            "fixes[1].verdict: must be ACCEPTED, a device is anchored on an accepted fix only",
+        ),
+        (
+            &tenant,
+            vec![good(), stored("y", T0, 91.0, 1)],
+            "fixes[1].fix.lat: 91 is outside -90..=90",
+        ),
+        (
+            &tenant,
+            vec![good(), stored("y", 0, 40.6, 1)],
+            "fixes[1].fix.time_ms: required, Unix epoch milliseconds",
+        ),
+    ];
+    for (tenant, fixes, message) in cases {
+        let err = seed(&mut client, tenant, fixes).await.unwrap_err();
+        assert_eq!(
+            (err.code(), err.message()),
+            (Code::InvalidArgument, message)
+        );
+    }
+    // None of the refused requests wrote its valid part.
+    assert_eq!(accepted_count(&mut client, &tenant, "x").await, (false, 0));
+    let answer = seed(&mut client, &tenant, vec![]).await.unwrap();
+    assert_eq!((answer.seeded, answer.kept), (0, 0));
 }
 
 #[tokio::test]
