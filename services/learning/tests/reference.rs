@@ -7,10 +7,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use learning::model::Rules;
 use learning::{Config, run};
+use prost::Message as _;
 use testkit::Service;
 use trackmesh_proto::v1::{
-    Fix, GetPlacesRequest, ObserveRequest, RefinedFix, Stay, Verdict,
+    Fix, GetPlacesRequest, ObserveRequest, RebuildRequest, RefinedFix, Stay, TenantEvents, Verdict,
     learning_client::LearningClient,
 };
 use trackmesh_shared::{geo, redis::RedisConfig};
@@ -22,6 +24,11 @@ const SAMPLE: &str = concat!(
 const REFERENCE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../scripts/reference/ais-virginia-beach-stays.csv"
+);
+/// The same with `STAY_RADIUS_M=500`.
+const REFERENCE_500M: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../scripts/reference/ais-virginia-beach-stays-500m.csv"
 );
 /// Start and end of matched stays may differ by this much.
 const TIME_TOLERANCE_MS: i64 = 60_000;
@@ -72,8 +79,8 @@ struct Reference {
     location: String,
 }
 
-fn reference() -> Vec<Reference> {
-    let text = std::fs::read_to_string(REFERENCE).unwrap();
+fn reference(path: &str) -> Vec<Reference> {
+    let text = std::fs::read_to_string(path).unwrap();
     let mut lines = text.lines();
     assert_eq!(
         lines.next(),
@@ -101,42 +108,22 @@ fn time_parsing() {
     assert_eq!(parse_time("2024-02-29T23:59:59Z"), 1_709_251_199_000);
 }
 
-#[tokio::test]
-async fn online_stays_agree_with_trackintel() {
-    let config = Config::for_redis(RedisConfig {
-        redis_addr: testkit::redis_addr(),
-        ..RedisConfig::default()
-    });
-    let rules = config.learning.rules().unwrap();
-    let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
-    let mut client = LearningClient::connect(service.url()).await.unwrap();
-    let tenant = testkit::unique("ais");
-
-    // As a live feed would deliver it: all vessels interleaved in time order.
-    let mut fixes = sample();
-    fixes.sort_by_key(|f| f.fix.as_ref().map_or(0, |f| f.time_ms));
-    let mut online: Vec<Stay> = Vec::new();
-    for batch in fixes.chunks(1_000) {
-        let response = client
-            .observe(ObserveRequest {
-                tenant_id: tenant.clone(),
-                fixes: batch.to_vec(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        online.extend(response.stays);
-    }
-
-    // Each reference stay matched with at most one online stay of the same device.
-    let reference = reference();
-    let mut used = vec![false; online.len()];
+/// Matches each reference stay with at most one stay of the same device (start and end within
+/// TIME_TOLERANCE_MS, centroids within the stay radius), asserts that every difference is the
+/// designed one, and returns the agreement in words.
+fn agreement(
+    stays: &[Stay],
+    reference: &[Reference],
+    fixes: &[RefinedFix],
+    rules: &Rules,
+) -> String {
+    let mut used = vec![false; stays.len()];
     let mut matched = 0;
     let mut exact = 0;
     let mut distances = Vec::new();
     let mut missing = Vec::new();
-    for stay in &reference {
-        let found = online.iter().enumerate().position(|(i, s)| {
+    for stay in reference {
+        let found = stays.iter().enumerate().position(|(i, s)| {
             !used[i]
                 && s.device_id == stay.device
                 && (s.start_ms - stay.start_ms).abs() <= TIME_TOLERANCE_MS
@@ -147,7 +134,7 @@ async fn online_stays_agree_with_trackintel() {
             Some(i) => {
                 used[i] = true;
                 matched += 1;
-                let s = &online[i];
+                let s = &stays[i];
                 exact += usize::from(s.start_ms == stay.start_ms && s.end_ms == stay.end_ms);
                 distances.push(geo::haversine_m(s.lat, s.lon, stay.lat, stay.lon));
             }
@@ -155,8 +142,8 @@ async fn online_stays_agree_with_trackintel() {
         }
     }
 
-    // Online stays without a match must be the designed difference: a candidate closed by a
-    // gap over MAX_TIME_DIFF (or a jump over MAX_SPEED_KMH), which trackintel drops.
+    // Stays without a match must be the designed difference: a candidate closed by a gap over
+    // MAX_TIME_DIFF (or a jump over MAX_SPEED_KMH), which trackintel drops.
     let mut next_fix: BTreeMap<(&str, i64), (i64, f64, f64)> = BTreeMap::new();
     let mut by_device: BTreeMap<&str, Vec<&Fix>> = BTreeMap::new();
     for fix in fixes.iter().filter_map(|f| f.fix.as_ref()) {
@@ -187,13 +174,69 @@ async fn online_stays_agree_with_trackintel() {
             _ => false,
         }
     };
-    let extra: Vec<&Stay> = online
+    let extra: Vec<&Stay> = stays
         .iter()
         .zip(&used)
         .filter(|(_, used)| !**used)
         .map(|(stay, _)| stay)
         .collect();
     let unexplained: Vec<&&Stay> = extra.iter().filter(|s| !closed_by_gap(s)).collect();
+
+    distances.sort_by(f64::total_cmp);
+    let median = distances.get(distances.len() / 2).copied().unwrap_or(0.0);
+    let max = distances.last().copied().unwrap_or(0.0);
+    assert!(reference.len() > 200, "the reference is the AIS sample's");
+    assert!(missing.is_empty(), "reference stays not found: {missing:?}");
+    assert!(
+        unexplained.is_empty(),
+        "stays not in the reference: {unexplained:?}"
+    );
+    assert!(max <= rules.stay_radius_m);
+    format!(
+        "{matched}/{} trackintel stays matched ({:.1}%), {exact} with identical start and end; \
+         {} stays, {} unmatched, all closed by a gap over MAX_TIME_DIFF or a jump (trackintel \
+         drops those), precision {:.1}%; centroid distance median {median:.1} m, max {max:.1} m",
+        reference.len(),
+        100.0 * matched as f64 / reference.len() as f64,
+        stays.len(),
+        extra.len(),
+        100.0 * matched as f64 / stays.len() as f64,
+    )
+}
+
+/// As a live feed would deliver it: all vessels interleaved in time order.
+fn sample_in_time_order() -> Vec<RefinedFix> {
+    let mut fixes = sample();
+    fixes.sort_by_key(|f| f.fix.as_ref().map_or(0, |f| f.time_ms));
+    fixes
+}
+
+#[tokio::test]
+async fn online_stays_agree_with_trackintel() {
+    let config = Config::for_redis(RedisConfig {
+        redis_addr: testkit::redis_addr(),
+        ..RedisConfig::default()
+    });
+    let rules = config.learning.rules().unwrap();
+    let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
+    let mut client = LearningClient::connect(service.url()).await.unwrap();
+    let tenant = testkit::unique("ais");
+
+    let fixes = sample_in_time_order();
+    let mut online: Vec<Stay> = Vec::new();
+    for batch in fixes.chunks(1_000) {
+        let response = client
+            .observe(ObserveRequest {
+                tenant_id: tenant.clone(),
+                fixes: batch.to_vec(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        online.extend(response.stays);
+    }
+    let reference = reference(REFERENCE);
+    let agreement = agreement(&online, &reference, &fixes, &rules);
 
     // Places, for information: learning-api's online places against trackintel's DBSCAN
     // locations (a different method, so not expected to agree everywhere).
@@ -218,31 +261,101 @@ async fn online_stays_agree_with_trackintel() {
             .places;
         same_places += usize::from(places.len() == ids.len());
     }
-
-    distances.sort_by(f64::total_cmp);
-    let median = distances.get(distances.len() / 2).copied().unwrap_or(0.0);
-    let max = distances.last().copied().unwrap_or(0.0);
     println!(
-        "reference agreement: {matched}/{} trackintel stays matched online ({:.1}%), {exact} with \
-         identical start and end; online {} stays, {} unmatched, all closed by a gap over \
-         MAX_TIME_DIFF or a jump (trackintel drops those), precision {:.1}%; centroid distance \
-         median {median:.1} m, max {max:.1} m; devices with as many places as trackintel \
+        "reference agreement, online: {agreement}; devices with as many places as trackintel \
          locations: {same_places}/{}",
-        reference.len(),
-        100.0 * matched as f64 / reference.len() as f64,
-        online.len(),
-        extra.len(),
-        100.0 * matched as f64 / online.len() as f64,
         locations.len(),
     );
-    assert!(reference.len() > 200, "the reference is the AIS sample's");
-    assert!(
-        missing.is_empty(),
-        "reference stays not found online: {missing:?}"
-    );
-    assert!(
-        unexplained.is_empty(),
-        "online stays not in the reference: {unexplained:?}"
-    );
-    assert!(max <= rules.stay_radius_m);
+}
+
+/// A relearn after STAY_RADIUS_M changed: each device's model rebuilt (Learning.Rebuild, what
+/// Gateway.Relearn calls with the stored fixes) by a learning-api started with 500 m; its
+/// stays, read back from the events topic, against trackintel's with 500 m.
+#[tokio::test]
+async fn a_rebuild_with_a_larger_radius_agrees_with_trackintel_at_that_radius() {
+    let mut config = Config::for_redis(RedisConfig {
+        redis_addr: testkit::redis_addr(),
+        ..RedisConfig::default()
+    });
+    config.learning.stay_radius_m = 500.0;
+    let name = testkit::unique("reference");
+    config.learning.kafka_brokers = Some(testkit::kafka_brokers());
+    config.learning.kafka_topic = format!("{name}.fixes");
+    config.learning.kafka_events_topic = format!("{name}.events");
+    config.learning.kafka_geofences_topic = format!("{name}.geofences");
+    config.learning.kafka_group_id = name.clone();
+    config.learning.kafka_partitions = 1;
+    let rules = config.learning.rules().unwrap();
+    let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
+    let mut client = LearningClient::connect(service.url()).await.unwrap();
+    let tenant = testkit::unique("ais");
+
+    let fixes = sample_in_time_order();
+    let mut by_device: BTreeMap<String, Vec<RefinedFix>> = BTreeMap::new();
+    for fix in &fixes {
+        let device = fix.fix.as_ref().unwrap().device_id.clone();
+        by_device.entry(device).or_default().push(fix.clone());
+    }
+    let mut expected_stays = 0;
+    for (device, track) in &by_device {
+        let mut requests = vec![RebuildRequest {
+            tenant_id: tenant.clone(),
+            device_id: device.clone(),
+            ..RebuildRequest::default()
+        }];
+        requests.extend(track.chunks(500).map(|chunk| RebuildRequest {
+            fixes: chunk.to_vec(),
+            ..RebuildRequest::default()
+        }));
+        requests.push(RebuildRequest {
+            done: true,
+            ..RebuildRequest::default()
+        });
+        let mut replies = client
+            .rebuild(futures::stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut last = None;
+        while let Some(reply) = replies.message().await.unwrap() {
+            last = Some(reply);
+        }
+        let last = last.unwrap();
+        assert!(
+            last.replaced && last.need_after_ms == 0,
+            "{device}: {last:?}"
+        );
+        expected_stays += last.stays;
+    }
+
+    let stays = read_stays(&format!("{name}.events"), expected_stays as usize).await;
+    let agreement = agreement(&stays, &reference(REFERENCE_500M), &fixes, &rules);
+    println!("reference agreement, rebuilt with STAY_RADIUS_M=500: {agreement}");
+}
+
+/// The closed stays on an events topic, once `n` have arrived (or a minute passed).
+async fn read_stays(topic: &str, n: usize) -> Vec<Stay> {
+    use rdkafka::{
+        ClientConfig, Message as _,
+        consumer::{Consumer as _, StreamConsumer},
+    };
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", testkit::kafka_brokers())
+        .set("group.id", testkit::unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut stays = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while stays.len() < n {
+        let message = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {n} stays on {topic}", stays.len()))
+            .unwrap();
+        let value = TenantEvents::decode(message.payload().unwrap_or_default()).unwrap();
+        stays.extend(value.stays);
+    }
+    stays
 }
