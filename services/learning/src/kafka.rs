@@ -21,7 +21,7 @@ use rdkafka::{
     types::RDKafkaErrorCode,
     util::Timeout,
 };
-use trackmesh_proto::v1::{Event, Geofence, TenantEvents, TenantGeofence};
+use trackmesh_proto::v1::{Event, Geofence, Stay, TenantEvents, TenantGeofence, Trip};
 use trackmesh_shared::fix_messages;
 
 use crate::{config::LearningConfig, error::Error, service::LearningService};
@@ -96,17 +96,21 @@ impl Kafka {
         Ok(())
     }
 
-    /// One device's events of one observation, acknowledged by the brokers.
+    /// One device's events, closed stays and trips of one observation (or of a rebuild's
+    /// chunk), acknowledged by the brokers.
     pub async fn produce_events(
         &self,
         tenant: &str,
         device: &str,
         events: Vec<Event>,
+        stays: Vec<Stay>,
+        trips: Vec<Trip>,
     ) -> Result<(), Error> {
         let value = TenantEvents {
             tenant_id: tenant.to_owned(),
             events,
-            ..TenantEvents::default()
+            stays,
+            trips,
         }
         .encode_to_vec();
         let key = format!("{tenant}/{device}");

@@ -20,6 +20,7 @@ pub mod fence;
 mod geofences;
 mod kafka;
 pub mod model;
+mod rebuild;
 mod service;
 mod store;
 
@@ -51,6 +52,8 @@ pub async fn run(
     trackmesh_shared::metrics::register(
         &[
             "learning_stays_detected_total",
+            "learning_trips_total",
+            "learning_rebuilds_total",
             "learning_places_created_total",
             "learning_places_evicted_total",
             "learning_cas_conflicts_total",

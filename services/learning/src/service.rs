@@ -10,8 +10,8 @@ use trackmesh_proto::v1::{
     DeleteTenantGeofenceRequest, DeleteTenantGeofenceResponse, EventType, Fix, ForgetRequest,
     ForgetResponse, Geofence, GetPlacesRequest, GetPlacesResponse, GetProfileRequest,
     GetProfileResponse, ListTenantGeofencesResponse, ObserveRequest, ObserveResponse,
-    PredictNextRequest, PredictNextResponse, Prediction, RefinedFix, TenantGeofence,
-    TenantGeofencesRequest, Verdict, learning_server::Learning,
+    PredictNextRequest, PredictNextResponse, Prediction, RebuildReply, RebuildRequest, RefinedFix,
+    TenantGeofence, TenantGeofencesRequest, Verdict, learning_server::Learning,
 };
 use trackmesh_shared::ids;
 
@@ -21,11 +21,12 @@ use crate::{
     geofences::{Book, STALENESS, now_ms},
     kafka::Kafka,
     model::{self, Events, Model, Outcome, Point, Rules},
+    rebuild::Rebuilder,
     store::{Save, Store},
 };
 
 /// Rounds of read → learn → compare-and-set before giving up with ABORTED.
-const MAX_ATTEMPTS: usize = 10;
+pub(crate) const MAX_ATTEMPTS: usize = 10;
 /// Predictions when the request asks for k = 0.
 const DEFAULT_K: usize = 3;
 
@@ -200,17 +201,25 @@ impl LearningService {
                 let outcome = model::observe_with(&mut model, points, &self.rules, events.as_ref());
                 decided.push((device, loaded.version, model, outcome));
             }
-            // Events leave before the models that record them are written: a failure here
-            // writes nothing, and a retry makes the same events again (storage and Watch
-            // keep one of each).
+            // Events, stays and trips leave before the models that record them are written:
+            // a failure here writes nothing, and a retry makes the same ones again (storage
+            // and Watch keep one of each).
             if let Some(events) = &self.events {
                 let sent = decided
                     .iter()
-                    .filter(|(_, _, _, outcome)| !outcome.events.is_empty())
+                    .filter(|(_, _, _, outcome)| {
+                        !(outcome.events.is_empty()
+                            && outcome.stays.is_empty()
+                            && outcome.trips.is_empty())
+                    })
                     .map(|(device, _, _, outcome)| {
-                        events
-                            .kafka
-                            .produce_events(tenant, device, outcome.events.clone())
+                        events.kafka.produce_events(
+                            tenant,
+                            device,
+                            outcome.events.clone(),
+                            outcome.stays.iter().map(|s| s.to_proto(device)).collect(),
+                            outcome.trips.iter().map(|t| t.to_proto(device)).collect(),
+                        )
                     });
                 futures::future::try_join_all(sent).await?;
                 for (_, _, _, outcome) in &decided {
@@ -329,7 +338,7 @@ impl LearningService {
 type DeviceFixes<'a> = (Vec<Point>, Vec<&'a Fix>);
 
 /// Accepted fixes per device, checked; and how many fixes were not accepted.
-fn group(fixes: &[RefinedFix]) -> Result<(BTreeMap<&str, DeviceFixes<'_>>, u32), Error> {
+pub(crate) fn group(fixes: &[RefinedFix]) -> Result<(BTreeMap<&str, DeviceFixes<'_>>, u32), Error> {
     let mut by_device: BTreeMap<&str, DeviceFixes<'_>> = BTreeMap::new();
     let mut not_accepted = 0u32;
     for (index, refined) in fixes.iter().enumerate() {
@@ -381,6 +390,9 @@ fn add(response: &mut ObserveResponse, device: &str, outcome: Outcome) {
     response
         .stays
         .extend(outcome.stays.iter().map(|stay| stay.to_proto(device)));
+    if !outcome.trips.is_empty() {
+        metrics::counter!("learning_trips_total").increment(outcome.trips.len() as u64);
+    }
 }
 
 /// Counters, one increment per kind and call rather than per fix.
@@ -492,15 +504,18 @@ impl Learning for LearningService {
         }))
     }
 
-    // PLACEHOLDER (issue 15, being built)
-    type RebuildStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<trackmesh_proto::v1::RebuildReply, Status>> + Send>,
-    >;
+    type RebuildStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<RebuildReply, Status>> + Send>>;
 
     async fn rebuild(
         &self,
-        _r: Request<tonic::Streaming<trackmesh_proto::v1::RebuildRequest>>,
+        request: Request<tonic::Streaming<RebuildRequest>>,
     ) -> Result<Response<Self::RebuildStream>, Status> {
-        Err(Status::unimplemented("in progress"))
+        let rebuilder = Rebuilder {
+            store: self.store.clone(),
+            rules: self.rules.clone(),
+            kafka: self.events.as_ref().map(|events| events.kafka.clone()),
+        };
+        Ok(Response::new(Box::pin(rebuilder.run(request.into_inner()))))
     }
 }

@@ -1,0 +1,203 @@
+//! Rebuild: one device's model learned again from its stored fixes, streamed in by the
+//! gateway's relearn, into a fresh model held in memory, which then replaces the stored one by
+//! compare-and-set unless that has seen a fix the rebuild has not (see `RebuildRequest`).
+
+use futures::Stream;
+use tonic::{Status, Streaming};
+use trackmesh_proto::v1::{RebuildReply, RebuildRequest, RefinedFix};
+use trackmesh_shared::ids;
+
+use crate::{
+    error::Error,
+    kafka::Kafka,
+    model::{self, Model, Rules},
+    service::{MAX_ATTEMPTS, group},
+    store::{Save, Store},
+};
+
+/// What a rebuild needs of the service.
+pub struct Rebuilder {
+    pub store: Store,
+    pub rules: Rules,
+    /// Where closed stays and trips go; `None` without KAFKA_BROKERS.
+    pub kafka: Option<Kafka>,
+}
+
+struct Rebuild {
+    with: Rebuilder,
+    inbound: Streaming<RebuildRequest>,
+    /// Tenant and device, from the first message.
+    device: Option<(String, String)>,
+    model: Model,
+    /// Replaced or failed: the reply stream ends.
+    finished: bool,
+}
+
+impl Rebuilder {
+    /// The replies to `inbound`: progress after each chunk of fixes, and after `done` either
+    /// `need_after_ms` or `replaced` (which ends the stream). A client that closes its side
+    /// before a `replaced` leaves the stored model as it was.
+    pub fn run(
+        self,
+        inbound: Streaming<RebuildRequest>,
+    ) -> impl Stream<Item = Result<RebuildReply, Status>> + Send + 'static {
+        let state = Rebuild {
+            with: self,
+            inbound,
+            device: None,
+            model: Model::default(),
+            finished: false,
+        };
+        futures::stream::unfold(state, |mut state| async move {
+            if state.finished {
+                return None;
+            }
+            match state.next().await {
+                Ok(Some(reply)) => Some((Ok(reply), state)),
+                Ok(None) => None,
+                Err(status) => {
+                    state.finished = true;
+                    Some((Err(status), state))
+                }
+            }
+        })
+    }
+}
+
+impl Rebuild {
+    /// Reads messages until one calls for a reply; `None` when the client closed its side.
+    async fn next(&mut self) -> Result<Option<RebuildReply>, Status> {
+        while let Some(request) = self.inbound.message().await? {
+            let (tenant, device) = match &self.device {
+                Some(ids) => ids.clone(),
+                None => {
+                    ids::device_fields(&request.tenant_id, &request.device_id)
+                        .map_err(Error::from)?;
+                    let ids = (request.tenant_id.clone(), request.device_id.clone());
+                    self.device = Some(ids.clone());
+                    ids
+                }
+            };
+            // Later messages may repeat the ids but not name another device.
+            for (field, sent, first) in [
+                ("tenant_id", &request.tenant_id, &tenant),
+                ("device_id", &request.device_id, &device),
+            ] {
+                if !sent.is_empty() && sent != first {
+                    return Err(Error::invalid(
+                        field,
+                        format!("{sent:?} differs from the first message's {first:?}"),
+                    )
+                    .into());
+                }
+            }
+            if !request.fixes.is_empty() {
+                self.learn(&tenant, &device, &request.fixes).await?;
+            }
+            if request.done {
+                let reply = self.finish(&tenant, &device, request.force).await?;
+                self.finished = reply.replaced;
+                return Ok(Some(reply));
+            }
+            if !request.fixes.is_empty() {
+                return Ok(Some(self.progress()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Learns one chunk (no events) and sends the stays and trips it closed to the events
+    /// topic before answering, so that a rebuild that replaced the model has sent them all.
+    async fn learn(
+        &mut self,
+        tenant: &str,
+        device: &str,
+        fixes: &[RefinedFix],
+    ) -> Result<(), Error> {
+        let (mut by_device, _) = group(fixes)?;
+        if let Some(other) = by_device.keys().find(|d| **d != device) {
+            return Err(Error::invalid(
+                "fixes",
+                format!("a fix of device {other:?} in the rebuild of {device:?}"),
+            ));
+        }
+        let Some((points, _)) = by_device.remove(device) else {
+            return Ok(());
+        };
+        let outcome = model::observe(&mut self.model, &points, &self.with.rules);
+        if let Some(kafka) = &self.with.kafka
+            && !(outcome.stays.is_empty() && outcome.trips.is_empty())
+        {
+            kafka
+                .produce_events(
+                    tenant,
+                    device,
+                    Vec::new(),
+                    outcome.stays.iter().map(|s| s.to_proto(device)).collect(),
+                    outcome.trips.iter().map(|t| t.to_proto(device)).collect(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn progress(&self) -> RebuildReply {
+        RebuildReply {
+            fixes: self.model.fixes_observed,
+            stays: self.model.stays,
+            ..RebuildReply::default()
+        }
+    }
+
+    /// Replaces the stored model unless it has seen a newer fix (and not `force`d); the
+    /// fences the device is inside carry over, as they follow the live fixes.
+    async fn finish(&self, tenant: &str, device: &str, force: bool) -> Result<RebuildReply, Error> {
+        for _ in 0..MAX_ATTEMPTS {
+            let loaded = self.with.store.load_one(tenant, device).await?;
+            let current = loaded.model;
+            if !force
+                && current.fixes_observed > 0
+                && current.watermark_ms > self.model.watermark_ms
+            {
+                tracing::debug!(tenant = %tenant, rebuilt_ms = self.model.watermark_ms, current_ms = current.watermark_ms, "rebuild behind the current model");
+                // 0 would mean "nothing needed": a rebuild that has learned nothing asks
+                // for everything after 1 ms (the client starts at its own from_ms anyway).
+                return Ok(RebuildReply {
+                    need_after_ms: self.model.watermark_ms.max(1),
+                    ..self.progress()
+                });
+            }
+            let mut model = self.model.clone();
+            model.fences = current.fences;
+            let save = Save {
+                device,
+                expected: loaded.version,
+                model: &model,
+            };
+            if self.with.store.save(tenant, &[save]).await? == [true] {
+                let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                tracing::info!(
+                    tenant = %tenant,
+                    fixes = model.fixes_observed,
+                    stays = model.stays,
+                    places_before = current.places.len(),
+                    places_after = model.places.len(),
+                    forced = force,
+                    "model rebuilt"
+                );
+                metrics::counter!("learning_rebuilds_total").increment(1);
+                return Ok(RebuildReply {
+                    replaced: true,
+                    places_before: count(current.places.len()),
+                    places_after: count(model.places.len()),
+                    ..self.progress()
+                });
+            }
+            // Observed meanwhile: read it again, it may now be ahead.
+            metrics::counter!("learning_cas_conflicts_total").increment(1);
+        }
+        Err(Error::Contention {
+            device: device.to_owned(),
+        })
+    }
+}
