@@ -88,6 +88,8 @@ impl Devices {
 pub struct History {
     downstreams: Arc<Downstreams>,
     timeout: Duration,
+    need_after_wait: Duration,
+    max_stalled_rounds: u32,
 }
 
 type Progress = Result<RelearnProgress, Status>;
@@ -145,6 +147,8 @@ impl History {
         Self {
             downstreams,
             timeout,
+            need_after_wait: NEED_AFTER_WAIT,
+            max_stalled_rounds: MAX_STALLED_ROUNDS,
         }
     }
 
@@ -334,14 +338,14 @@ impl History {
                             watermark = Some(reply.need_after_ms);
                             stalled = 0;
                         }
-                        let force = stalled >= MAX_STALLED_ROUNDS;
+                        let force = stalled >= self.max_stalled_rounds;
                         if force {
                             tracing::warn!(need_after_ms = reply.need_after_ms, rounds = stalled, "newer fixes never stored: model replaced anyway");
                         }
                         let after = reply.need_after_ms.saturating_add(1);
                         let tx = &tx;
                         feeding = Box::pin(async move {
-                            tokio::time::sleep(NEED_AFTER_WAIT).await;
+                            tokio::time::sleep(self.need_after_wait).await;
                             self.feed(tenant, device, after, tx, force).await
                         });
                         fed = false;
@@ -493,7 +497,328 @@ fn done(device: &str, reply: &RebuildReply) -> RelearnProgress {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use tonic::{Request, Response, Streaming, transport::Server};
+    use trackmesh_proto::v1::{
+        DailyStatsRequest, DailyStatsResponse, DeleteHistoryResponse, DeleteStoredDeviceRequest,
+        DeleteStoredDeviceResponse, DeleteTenantGeofenceRequest, DeleteTenantGeofenceResponse, Fix,
+        ForgetRequest, ForgetResponse, Geofence, GetEventsResponse, GetPlacesRequest,
+        GetPlacesResponse, GetProfileRequest, GetProfileResponse, GetStaysResponse,
+        GetTripsResponse, ListDevicesResponse, ListTenantGeofencesResponse, ObserveRequest,
+        ObserveResponse, PredictNextRequest, PredictNextResponse, StoreRequest, StoreResponse,
+        StoredEventsRequest, StoredHistoryRequest, TenantGeofence, TenantGeofencesRequest,
+        TrackChunk, Verdict,
+        learning_server::{Learning, LearningServer},
+        storage_server::{Storage, StorageServer},
+    };
+    use trackmesh_shared::config::CommonConfig;
+
     use super::*;
+    use crate::{config::GatewayConfig, downstream::Downstream};
+
+    /// Storage and learning in one: `fixes` stored (times 1..=n), served in chunks of 3; a
+    /// rebuild learns what it is sent and, on `done` without `force`, asks for the fixes after
+    /// its watermark (the current model saw a newer fix that is never stored).
+    #[derive(Clone)]
+    struct Fake {
+        stored: usize,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Fake {
+        fn log(&self, entry: String) {
+            self.log.lock().unwrap().push(entry);
+        }
+    }
+
+    type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+    fn no<T>() -> Result<Response<T>, Status> {
+        Err(Status::unimplemented("not faked"))
+    }
+
+    #[tonic::async_trait]
+    impl Storage for Fake {
+        type QueryTrackStream = Boxed<TrackChunk>;
+
+        async fn query_track(
+            &self,
+            request: Request<QueryTrackRequest>,
+        ) -> Result<Response<Self::QueryTrackStream>, Status> {
+            let request = request.into_inner();
+            self.log(format!("query from {}", request.from_ms));
+            let fixes: Vec<RefinedFix> = (1..=self.stored as i64)
+                .filter(|t| *t >= request.from_ms)
+                .map(|time_ms| RefinedFix {
+                    fix: Some(Fix {
+                        device_id: request.device_id.clone(),
+                        time_ms,
+                        ..Fix::default()
+                    }),
+                    verdict: Verdict::Accepted as i32,
+                    ..RefinedFix::default()
+                })
+                .collect();
+            let chunks: Vec<Result<TrackChunk, Status>> = fixes
+                .chunks(3)
+                .map(|fixes| {
+                    Ok(TrackChunk {
+                        fixes: fixes.to_vec(),
+                        resume_token: String::new(),
+                    })
+                })
+                .collect();
+            Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        }
+
+        async fn delete_history(
+            &self,
+            request: Request<DeleteHistoryRequest>,
+        ) -> Result<Response<DeleteHistoryResponse>, Status> {
+            self.log(format!("delete from {}", request.get_ref().from_ms));
+            Ok(Response::new(DeleteHistoryResponse {}))
+        }
+
+        async fn store(&self, _: Request<StoreRequest>) -> Result<Response<StoreResponse>, Status> {
+            no()
+        }
+        async fn daily_stats(
+            &self,
+            _: Request<DailyStatsRequest>,
+        ) -> Result<Response<DailyStatsResponse>, Status> {
+            no()
+        }
+        async fn list_devices(
+            &self,
+            _: Request<ListStoredDevicesRequest>,
+        ) -> Result<Response<ListDevicesResponse>, Status> {
+            no()
+        }
+        async fn delete_device(
+            &self,
+            _: Request<DeleteStoredDeviceRequest>,
+        ) -> Result<Response<DeleteStoredDeviceResponse>, Status> {
+            no()
+        }
+        async fn get_events(
+            &self,
+            _: Request<StoredEventsRequest>,
+        ) -> Result<Response<GetEventsResponse>, Status> {
+            no()
+        }
+        async fn get_stays(
+            &self,
+            _: Request<StoredHistoryRequest>,
+        ) -> Result<Response<GetStaysResponse>, Status> {
+            no()
+        }
+        async fn get_trips(
+            &self,
+            _: Request<StoredHistoryRequest>,
+        ) -> Result<Response<GetTripsResponse>, Status> {
+            no()
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Learning for Fake {
+        type RebuildStream = Boxed<RebuildReply>;
+
+        async fn rebuild(
+            &self,
+            request: Request<Streaming<RebuildRequest>>,
+        ) -> Result<Response<Self::RebuildStream>, Status> {
+            let mut requests = request.into_inner();
+            let (tx, rx) = mpsc::channel(1);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let mut learned = 0u64;
+                let mut watermark = 0;
+                while let Some(Ok(request)) = requests.next().await {
+                    if !request.device_id.is_empty() {
+                        this.log(format!("rebuild {}", request.device_id));
+                    }
+                    if !request.fixes.is_empty() {
+                        this.log(format!("fixes {}", request.fixes.len()));
+                        learned += request.fixes.len() as u64;
+                        watermark = request
+                            .fixes
+                            .iter()
+                            .filter_map(|f| f.fix.as_ref())
+                            .map(|f| f.time_ms)
+                            .max()
+                            .unwrap_or(watermark);
+                        let reply = RebuildReply {
+                            fixes: learned,
+                            ..RebuildReply::default()
+                        };
+                        if tx.send(Ok(reply)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if request.done {
+                        this.log(format!("done force={}", request.force));
+                        let reply = if request.force {
+                            RebuildReply {
+                                replaced: true,
+                                places_before: 1,
+                                places_after: 2,
+                                fixes: learned,
+                                stays: 3,
+                                ..RebuildReply::default()
+                            }
+                        } else {
+                            RebuildReply {
+                                need_after_ms: watermark,
+                                fixes: learned,
+                                ..RebuildReply::default()
+                            }
+                        };
+                        if tx.send(Ok(reply)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+
+        async fn observe(
+            &self,
+            _: Request<ObserveRequest>,
+        ) -> Result<Response<ObserveResponse>, Status> {
+            no()
+        }
+        async fn get_places(
+            &self,
+            _: Request<GetPlacesRequest>,
+        ) -> Result<Response<GetPlacesResponse>, Status> {
+            no()
+        }
+        async fn predict_next(
+            &self,
+            _: Request<PredictNextRequest>,
+        ) -> Result<Response<PredictNextResponse>, Status> {
+            no()
+        }
+        async fn get_profile(
+            &self,
+            _: Request<GetProfileRequest>,
+        ) -> Result<Response<GetProfileResponse>, Status> {
+            no()
+        }
+        async fn forget(
+            &self,
+            _: Request<ForgetRequest>,
+        ) -> Result<Response<ForgetResponse>, Status> {
+            no()
+        }
+        async fn create_geofence(
+            &self,
+            _: Request<TenantGeofence>,
+        ) -> Result<Response<Geofence>, Status> {
+            no()
+        }
+        async fn list_geofences(
+            &self,
+            _: Request<TenantGeofencesRequest>,
+        ) -> Result<Response<ListTenantGeofencesResponse>, Status> {
+            no()
+        }
+        async fn delete_geofence(
+            &self,
+            _: Request<DeleteTenantGeofenceRequest>,
+        ) -> Result<Response<DeleteTenantGeofenceResponse>, Status> {
+            no()
+        }
+    }
+
+    /// The fake on a local port, behind the three downstreams.
+    async fn mesh(fake: Fake) -> Arc<Downstreams> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (_, health) = tonic_health::server::health_reporter();
+        tokio::spawn(
+            Server::builder()
+                .add_service(health)
+                .add_service(StorageServer::new(fake.clone()))
+                .add_service(LearningServer::new(fake))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let config = GatewayConfig {
+            resolve_interval: trackmesh_shared::config::Duration::from_millis(20),
+            ..GatewayConfig::default()
+        };
+        let start =
+            |name| Downstream::start(name, "", &addr, &CommonConfig::default(), &config).unwrap();
+        let downstreams = Downstreams {
+            refinement: start("refinement"),
+            learning: start("learning"),
+            storage: start("storage"),
+        };
+        for downstream in [&downstreams.learning, &downstreams.storage] {
+            while downstream.healthy_endpoints() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Arc::new(downstreams)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_rebuild_streams_every_chunk_then_asks_again_until_forced() {
+        let fake = Fake {
+            stored: 7,
+            log: Arc::default(),
+        };
+        let mut history = History::new(mesh(fake.clone()).await, Duration::from_secs(5));
+        history.need_after_wait = Duration::from_millis(1);
+        history.max_stalled_rounds = 3;
+        let devices = Devices::Listed(vec!["d".into()]);
+        let progress: Vec<RelearnProgress> = history
+            .relearn("t".into(), devices, 2)
+            .map(Result::unwrap)
+            .collect()
+            .await;
+
+        // History deleted first; fixes from from_ms on, chunk by chunk; then done, and after
+        // each need_after the fixes after the watermark and done again; the round after
+        // MAX_STALLED_ROUNDS rounds without the watermark advancing is forced.
+        let log = fake.log.lock().unwrap().clone();
+        let mut expected = vec![
+            "delete from 2",
+            "rebuild d",
+            "query from 2",
+            "fixes 3",
+            "fixes 3",
+            "done force=false",
+        ];
+        for _ in 0..3 {
+            expected.extend(["query from 8", "done force=false"]);
+        }
+        expected.extend(["query from 8", "done force=true"]);
+        assert_eq!(log, expected);
+
+        // Progress per chunk, then the device's done message with learning's counts.
+        let summary: Vec<(u64, bool, u32, u64)> = progress
+            .iter()
+            .map(|p| (p.fixes, p.done, p.devices_done, p.fixes_total))
+            .collect();
+        assert_eq!(
+            summary,
+            [(3, false, 0, 3), (6, false, 0, 6), (6, true, 1, 6)]
+        );
+        let done = progress.last().unwrap();
+        assert_eq!(
+            (
+                done.places_before,
+                done.places_after,
+                done.stays,
+                done.devices_total
+            ),
+            (1, 2, 3, 1)
+        );
+    }
 
     #[test]
     fn exactly_one_of_device_ids_and_all_devices() {
