@@ -161,7 +161,12 @@ fn refused(answer: &Answer, field: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn history_requests_are_refused_naming_the_field() {
-    let mesh = Mesh::start(Options::default()).await;
+    // One long-lived stream per tenant: Relearn is one.
+    let mesh = Mesh::start(Options {
+        gateway_env: vec![("TENANT_MAX_STREAMS", "1".into())],
+        ..Options::default()
+    })
+    .await;
     let mut client = mesh.client(0).await;
     let long = "x".repeat(129);
 
@@ -294,6 +299,29 @@ async fn history_requests_are_refused_naming_the_field() {
             .status,
         401
     );
+
+    // Relearn takes one of the tenant's TENANT_MAX_STREAMS slots, not a request slot.
+    let watching = watch(&mut client, trackmesh_proto::v1::WatchRequest::default()).await;
+    let request = RelearnRequest {
+        all_devices: true,
+        ..RelearnRequest::default()
+    };
+    let err = client.relearn(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("TENANT_MAX_STREAMS=1"), "{err:?}");
+    let answer = http(addr, "POST", "/v1/relearn", key, r#"{"all_devices":true}"#).await;
+    assert_eq!(answer.status, 429, "{}", answer.body);
+    assert!(
+        answer.body.contains("TENANT_MAX_STREAMS=1"),
+        "{}",
+        answer.body
+    );
+    // Unary calls are not affected.
+    refused(
+        &http(addr, "POST", "/v1/reseed", key, "{}").await,
+        "device_ids",
+    );
+    drop(watching);
 }
 
 #[tokio::test(flavor = "multi_thread")]
