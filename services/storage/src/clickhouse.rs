@@ -79,6 +79,57 @@ const EVENT_COLUMNS: &str = "tenant_id, device_id, time_ms, event_type, geofence
     lat, lon, has_fix, fix_time_ms, fix_lat, fix_lon, fix_accuracy_m, fix_speed_mps, \
     fix_heading_deg, fix_altitude_m";
 
+/// One stay of a device: the `stays` table's columns, in order; also what a stays query
+/// returns.
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct StayRow {
+    pub tenant_id: String,
+    pub device_id: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub place_id: String,
+    pub lat: f64,
+    pub lon: f64,
+    pub fixes: u32,
+    /// The Kafka message's timestamp (ms): the highest wins.
+    pub version: u64,
+}
+
+/// One trip of a device: the `trips` table's columns, in order; also what a trips query
+/// returns.
+#[derive(Clone, Debug, PartialEq, Row, Serialize, Deserialize)]
+pub struct TripRow {
+    pub tenant_id: String,
+    pub device_id: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub from_place_id: String,
+    pub from_lat: f64,
+    pub from_lon: f64,
+    pub to_place_id: String,
+    pub to_lat: f64,
+    pub to_lon: f64,
+    pub distance_m: f64,
+    pub max_speed_kmh: f64,
+    pub mean_speed_kmh: f64,
+    pub fixes: u32,
+    /// The Kafka message's timestamp (ms): the highest wins.
+    pub version: u64,
+}
+
+/// The tables of a device's stays and trips, each with every column of its row type, in order.
+pub const HISTORY_TABLES: [&str; 2] = ["stays", "trips"];
+
+/// What a stays or trips query selects: the device's rows overlapping `[from_ms, to_ms]`.
+#[derive(Clone, Copy)]
+pub struct HistoryFilter<'a> {
+    pub tenant: &'a str,
+    pub device: &'a str,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub limit: u64,
+}
+
 /// What an events query selects.
 pub struct EventFilter<'a> {
     pub tenant: &'a str,
@@ -506,7 +557,94 @@ impl Db {
         query.bind(filter.limit)
     }
 
-    /// Deletes a device's fixes and aggregates (an asynchronous mutation on the server).
+    /// A device's stays overlapping the filter's range, de-duplicated, in start order.
+    pub async fn stays(
+        &self,
+        filter: &HistoryFilter<'_>,
+    ) -> clickhouse::error::Result<Vec<StayRow>> {
+        self.history_query("stays", filter).fetch_all().await
+    }
+
+    /// A device's trips overlapping the filter's range, de-duplicated, in start order.
+    pub async fn trips(
+        &self,
+        filter: &HistoryFilter<'_>,
+    ) -> clickhouse::error::Result<Vec<TripRow>> {
+        self.history_query("trips", filter).fetch_all().await
+    }
+
+    /// `table` is one of [`HISTORY_TABLES`].
+    fn history_query(&self, table: &str, filter: &HistoryFilter<'_>) -> Query {
+        let columns = if table == "stays" {
+            StayRow::COLUMN_NAMES
+        } else {
+            TripRow::COLUMN_NAMES
+        };
+        // FINAL keeps the highest version of a stay or trip stored more than once; the WHERE
+        // on end_ms applies after it (18.16 never moves it to PREWHERE under FINAL, current
+        // servers only with optimize_move_to_prewhere_if_final), so an older copy cannot
+        // match in place of the newest.
+        self.client
+            .query(&format!(
+                "SELECT {} FROM {table} FINAL
+                WHERE tenant_id = ? AND device_id = ? AND end_ms >= ? AND start_ms <= ?
+                ORDER BY start_ms LIMIT ?",
+                columns.join(", ")
+            ))
+            .bind(filter.tenant)
+            .bind(filter.device)
+            .bind(filter.from_ms)
+            .bind(filter.to_ms)
+            .bind(filter.limit)
+    }
+
+    /// Deletes a device's stays and trips that start at or after `from_ms`, and waits (at
+    /// most `wait`) for the server to apply the mutations. Rows inserted after this call are
+    /// never touched: a mutation applies to the parts that existed when it was submitted.
+    /// `Ok(false)`: still being applied when `wait` ran out (they will be, later).
+    pub async fn delete_history(
+        &self,
+        tenant: &str,
+        device: &str,
+        from_ms: i64,
+        wait: std::time::Duration,
+    ) -> clickhouse::error::Result<bool> {
+        for query in self.delete_history_queries(tenant, device, from_ms) {
+            query.execute().await?;
+        }
+        // 18.16 has no mutations_sync: poll. Any pending mutation of these tables counts,
+        // concurrent deletes of other devices included; they are small and done together.
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let pending: u64 = self.client.query(PENDING_HISTORY_MUTATIONS).fetch_one().await?;
+            if pending == 0 {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= until {
+                return Ok(false);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    fn delete_history_queries(&self, tenant: &str, device: &str, from_ms: i64) -> Vec<Query> {
+        HISTORY_TABLES
+            .iter()
+            .map(|table| {
+                self.client
+                    .query(&format!(
+                        "ALTER TABLE {table} DELETE
+                        WHERE tenant_id = ? AND device_id = ? AND start_ms >= ?"
+                    ))
+                    .bind(tenant)
+                    .bind(device)
+                    .bind(from_ms)
+            })
+            .collect()
+    }
+
+    /// Deletes a device's fixes, aggregates, events, stays and trips (asynchronous mutations
+    /// on the server).
     pub async fn delete_device(&self, tenant: &str, device: &str) -> clickhouse::error::Result<()> {
         for query in self.delete_queries(tenant, device) {
             query.execute().await?;
@@ -710,6 +848,84 @@ impl Db {
             };
             out.push(self.events_query(&filter).sql_display().to_string());
         }
+        let stay = StayRow {
+            tenant_id: "t".into(),
+            device_id: "d".into(),
+            start_ms: 1_500_000_000_000,
+            end_ms: 1_500_000_600_000,
+            place_id: "p".into(),
+            lat: 1.0,
+            lon: 2.0,
+            fixes: 3,
+            version: 1_500_000_700_000,
+        };
+        out.push(values_insert(&self.client, "stays", &[&stay], |query, row| {
+            query
+                .bind(&row.tenant_id)
+                .bind(&row.device_id)
+                .bind(row.start_ms)
+                .bind(row.end_ms)
+                .bind(&row.place_id)
+                .bind(row.lat)
+                .bind(row.lon)
+                .bind(row.fixes)
+                .bind(row.version)
+        }));
+        let trip = TripRow {
+            tenant_id: "t".into(),
+            device_id: "d".into(),
+            start_ms: 1_500_000_600_000,
+            end_ms: 1_500_001_200_000,
+            from_place_id: "p".into(),
+            from_lat: 1.0,
+            from_lon: 2.0,
+            to_place_id: "q".into(),
+            to_lat: 1.1,
+            to_lon: 2.1,
+            distance_m: 14_000.0,
+            max_speed_kmh: 90.0,
+            mean_speed_kmh: 84.0,
+            fixes: 11,
+            version: 1_500_001_300_000,
+        };
+        out.push(values_insert(&self.client, "trips", &[&trip], |query, row| {
+            query
+                .bind(&row.tenant_id)
+                .bind(&row.device_id)
+                .bind(row.start_ms)
+                .bind(row.end_ms)
+                .bind(&row.from_place_id)
+                .bind(row.from_lat)
+                .bind(row.from_lon)
+                .bind(&row.to_place_id)
+                .bind(row.to_lat)
+                .bind(row.to_lon)
+                .bind(row.distance_m)
+                .bind(row.max_speed_kmh)
+                .bind(row.mean_speed_kmh)
+                .bind(row.fixes)
+                .bind(row.version)
+        }));
+        let history = HistoryFilter {
+            tenant: "t",
+            device: "d",
+            from_ms: 0,
+            to_ms: i64::MAX,
+            limit: 10_000,
+        };
+        for table in HISTORY_TABLES {
+            out.push(
+                self.history_query(table, &history)
+                    .sql_display()
+                    .to_string(),
+            );
+        }
+        out.extend(
+            self.delete_history_queries("t", "d", 1_500_000_000_000)
+                .iter()
+                .map(|q| q.sql_display().to_string()),
+        );
+        out.push(PENDING_HISTORY_MUTATIONS.to_owned());
         out.extend(
             self.delete_queries("t", "d")
                 .iter()
@@ -748,7 +964,11 @@ pub const TIMES_PER_QUERY: usize = 1000;
 pub const MONTHS_PER_INSERT: usize = 100;
 
 /// The tables holding rows of a device: DeleteDevice deletes from each.
-const DEVICE_TABLES: [&str; 3] = ["fixes", "daily_parts", "events"];
+const DEVICE_TABLES: [&str; 5] = ["fixes", "daily_parts", "events", "stays", "trips"];
+
+/// Mutations of the stays and trips tables the server has not finished.
+const PENDING_HISTORY_MUTATIONS: &str = "SELECT count() FROM system.mutations
+    WHERE database = currentDatabase() AND table IN ('stays', 'trips') AND is_done = 0";
 
 const SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     version UInt32, description String, applied_at DateTime DEFAULT now()

@@ -1,12 +1,19 @@
-//! Geofence and place events, from learning's events topic into the ClickHouse `events` table.
+//! Geofence and place events, closed stays and trips, from learning's events topic into the
+//! ClickHouse `events`, `stays` and `trips` tables.
 //!
 //! A consumer group of its own (`{KAFKA_GROUP_ID}-events`), apart from the fixes pipeline:
-//! batches of up to [`MAX_BATCH_EVENTS`] events or [`MAX_BATCH_WAIT`], offsets committed only
-//! after the insert. At-least-once, and an event delivered twice (a redelivery, a producer's
-//! retry, two evaluations racing) collapses: the table's sorting key is the event's identity
-//! and reads use FINAL. A message that does not decode is counted and skipped.
+//! batches of up to [`MAX_BATCH_EVENTS`] rows or [`MAX_BATCH_WAIT`], offsets committed only
+//! after every insert of the batch. At-least-once, and an event delivered twice (a
+//! redelivery, a producer's retry, two evaluations racing) collapses: the table's sorting key
+//! is the event's identity and reads use FINAL. A stay or trip is identified by its device
+//! and start; its row's version is the Kafka message's timestamp, so the latest produced
+//! (a relearn's) wins. A message that does not decode is counted and skipped.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use prost::Message as _;
 use rdkafka::{
@@ -14,27 +21,29 @@ use rdkafka::{
     consumer::{CommitMode, StreamConsumer},
 };
 use tokio::{sync::watch, time::Instant};
-use trackmesh_proto::v1::{Event, EventType, Fix, TenantEvents};
+use trackmesh_proto::v1::{Event, EventType, Fix, Place, Stay, TenantEvents, Trip};
 use trackmesh_shared::{geo, ids};
 
 use crate::{
-    clickhouse::{self as ch, Db, EventRow},
+    clickhouse::{self as ch, Db, EventRow, StayRow, TripRow},
     config::StorageConfig,
     kafka::{self, Context},
 };
 
-/// A batch is inserted at this many events…
+/// A batch is inserted at this many rows (events, stays and trips)…
 pub const MAX_BATCH_EVENTS: usize = 10_000;
 /// …or when its first event has waited this long.
 pub const MAX_BATCH_WAIT: Duration = Duration::from_secs(1);
 
 const DAY_MS: i64 = 86_400_000;
 
-/// Events waiting for their insert, and the offsets to commit after it.
+/// Rows waiting for their insert, and the offsets to commit after it.
 #[derive(Default)]
 struct Batch {
-    /// Each event with the partition it came from.
+    /// Each row with the partition it came from.
     rows: Vec<(i32, EventRow)>,
+    stays: Vec<(i32, StayRow)>,
+    trips: Vec<(i32, TripRow)>,
     /// Per partition: the next offset to consume once this batch is stored.
     next_offsets: BTreeMap<i32, i64>,
     started: Option<Instant>,
@@ -42,14 +51,20 @@ struct Batch {
 
 impl Batch {
     fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.next_offsets.is_empty()
+        self.len() == 0 && self.next_offsets.is_empty()
     }
 
-    /// Partitions taken away: their events come again to the new owner, uncommitted here.
+    fn len(&self) -> usize {
+        self.rows.len() + self.stays.len() + self.trips.len()
+    }
+
+    /// Partitions taken away: their rows come again to the new owner, uncommitted here.
     fn drop_partitions(&mut self, context: &Context) {
         let revoked = context.take_revoked();
         if !revoked.is_empty() {
             self.rows.retain(|(p, _)| !revoked.contains(p));
+            self.stays.retain(|(p, _)| !revoked.contains(p));
+            self.trips.retain(|(p, _)| !revoked.contains(p));
             self.next_offsets.retain(|p, _| !revoked.contains(p));
         }
     }
@@ -97,7 +112,7 @@ pub async fn run(
             message = sink.consumer.recv() => match message {
                 Ok(message) => {
                     sink.add(&mut batch, &message);
-                    if batch.rows.len() >= MAX_BATCH_EVENTS {
+                    if batch.len() >= MAX_BATCH_EVENTS {
                         sink.flush(&mut batch, &mut stopped).await;
                     }
                 }
@@ -127,10 +142,11 @@ impl Sink {
         // Before the message: it may belong to a partition revoked and assigned again.
         batch.drop_partitions(&self.context);
         let (partition, offset) = (message.partition(), message.offset());
-        match rows(message.payload().unwrap_or_default()) {
+        let version = version(message.timestamp().to_millis());
+        match rows(message.payload().unwrap_or_default(), version) {
             Ok((rows, invalid)) => {
-                for (index, reason) in invalid {
-                    tracing::warn!(partition, offset, index, %reason, "invalid event skipped");
+                for (item, reason) in invalid {
+                    tracing::warn!(partition, offset, %item, %reason, "invalid event, stay or trip skipped");
                     metrics::counter!("storage_events_invalid_total").increment(1);
                 }
                 if batch.started.is_none() {
@@ -138,7 +154,13 @@ impl Sink {
                 }
                 batch
                     .rows
-                    .extend(rows.into_iter().map(|row| (partition, row)));
+                    .extend(rows.events.into_iter().map(|row| (partition, row)));
+                batch
+                    .stays
+                    .extend(rows.stays.into_iter().map(|row| (partition, row)));
+                batch
+                    .trips
+                    .extend(rows.trips.into_iter().map(|row| (partition, row)));
             }
             Err(reason) => {
                 tracing::warn!(partition, offset, %reason, "undecodable events message skipped");
@@ -187,20 +209,38 @@ impl Sink {
         *batch = Batch::default();
     }
 
-    /// One attempt to insert the batch's events, at most [`ch::MONTHS_PER_INSERT`] monthly
-    /// partitions at a time; true when all are stored. A retry inserts them all again, which
-    /// collapses.
+    /// One attempt to insert the batch's events, stays and trips, at most
+    /// [`ch::MONTHS_PER_INSERT`] monthly partitions at a time; true when all are stored. A
+    /// retry inserts them all again, which collapses (same key, same version).
     async fn insert(&self, batch: &Batch) -> bool {
-        let rows: Vec<&EventRow> = batch.rows.iter().map(|(_, row)| row).collect();
-        for group in ch::split_by_month(&rows, |row| row.time_ms.div_euclid(DAY_MS)) {
-            let group: Vec<&EventRow> = group.iter().map(|&i| rows[i]).collect();
-            if let Err(error) = self.db.insert("events", &group).await {
+        let events: Vec<&EventRow> = batch.rows.iter().map(|(_, row)| row).collect();
+        let stays: Vec<&StayRow> = batch.stays.iter().map(|(_, row)| row).collect();
+        let trips: Vec<&TripRow> = batch.trips.iter().map(|(_, row)| row).collect();
+        let stored = self.insert_table("events", &events, |row| row.time_ms).await
+            && self.insert_table("stays", &stays, |row| row.start_ms).await
+            && self.insert_table("trips", &trips, |row| row.start_ms).await;
+        if stored {
+            metrics::counter!("storage_events_inserted_total").increment(events.len() as u64);
+            metrics::counter!("storage_stays_inserted_total").increment(stays.len() as u64);
+            metrics::counter!("storage_trips_inserted_total").increment(trips.len() as u64);
+        }
+        stored
+    }
+
+    /// Inserts `rows` into `table`, split by the month of `time_ms` (the partition); true
+    /// when all are stored.
+    async fn insert_table<T>(&self, table: &str, rows: &[&T], time_ms: impl Fn(&T) -> i64) -> bool
+    where
+        T: clickhouse::RowWrite + for<'a> clickhouse::Row<Value<'a> = T>,
+    {
+        for group in ch::split_by_month(rows, |row| time_ms(row).div_euclid(DAY_MS)) {
+            let group: Vec<&T> = group.iter().map(|&i| rows[i]).collect();
+            if let Err(error) = self.db.insert(table, &group).await {
                 metrics::counter!("storage_events_insert_failures_total").increment(1);
-                tracing::warn!(%error, events = rows.len(), "clickhouse events insert failed, will retry");
+                tracing::warn!(%error, table, rows = rows.len(), "clickhouse events insert failed, will retry");
                 return false;
             }
         }
-        metrics::counter!("storage_events_inserted_total").increment(rows.len() as u64);
         true
     }
 
@@ -224,24 +264,166 @@ impl Sink {
     }
 }
 
-/// Events of a message that cannot be stored: (index, reason).
-type Skipped = Vec<(usize, String)>;
+/// Items of a message that cannot be stored: (`events[i]`, `stays[i]` or `trips[i]`, reason).
+type Skipped = Vec<(String, String)>;
 
-/// The rows of one message, and the events skipped; `Err` when the message is not a
+/// The rows of one message.
+#[derive(Debug, Default)]
+struct Rows {
+    events: Vec<EventRow>,
+    stays: Vec<StayRow>,
+    trips: Vec<TripRow>,
+}
+
+/// A stay or trip row's version: the message's timestamp in ms, or now when it has none.
+fn version(timestamp_ms: Option<i64>) -> u64 {
+    timestamp_ms
+        .and_then(|ms| u64::try_from(ms).ok())
+        .filter(|&ms| ms > 0)
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        })
+}
+
+/// The rows of one message, and the items skipped; `Err` when the message is not a
 /// `TenantEvents` of a valid tenant.
-fn rows(payload: &[u8]) -> Result<(Vec<EventRow>, Skipped), String> {
+fn rows(payload: &[u8], version: u64) -> Result<(Rows, Skipped), String> {
     let message =
         TenantEvents::decode(payload).map_err(|err| format!("not a TenantEvents: {err}"))?;
     ids::check_tenant(&message.tenant_id).map_err(|rule| format!("tenant_id: {rule}"))?;
-    let mut rows = Vec::with_capacity(message.events.len());
+    let tenant = message.tenant_id.as_str();
+    let mut rows = Rows::default();
     let mut invalid = Vec::new();
     for (index, event) in message.events.into_iter().enumerate() {
-        match row(&message.tenant_id, event) {
-            Ok(row) => rows.push(row),
-            Err(reason) => invalid.push((index, reason)),
+        match row(tenant, event) {
+            Ok(row) => rows.events.push(row),
+            Err(reason) => invalid.push((format!("events[{index}]"), reason)),
+        }
+    }
+    for (index, stay) in message.stays.into_iter().enumerate() {
+        match stay_row(tenant, stay, version) {
+            Ok(row) => rows.stays.push(row),
+            Err(reason) => invalid.push((format!("stays[{index}]"), reason)),
+        }
+    }
+    for (index, trip) in message.trips.into_iter().enumerate() {
+        match trip_row(tenant, trip, version) {
+            Ok(row) => rows.trips.push(row),
+            Err(reason) => invalid.push((format!("trips[{index}]"), reason)),
         }
     }
     Ok((rows, invalid))
+}
+
+/// `start_ms` not after `end_ms`.
+fn check_times(start_ms: i64, end_ms: i64) -> Result<(), String> {
+    if start_ms > end_ms {
+        return Err(format!("start_ms: {start_ms} is after end_ms {end_ms}"));
+    }
+    Ok(())
+}
+
+/// A stay as a row, if it can be one.
+fn stay_row(tenant: &str, stay: Stay, version: u64) -> Result<StayRow, String> {
+    ids::check_device(&stay.device_id).map_err(|rule| format!("device_id: {rule}"))?;
+    check_times(stay.start_ms, stay.end_ms)?;
+    if !geo::valid_coordinates(stay.lat, stay.lon) {
+        return Err("lat/lon out of range or not finite".into());
+    }
+    Ok(StayRow {
+        tenant_id: tenant.to_owned(),
+        device_id: stay.device_id,
+        start_ms: stay.start_ms,
+        end_ms: stay.end_ms,
+        place_id: stay.place_id,
+        lat: stay.lat,
+        lon: stay.lon,
+        fixes: stay.fixes,
+        version,
+    })
+}
+
+/// A trip as a row, if it can be one.
+fn trip_row(tenant: &str, trip: Trip, version: u64) -> Result<TripRow, String> {
+    ids::check_device(&trip.device_id).map_err(|rule| format!("device_id: {rule}"))?;
+    check_times(trip.start_ms, trip.end_ms)?;
+    let place = |name: &str, place: Option<Place>| {
+        let place = place.ok_or_else(|| format!("{name}: required"))?;
+        if geo::valid_coordinates(place.lat, place.lon) {
+            Ok(place)
+        } else {
+            Err(format!("{name}.lat/lon out of range or not finite"))
+        }
+    };
+    let from = place("from_place", trip.from_place)?;
+    let to = place("to_place", trip.to_place)?;
+    // A NaN or infinity would not survive JSON on the way out.
+    for (name, value) in [
+        ("distance_m", trip.distance_m),
+        ("max_speed_kmh", trip.max_speed_kmh),
+        ("mean_speed_kmh", trip.mean_speed_kmh),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(format!("{name}: {value} is not a finite number >= 0"));
+        }
+    }
+    Ok(TripRow {
+        tenant_id: tenant.to_owned(),
+        device_id: trip.device_id,
+        start_ms: trip.start_ms,
+        end_ms: trip.end_ms,
+        from_place_id: from.place_id,
+        from_lat: from.lat,
+        from_lon: from.lon,
+        to_place_id: to.place_id,
+        to_lat: to.lat,
+        to_lon: to.lon,
+        distance_m: trip.distance_m,
+        max_speed_kmh: trip.max_speed_kmh,
+        mean_speed_kmh: trip.mean_speed_kmh,
+        fixes: trip.fixes,
+        version,
+    })
+}
+
+/// A stored row as the stay it was.
+pub fn stay(row: StayRow) -> Stay {
+    Stay {
+        place_id: row.place_id,
+        lat: row.lat,
+        lon: row.lon,
+        start_ms: row.start_ms,
+        end_ms: row.end_ms,
+        fixes: row.fixes,
+        device_id: row.device_id,
+    }
+}
+
+/// A stored row as the trip it was; its places carry their id and position only.
+pub fn trip(row: TripRow) -> Trip {
+    Trip {
+        from_place: Some(Place {
+            place_id: row.from_place_id,
+            lat: row.from_lat,
+            lon: row.from_lon,
+            ..Place::default()
+        }),
+        to_place: Some(Place {
+            place_id: row.to_place_id,
+            lat: row.to_lat,
+            lon: row.to_lon,
+            ..Place::default()
+        }),
+        start_ms: row.start_ms,
+        end_ms: row.end_ms,
+        distance_m: row.distance_m,
+        max_speed_kmh: row.max_speed_kmh,
+        mean_speed_kmh: row.mean_speed_kmh,
+        fixes: row.fixes,
+        device_id: row.device_id,
+    }
 }
 
 /// An event as a row, if it can be one.
@@ -357,23 +539,111 @@ mod tests {
         let message = TenantEvents {
             tenant_id: "t".into(),
             events: vec![unknown, sample(EventType::Arrive), unspecified, no_device],
+            ..TenantEvents::default()
         };
-        let (rows, invalid) = rows(&message.encode_to_vec()).unwrap();
-        assert_eq!(rows.len(), 1);
+        let (rows, invalid) = rows(&message.encode_to_vec(), 1).unwrap();
+        assert_eq!(rows.events.len(), 1);
         assert_eq!(
             invalid,
             [
-                (0, "type: 9 is not an event type".to_owned()),
-                (2, "type: 0 is not an event type".to_owned()),
-                (3, "device_id: required".to_owned()),
+                ("events[0]".to_owned(), "type: 9 is not an event type".to_owned()),
+                ("events[2]".to_owned(), "type: 0 is not an event type".to_owned()),
+                ("events[3]".to_owned(), "device_id: required".to_owned()),
             ]
         );
-        assert!(super::rows(b"\xff\xff\xff").is_err());
+        assert!(super::rows(b"\xff\xff\xff", 1).is_err());
         let no_tenant = TenantEvents::default().encode_to_vec();
         assert!(
-            super::rows(&no_tenant)
+            super::rows(&no_tenant, 1)
                 .unwrap_err()
                 .starts_with("tenant_id")
         );
+    }
+
+    fn sample_stay() -> Stay {
+        Stay {
+            place_id: "p1".into(),
+            lat: 40.6,
+            lon: -74.0,
+            start_ms: 1_750_000_000_000,
+            end_ms: 1_750_000_900_000,
+            fixes: 12,
+            device_id: "d".into(),
+        }
+    }
+
+    fn sample_trip() -> Trip {
+        let place = |id: &str, lat: f64| Place {
+            place_id: id.into(),
+            lat,
+            lon: -74.0,
+            ..Place::default()
+        };
+        Trip {
+            from_place: Some(place("p1", 40.6)),
+            to_place: Some(place("p2", 40.7)),
+            start_ms: 1_750_000_900_000,
+            end_ms: 1_750_001_500_000,
+            distance_m: 11_200.5,
+            max_speed_kmh: 88.0,
+            mean_speed_kmh: 67.2,
+            fixes: 21,
+            device_id: "d".into(),
+        }
+    }
+
+    #[test]
+    fn stays_and_trips_round_trip_through_rows() {
+        let row = stay_row("t", sample_stay(), 7).unwrap();
+        assert_eq!((row.tenant_id.as_str(), row.version), ("t", 7));
+        assert_eq!(stay(row), sample_stay());
+        let row = trip_row("t", sample_trip(), 8).unwrap();
+        assert_eq!((row.from_place_id.as_str(), row.version), ("p1", 8));
+        assert_eq!(trip(row), sample_trip());
+    }
+
+    #[test]
+    fn bad_stays_and_trips_are_skipped() {
+        let mut backwards = sample_stay();
+        backwards.end_ms = backwards.start_ms - 1;
+        let mut nowhere = sample_stay();
+        nowhere.lat = f64::NAN;
+        let mut no_device = sample_trip();
+        no_device.device_id = "x".repeat(129);
+        let mut no_place = sample_trip();
+        no_place.to_place = None;
+        let mut nan_speed = sample_trip();
+        nan_speed.mean_speed_kmh = f64::NAN;
+        let message = TenantEvents {
+            tenant_id: "t".into(),
+            events: vec![],
+            stays: vec![backwards, sample_stay(), nowhere],
+            trips: vec![no_device, no_place, sample_trip(), nan_speed],
+        };
+        let (rows, invalid) = rows(&message.encode_to_vec(), 5).unwrap();
+        assert_eq!((rows.stays.len(), rows.trips.len()), (1, 1));
+        assert_eq!(rows.stays[0].version, 5);
+        let reasons: Vec<(&str, &str)> = invalid
+            .iter()
+            .map(|(item, reason)| (item.as_str(), reason.as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("stays[0]", "start_ms: 1750000000000 is after end_ms 1749999999999"),
+                ("stays[2]", "lat/lon out of range or not finite"),
+                ("trips[0]", "device_id: longer than 128 bytes"),
+                ("trips[1]", "to_place: required"),
+                ("trips[3]", "mean_speed_kmh: NaN is not a finite number >= 0"),
+            ]
+        );
+    }
+
+    #[test]
+    fn versions_are_the_message_time_or_now() {
+        assert_eq!(version(Some(1_750_000_000_123)), 1_750_000_000_123);
+        let now = version(None);
+        assert!(now > 1_700_000_000_000, "{now}");
+        assert!(version(Some(-1)) >= now);
     }
 }

@@ -48,6 +48,8 @@ pub async fn run(
             "storage_insert_failures_total",
             "storage_produce_failures_total",
             "storage_rows_written_total",
+            "storage_stays_inserted_total",
+            "storage_trips_inserted_total",
         ],
         &["storage_breaker_open", "storage_assigned_partitions"],
     );

@@ -198,6 +198,51 @@ pub fn migrations(retention_days: u32) -> Vec<Migration> {
             ],
         },
         Migration {
+            version: 5,
+            description: "stays and trips",
+            requires: BASE,
+            statements: vec![
+                // One row per stay or trip of a device, identified by its start: learning
+                // produces the same one again on a retry or a relearn, and the row with the
+                // highest version (the Kafka message's timestamp) wins at read time (FINAL).
+                // The partition follows the start, part of the key, so copies meet in a merge.
+                "CREATE TABLE IF NOT EXISTS stays (
+                    tenant_id String,
+                    device_id String,
+                    start_ms Int64,
+                    end_ms Int64,
+                    place_id String,
+                    lat Float64,
+                    lon Float64,
+                    fixes UInt32,
+                    version UInt64
+                ) ENGINE = ReplacingMergeTree(version)
+                PARTITION BY toYYYYMM(toDateTime(intDiv(start_ms, 1000), 'UTC'))
+                ORDER BY (tenant_id, device_id, start_ms)"
+                    .into(),
+                "CREATE TABLE IF NOT EXISTS trips (
+                    tenant_id String,
+                    device_id String,
+                    start_ms Int64,
+                    end_ms Int64,
+                    from_place_id String,
+                    from_lat Float64,
+                    from_lon Float64,
+                    to_place_id String,
+                    to_lat Float64,
+                    to_lon Float64,
+                    distance_m Float64,
+                    max_speed_kmh Float64,
+                    mean_speed_kmh Float64,
+                    fixes UInt32,
+                    version UInt64
+                ) ENGINE = ReplacingMergeTree(version)
+                PARTITION BY toYYYYMM(toDateTime(intDiv(start_ms, 1000), 'UTC'))
+                ORDER BY (tenant_id, device_id, start_ms)"
+                    .into(),
+            ],
+        },
+        Migration {
             version: 101,
             description: "fixes.time as DateTime64(3) for analytics",
             requires: ServerVersion(20, 5),
@@ -245,6 +290,17 @@ pub fn migrations(retention_days: u32) -> Vec<Migration> {
             )
             .into()],
         });
+        for (base, table) in [(4_000_000, "stays"), (5_000_000, "trips")] {
+            all.push(Migration {
+                version: base + retention_days,
+                description: "retention TTL of stays and trips",
+                requires: ServerVersion(20, 1),
+                statements: vec![format!(
+                    "ALTER TABLE {table} MODIFY TTL toDateTime(intDiv(start_ms, 1000)) + INTERVAL {retention_days} DAY"
+                )
+                .into()],
+            });
+        }
     }
     all
 }
@@ -272,7 +328,7 @@ mod tests {
             .filter(|m| m.requires <= ServerVersion(18, 16))
             .map(|m| m.version)
             .collect();
-        assert_eq!(old, [1, 2, 3, 4]);
+        assert_eq!(old, [1, 2, 3, 4, 5]);
         for statement in migrations(0)
             .iter()
             .filter(|m| m.requires <= ServerVersion(18, 16))

@@ -6,15 +6,17 @@ use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use trackmesh_proto::v1::{
-    DailyStat, DailyStatsRequest, DailyStatsResponse, DeleteStoredDeviceRequest,
-    DeleteStoredDeviceResponse, DeviceSummary, EventType, Fix, FixBatch, GetEventsResponse,
+    DailyStat, DailyStatsRequest, DailyStatsResponse, DeleteHistoryRequest,
+    DeleteHistoryResponse, DeleteStoredDeviceRequest, DeleteStoredDeviceResponse, DeviceSummary,
+    EventType, Fix, FixBatch, GetEventsResponse, GetStaysResponse, GetTripsResponse,
     ListDevicesResponse, ListStoredDevicesRequest, QueryTrackRequest, RefinedFix, StoreRequest,
-    StoreResponse, StoredEventsRequest, TrackChunk, Verdict, storage_server::Storage,
+    StoreResponse, StoredEventsRequest, StoredHistoryRequest, TrackChunk, Verdict,
+    storage_server::Storage,
 };
 use trackmesh_shared::{geo, grpc::Deadline, ids};
 
 use crate::{
-    clickhouse::{Db, EventFilter, SORT_FIELDS, TrackRow},
+    clickhouse::{Db, EventFilter, HistoryFilter, SORT_FIELDS, TrackRow},
     config::StorageConfig,
     error::Error,
     events,
@@ -30,6 +32,11 @@ const MAX_TRACK_LIMIT: u64 = 1_000_000_000;
 /// Most events one GetEvents answers (the earliest ones); for more, ask again from the last
 /// event's time (events at that very time come again).
 const MAX_EVENTS: u64 = 10_000;
+/// Most stays (or trips) one GetStays (GetTrips) answers, the earliest starts; for more, ask
+/// again from the last one's start (it comes again).
+const MAX_HISTORY: u64 = 10_000;
+/// How long DeleteHistory waits for the server to apply its deletes before answering anyway.
+const DELETE_HISTORY_WAIT: Duration = Duration::from_secs(10);
 
 pub struct StorageService {
     db: Db,
@@ -321,25 +328,65 @@ impl Storage for StorageService {
         Ok(Response::new(GetEventsResponse { events }))
     }
 
-    // PLACEHOLDER (issue 15, being built)
     async fn get_stays(
         &self,
-        _r: Request<trackmesh_proto::v1::StoredHistoryRequest>,
-    ) -> Result<Response<trackmesh_proto::v1::GetStaysResponse>, Status> {
-        Err(Status::unimplemented("in progress"))
+        request: Request<StoredHistoryRequest>,
+    ) -> Result<Response<GetStaysResponse>, Status> {
+        let request = request.into_inner();
+        let filter = history_filter(&request)?;
+        let rows = self.db.stays(&filter).await.map_err(Error::from)?;
+        let stays = rows.into_iter().map(events::stay).collect();
+        Ok(Response::new(GetStaysResponse { stays }))
     }
+
     async fn get_trips(
         &self,
-        _r: Request<trackmesh_proto::v1::StoredHistoryRequest>,
-    ) -> Result<Response<trackmesh_proto::v1::GetTripsResponse>, Status> {
-        Err(Status::unimplemented("in progress"))
+        request: Request<StoredHistoryRequest>,
+    ) -> Result<Response<GetTripsResponse>, Status> {
+        let request = request.into_inner();
+        let filter = history_filter(&request)?;
+        let rows = self.db.trips(&filter).await.map_err(Error::from)?;
+        let trips = rows.into_iter().map(events::trip).collect();
+        Ok(Response::new(GetTripsResponse { trips }))
     }
+
     async fn delete_history(
         &self,
-        _r: Request<trackmesh_proto::v1::DeleteHistoryRequest>,
-    ) -> Result<Response<trackmesh_proto::v1::DeleteHistoryResponse>, Status> {
-        Err(Status::unimplemented("in progress"))
+        request: Request<DeleteHistoryRequest>,
+    ) -> Result<Response<DeleteHistoryResponse>, Status> {
+        let request = request.into_inner();
+        ids::device_fields(&request.tenant_id, &request.device_id)?;
+        let applied = self
+            .db
+            .delete_history(
+                &request.tenant_id,
+                &request.device_id,
+                request.from_ms,
+                DELETE_HISTORY_WAIT,
+            )
+            .await
+            .map_err(Error::from)?;
+        if applied {
+            tracing::info!(tenant = %request.tenant_id, from_ms = request.from_ms, "stored stays and trips of a device deleted");
+        } else {
+            // Submitted: the server applies it later; rows stored from now on are not touched.
+            tracing::warn!(tenant = %request.tenant_id, from_ms = request.from_ms, "stays and trips delete still being applied");
+        }
+        Ok(Response::new(DeleteHistoryResponse {}))
     }
+}
+
+/// A checked stays or trips request: rows overlapping `[from_ms, to_ms]` (0: no bound).
+fn history_filter(request: &StoredHistoryRequest) -> Result<HistoryFilter<'_>, Error> {
+    ids::device_fields(&request.tenant_id, &request.device_id)?;
+    let (from_ms, to_ms) = range(request.from_ms, request.to_ms)?;
+    Ok(HistoryFilter {
+        tenant: &request.tenant_id,
+        device: &request.device_id,
+        from_ms,
+        to_ms,
+        limit: MAX_HISTORY,
+    })
 }
 
 /// The requested event types as stored (1..=4), each once; empty: every type.

@@ -44,6 +44,7 @@ async fn produce_events(producer: &FutureProducer, topic: &str, tenant: &str, ev
     let payload = TenantEvents {
         tenant_id: tenant.into(),
         events: events.to_vec(),
+        ..TenantEvents::default()
     }
     .encode_to_vec();
     produce(producer, topic, &format!("{tenant}/{device}"), &payload).await;
@@ -253,6 +254,7 @@ async fn an_undecodable_message_is_skipped_and_later_events_are_stored() {
     let no_tenant = TenantEvents {
         tenant_id: String::new(),
         events: vec![event(EventType::Enter, "d1", "g0", 0)],
+        ..TenantEvents::default()
     };
     produce(&producer, &topic, &key, &no_tenant.encode_to_vec()).await;
     // An event of an unknown type beside a good one: the good one is stored.
