@@ -149,8 +149,9 @@ impl Rebuild {
         }
     }
 
-    /// Replaces the stored model unless it has seen a newer fix (and not `force`d); the
-    /// fences the device is inside carry over, as they follow the live fixes.
+    /// Replaces the stored model unless it has seen a newer fix (and not `force`d). What only
+    /// live fixes with events set carries over: the fences the device is inside, and the
+    /// ARRIVE sent for the stay in progress.
     async fn finish(&self, tenant: &str, device: &str, force: bool) -> Result<RebuildReply, Error> {
         for _ in 0..MAX_ATTEMPTS {
             let loaded = self.with.store.load_one(tenant, device).await?;
@@ -169,6 +170,13 @@ impl Rebuild {
             }
             let mut model = self.model.clone();
             model.fences = current.fences;
+            // The stay in progress is the one the live model announced (ARRIVE) already:
+            // not announced again, and its DEPART still follows.
+            if let (Some(rebuilt), Some(live)) = (model.candidate.as_mut(), &current.candidate)
+                && rebuilt.start_ms == live.start_ms
+            {
+                rebuilt.arrived_place = live.arrived_place;
+            }
             let save = Save {
                 device,
                 expected: loaded.version,

@@ -1,8 +1,19 @@
-//! learning-api against real Redis (standalone and a 3-node Cluster) started by scripts/test.
+//! learning-api against real Redis (standalone and a 3-node Cluster) started by scripts/test,
+//! and with the real Kafka-protocol broker where stays and trips go out (Observe, Rebuild).
 
 use std::time::Duration;
 
+use futures::channel::mpsc;
 use learning::{Config, run};
+use learning::{
+    fence::FenceState,
+    model::{self, Model, Point, Rules},
+};
+use prost::Message as _;
+use rdkafka::{
+    ClientConfig, Message as _,
+    consumer::{Consumer as _, StreamConsumer},
+};
 use testkit::{Backend, Kind, Service};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::{
@@ -11,7 +22,8 @@ use tonic_health::pb::{
 use trackmesh_proto::v1::{
     Fix, ForgetRequest, GetPlacesRequest, GetPlacesResponse, GetProfileRequest, GetProfileResponse,
     ObserveRequest, ObserveResponse, Place, PlaceLabel, PredictNextRequest, PredictNextResponse,
-    RefinedFix, Verdict, learning_client::LearningClient,
+    RebuildReply, RebuildRequest, RefinedFix, Stay, TenantEvents, Trip, Verdict,
+    learning_client::LearningClient,
 };
 use trackmesh_shared::{
     config::Duration as ConfigDuration,
@@ -882,4 +894,427 @@ mod process {
             .unwrap();
         assert_eq!(status.code(), Some(0));
     }
+}
+
+// ---- stays and trips on the events topic, and Rebuild
+
+/// A learning-api with Kafka, its topics named after `name` (events: `{name}.events`).
+fn kafka_config(name: &str) -> Config {
+    let mut config = config(testkit::redis_standalone());
+    let learning = &mut config.learning;
+    learning.kafka_brokers = Some(testkit::kafka_brokers());
+    learning.kafka_topic = format!("{name}.fixes");
+    learning.kafka_events_topic = format!("{name}.events");
+    learning.kafka_geofences_topic = format!("{name}.geofences");
+    learning.kafka_group_id = name.to_owned();
+    learning.kafka_partitions = 1;
+    config
+}
+
+/// The model, stays and trips learned offline from `fixes` (what the service must agree with).
+fn offline(fixes: &[RefinedFix], rules: &Rules) -> (Model, Vec<Stay>, Vec<Trip>) {
+    let points: Vec<Point> = fixes
+        .iter()
+        .filter_map(|f| f.fix.as_ref())
+        .map(|f| Point {
+            time_ms: f.time_ms,
+            lat: f.lat,
+            lon: f.lon,
+        })
+        .collect();
+    let device = &fixes[0].fix.as_ref().unwrap().device_id;
+    let mut model = Model::default();
+    let outcome = model::observe(&mut model, &points, rules);
+    let stays = outcome.stays.iter().map(|s| s.to_proto(device)).collect();
+    let trips = outcome.trips.iter().map(|t| t.to_proto(device)).collect();
+    (model, stays, trips)
+}
+
+/// The messages on `topic` by key, in order, once `enough` holds of them; then a second more,
+/// so that a message too many shows.
+async fn read_events(
+    topic: &str,
+    enough: impl Fn(&[(String, TenantEvents)]) -> bool,
+) -> Vec<(String, TenantEvents)> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", testkit::kafka_brokers())
+        .set("group.id", testkit::unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut messages = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut grace = None;
+    loop {
+        let until = grace.unwrap_or(deadline);
+        let Ok(message) = tokio::time::timeout_at(until, consumer.recv()).await else {
+            assert!(grace.is_some(), "not enough on {topic}: {messages:#?}");
+            return messages;
+        };
+        let message = message.unwrap();
+        let key = String::from_utf8(message.key().unwrap_or_default().to_vec()).unwrap();
+        let value = TenantEvents::decode(message.payload().unwrap_or_default()).unwrap();
+        messages.push((key, value));
+        if grace.is_none() && enough(&messages) {
+            grace = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+        }
+    }
+}
+
+fn of_key<'a>(
+    messages: &'a [(String, TenantEvents)],
+    key: &'a str,
+) -> impl Iterator<Item = &'a TenantEvents> {
+    messages
+        .iter()
+        .filter(move |(k, _)| k == key)
+        .map(|(_, m)| m)
+}
+
+fn stays_of(messages: &[(String, TenantEvents)], key: &str) -> Vec<Stay> {
+    of_key(messages, key)
+        .flat_map(|m| m.stays.clone())
+        .collect()
+}
+
+fn trips_of(messages: &[(String, TenantEvents)], key: &str) -> Vec<Trip> {
+    of_key(messages, key)
+        .flat_map(|m| m.trips.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn observe_sends_stays_and_trips_with_the_events_once() {
+    let name = testkit::unique("learn");
+    let config = kafka_config(&name);
+    let rules = config.learning.rules().unwrap();
+    let (_service, mut client) = start(config).await;
+    let tenant = testkit::unique("t");
+    let fixes = Week::new("phone", 3).generate();
+    let (_, stays, trips) = offline(&fixes, &rules);
+    assert!(
+        trips.len() >= 10 && trips.len() + 1 == stays.len(),
+        "{trips:?}"
+    );
+
+    let mut answered = Vec::new();
+    for batch in shuffled_batches(&fixes, 500, 5) {
+        answered.extend(observe(&mut client, &tenant, &batch).await.stays);
+    }
+    assert_eq!(answered, stays);
+    // A client retrying: nothing new is learned, nothing goes out again.
+    for batch in fixes.chunks(1_000) {
+        assert_eq!(observe(&mut client, &tenant, batch).await.observed, 0);
+    }
+
+    let key = format!("{tenant}/phone");
+    let messages = read_events(&format!("{name}.events"), |m| {
+        stays_of(m, &key).len() >= stays.len() && trips_of(m, &key).len() >= trips.len()
+    })
+    .await;
+    assert_eq!(stays_of(&messages, &key), stays);
+    assert_eq!(trips_of(&messages, &key), trips);
+    for (_, message) in &messages {
+        assert_eq!(message.tenant_id, tenant);
+        // A trip ends where a stay starts: the stay that closed it, in the same message.
+        for trip in &message.trips {
+            assert!(
+                message.stays.iter().any(|s| s.start_ms == trip.end_ms),
+                "{message:?}"
+            );
+        }
+    }
+    // The places' ARRIVE/DEPART travel in the same messages.
+    assert!(of_key(&messages, &key).any(|m| !m.events.is_empty() && !m.stays.is_empty()));
+}
+
+/// A Rebuild call in progress.
+struct Rebuilding {
+    requests: mpsc::UnboundedSender<RebuildRequest>,
+    replies: tonic::Streaming<RebuildReply>,
+}
+
+impl Rebuilding {
+    async fn start(client: &mut LearningClient<Channel>, tenant: &str, device: &str) -> Self {
+        let (requests, inbound) = mpsc::unbounded();
+        requests
+            .unbounded_send(RebuildRequest {
+                tenant_id: tenant.into(),
+                device_id: device.into(),
+                ..RebuildRequest::default()
+            })
+            .unwrap();
+        let replies = client.rebuild(inbound).await.unwrap().into_inner();
+        Self { requests, replies }
+    }
+
+    fn send(&self, request: RebuildRequest) {
+        self.requests.unbounded_send(request).unwrap();
+    }
+
+    /// Sends `fixes` in chunks of `chunk` and reads a progress reply for each.
+    async fn feed(&mut self, fixes: &[RefinedFix], chunk: usize) -> Vec<RebuildReply> {
+        let mut progress = Vec::new();
+        for part in fixes.chunks(chunk) {
+            self.send(RebuildRequest {
+                fixes: part.to_vec(),
+                ..RebuildRequest::default()
+            });
+            let reply = self.replies.message().await.unwrap().expect("progress");
+            assert!(!reply.replaced && reply.need_after_ms == 0, "{reply:?}");
+            progress.push(reply);
+        }
+        progress
+    }
+
+    async fn done(&mut self, force: bool) -> RebuildReply {
+        self.send(RebuildRequest {
+            done: true,
+            force,
+            ..RebuildRequest::default()
+        });
+        self.replies
+            .message()
+            .await
+            .unwrap()
+            .expect("an answer to done")
+    }
+
+    /// The error the call ends with.
+    async fn error(mut self) -> tonic::Status {
+        loop {
+            match self.replies.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the rebuild ended without an error"),
+                Err(status) => return status,
+            }
+        }
+    }
+}
+
+fn redis() -> Redis {
+    Redis::connect(
+        &testkit::redis_standalone().target(),
+        Duration::from_secs(2),
+    )
+    .unwrap()
+}
+
+/// The stored model of a device and its version (0: none).
+async fn stored(tenant: &str, device: &str) -> (u64, Model) {
+    let value = redis()
+        .read(&[format!("tm:learn:{{{tenant}/{device}}}")])
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let model = value
+        .data
+        .map(|data| Model::decode(data.as_slice()).unwrap())
+        .unwrap_or_default();
+    (value.version, model)
+}
+
+fn last_time(fixes: &[RefinedFix]) -> i64 {
+    fixes.last().unwrap().fix.as_ref().unwrap().time_ms
+}
+
+#[tokio::test]
+async fn rebuild_from_the_observed_fixes_gives_the_observed_model() {
+    let name = testkit::unique("rebuild");
+    let config = kafka_config(&name);
+    let rules = config.learning.rules().unwrap();
+    let (_service, mut client) = start(config).await;
+    let tenant = testkit::unique("t");
+    // The same week for two devices: one learned online, one rebuilt.
+    let online = Week::new("online", 4).generate();
+    let rebuilt = Week::new("rebuilt", 4).generate();
+    for batch in shuffled_batches(&online, 500, 9) {
+        observe(&mut client, &tenant, &batch).await;
+    }
+    let (_, observed) = stored(&tenant, "online").await;
+    assert!(observed.places.len() >= 3 && observed.trip.is_some());
+    // The device being rebuilt has a model of one fix, already at the newest time, with a
+    // place the rebuild will not find; what carries over: inside a geofence, and at home
+    // with ARRIVE sent (Kafka on: places events are evaluated online, not in a rebuild).
+    assert_ne!(observed.candidate.as_ref().unwrap().arrived_place, 0);
+    let mut current = Model {
+        watermark_ms: last_time(&rebuilt),
+        fixes_observed: 1,
+        candidate: observed.candidate.clone(),
+        places: observed.places[..1].to_vec(),
+        fences: vec![FenceState {
+            fence_id: "gf-1".into(),
+            inside: true,
+            pending_since_ms: 0,
+        }],
+        ..Model::default()
+    };
+    current.places[0].lat += 1.0;
+    let written = redis()
+        .write(&[Write {
+            key: format!("tm:learn:{{{tenant}/rebuilt}}"),
+            expected: 0,
+            data: current.encode_to_vec(),
+            ttl: Duration::from_secs(600),
+            log: None,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(written, [true]);
+
+    let mut call = Rebuilding::start(&mut client, &tenant, "rebuilt").await;
+    let progress = call.feed(&rebuilt, 700).await;
+    assert_eq!(progress.len(), rebuilt.len().div_ceil(700));
+    assert_eq!(progress[0].fixes, 700);
+    assert!(progress.windows(2).all(|w| w[0].stays <= w[1].stays));
+    let reply = call.done(false).await;
+    assert!(reply.replaced, "{reply:?}");
+    assert_eq!(
+        (reply.places_before, reply.places_after),
+        (1, observed.places.len() as u32)
+    );
+    assert_eq!(
+        (reply.fixes, reply.stays),
+        (rebuilt.len() as u64, observed.stays)
+    );
+    assert!(
+        call.replies.message().await.unwrap().is_none(),
+        "ends once replaced"
+    );
+
+    // Everything as learned online, the fences carried over.
+    let (_, model) = stored(&tenant, "rebuilt").await;
+    let expected = Model {
+        fences: current.fences.clone(),
+        ..observed
+    };
+    assert_eq!(model, expected);
+
+    // Its stays and trips went out as the online device's did, without events.
+    let (_, stays, trips) = offline(&rebuilt, &rules);
+    let key = format!("{tenant}/rebuilt");
+    let messages = read_events(&format!("{name}.events"), |m| {
+        stays_of(m, &key).len() >= stays.len() && trips_of(m, &key).len() >= trips.len()
+    })
+    .await;
+    assert_eq!(stays_of(&messages, &key), stays);
+    assert_eq!(trips_of(&messages, &key), trips);
+    assert!(of_key(&messages, &key).all(|m| m.events.is_empty()));
+}
+
+#[tokio::test]
+async fn rebuild_behind_the_model_asks_for_the_newer_fixes() {
+    // Without Kafka: nothing to send stays to, the rebuild works the same.
+    let (_service, mut client) = start(config(testkit::redis_standalone())).await;
+    let tenant = testkit::unique("t");
+    let fixes = Week::new("phone", 5).generate();
+    for batch in fixes.chunks(1_000) {
+        observe(&mut client, &tenant, batch).await;
+    }
+    let (version, observed) = stored(&tenant, "phone").await;
+    let split = fixes.len() - 10;
+
+    let mut call = Rebuilding::start(&mut client, &tenant, "phone").await;
+    call.feed(&fixes[..split], 1_000).await;
+    let reply = call.done(false).await;
+    assert!(!reply.replaced);
+    assert_eq!(reply.need_after_ms, last_time(&fixes[..split]));
+    assert_eq!(reply.fixes, split as u64);
+    assert_eq!(stored(&tenant, "phone").await.0, version, "not replaced");
+
+    call.feed(&fixes[split..], 1_000).await;
+    let reply = call.done(false).await;
+    assert!(reply.replaced, "{reply:?}");
+    let (after, model) = stored(&tenant, "phone").await;
+    assert!(after > version);
+    assert_eq!(model, observed);
+}
+
+#[tokio::test]
+async fn forced_rebuild_replaces_a_model_that_saw_newer_fixes() {
+    let (_service, mut client) = start(config(testkit::redis_standalone())).await;
+    let tenant = testkit::unique("t");
+    let fixes = Week::new("phone", 6).generate();
+    for batch in fixes.chunks(1_000) {
+        observe(&mut client, &tenant, batch).await;
+    }
+    let (_, observed) = stored(&tenant, "phone").await;
+    let half = &fixes[..fixes.len() / 2];
+
+    let mut call = Rebuilding::start(&mut client, &tenant, "phone").await;
+    call.feed(half, 1_000).await;
+    assert_eq!(call.done(false).await.need_after_ms, last_time(half));
+    let reply = call.done(true).await;
+    assert!(reply.replaced, "{reply:?}");
+    assert_eq!(reply.places_before, observed.places.len() as u32);
+    let (_, model) = stored(&tenant, "phone").await;
+    assert_eq!(
+        (model.watermark_ms, model.fixes_observed),
+        (last_time(half), half.len() as u64)
+    );
+    // Newer fixes are learned again after it.
+    let response = observe(&mut client, &tenant, &fixes[half.len()..]).await;
+    assert_eq!(response.observed as usize, fixes.len() - half.len());
+    assert_eq!(stored(&tenant, "phone").await.1, observed);
+}
+
+#[tokio::test]
+async fn bad_rebuild_messages_name_the_field() {
+    let (_service, mut client) = start(config(testkit::redis_standalone())).await;
+    let tenant = testkit::unique("t");
+    let expect = async |call: Rebuilding, field: &str| {
+        let status = call.error().await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(field), "{field}: {status:?}");
+    };
+    expect(
+        Rebuilding::start(&mut client, "", "phone").await,
+        "tenant_id",
+    )
+    .await;
+    expect(
+        Rebuilding::start(&mut client, "bad/tenant", "phone").await,
+        "tenant_id",
+    )
+    .await;
+    expect(
+        Rebuilding::start(&mut client, &tenant, "").await,
+        "device_id",
+    )
+    .await;
+
+    let call = Rebuilding::start(&mut client, &tenant, "phone").await;
+    call.send(RebuildRequest {
+        device_id: "other".into(),
+        ..RebuildRequest::default()
+    });
+    expect(call, "device_id").await;
+
+    let call = Rebuilding::start(&mut client, &tenant, "phone").await;
+    call.send(RebuildRequest {
+        fixes: vec![accepted("other", MONDAY, HOME)],
+        ..RebuildRequest::default()
+    });
+    expect(call, "fixes").await;
+
+    let call = Rebuilding::start(&mut client, &tenant, "phone").await;
+    call.send(RebuildRequest {
+        fixes: vec![accepted("phone", MONDAY, (95.0, 0.0))],
+        ..RebuildRequest::default()
+    });
+    expect(call, "fixes[0].fix.lat").await;
+    assert_eq!(stored(&tenant, "phone").await.0, 0, "nothing written");
+
+    // Fixes not accepted are skipped; a client gone before done writes nothing.
+    let mut call = Rebuilding::start(&mut client, &tenant, "phone").await;
+    let mut fixes = commute("phone");
+    fixes[0].verdict = Verdict::Speed as i32;
+    let progress = call.feed(&fixes, 100).await;
+    assert_eq!(progress[0].fixes, fixes.len() as u64 - 1);
+    drop(call);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(stored(&tenant, "phone").await.0, 0, "nothing written");
 }
