@@ -7,8 +7,11 @@ mod client;
 mod csv_input;
 mod eval;
 mod geojson;
+mod gpx;
+mod history;
 mod load;
 mod query;
+mod relearn;
 mod replay;
 mod table;
 mod time;
@@ -21,6 +24,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     client::{RetryPolicy, Target},
+    history::HistoryFormat,
     query::{ListFormat, PlacesFormat, TrackFormat},
 };
 
@@ -130,6 +134,66 @@ enum Command {
         to: Option<i64>,
         #[arg(long, value_enum, default_value = "table")]
         format: ListFormat,
+    },
+    /// A device's stays (closed ones, as learning found them) overlapping a time range
+    Stays {
+        device: String,
+        /// Start of the time range; default: the beginning
+        #[arg(long, value_parser = parse_time)]
+        from: Option<i64>,
+        /// End of the time range; default: no end
+        #[arg(long, value_parser = parse_time)]
+        to: Option<i64>,
+        /// gpx: one waypoint per stay
+        #[arg(long, value_enum, default_value = "table")]
+        format: HistoryFormat,
+        /// Write to this file instead of stdout
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// A device's trips (movements between two consecutive stays) overlapping a time range
+    Trips {
+        device: String,
+        /// Start of the time range; default: the beginning
+        #[arg(long, value_parser = parse_time)]
+        from: Option<i64>,
+        /// End of the time range; default: no end
+        #[arg(long, value_parser = parse_time)]
+        to: Option<i64>,
+        /// geojson: a LineString per trip, gpx: a track per trip, both along the trip's
+        /// stored fixes (one GetTrack per trip)
+        #[arg(long, value_enum, default_value = "table")]
+        format: HistoryFormat,
+        /// Write to this file instead of stdout
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Rebuild learned places, stays and trips from the stored fixes with the current
+    /// settings; progress on stderr, a summary on stdout
+    #[command(group = clap::ArgGroup::new("which").required(true).args(["devices", "all"]))]
+    Relearn {
+        /// The devices to relearn
+        devices: Vec<String>,
+        /// Every device of the tenant
+        #[arg(long)]
+        all: bool,
+        /// Learn from the stored fixes at or after this time only (stays and trips before it
+        /// are kept); default: all of them
+        #[arg(long, value_parser = parse_time)]
+        from: Option<i64>,
+        /// No progress bar
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Anchor refinement on each device's last stored fix where it has no state (after a
+    /// Redis loss), so that late old fixes are rejected as OUT_OF_ORDER again
+    #[command(group = clap::ArgGroup::new("which").required(true).args(["devices", "all"]))]
+    Reseed {
+        /// The devices to reseed
+        devices: Vec<String>,
+        /// Every device of the tenant
+        #[arg(long)]
+        all: bool,
     },
     /// The tenant's devices, sorted and paged
     Devices {
@@ -359,6 +423,54 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 format,
             )
             .await?;
+        }
+        Command::Stays {
+            device,
+            from,
+            to,
+            format,
+            out,
+        } => {
+            let client = target.connect().await?;
+            let query = history::Query {
+                device_id: device,
+                from_ms: from.unwrap_or(0),
+                to_ms: to.unwrap_or(0),
+                format,
+                out,
+            };
+            history::stays(&client, retry, query).await?;
+        }
+        Command::Trips {
+            device,
+            from,
+            to,
+            format,
+            out,
+        } => {
+            let client = target.connect().await?;
+            let query = history::Query {
+                device_id: device,
+                from_ms: from.unwrap_or(0),
+                to_ms: to.unwrap_or(0),
+                format,
+                out,
+            };
+            history::trips(&client, retry, query).await?;
+        }
+        Command::Relearn {
+            devices,
+            all,
+            from,
+            quiet,
+        } => {
+            let client = target.connect().await?;
+            let devices = relearn::Devices { ids: devices, all };
+            relearn::relearn(&client, retry, devices, from.unwrap_or(0), quiet).await?;
+        }
+        Command::Reseed { devices, all } => {
+            let client = target.connect().await?;
+            relearn::reseed(&client, retry, relearn::Devices { ids: devices, all }).await?;
         }
         Command::Devices {
             sort,

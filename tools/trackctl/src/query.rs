@@ -86,7 +86,7 @@ pub fn parse_sort(spec: &str) -> anyhow::Result<Vec<SortField>> {
 }
 
 /// stdout, or a file (created) when `--out` is given.
-fn output(out: Option<&Path>) -> anyhow::Result<Box<dyn Write>> {
+pub fn output(out: Option<&Path>) -> anyhow::Result<Box<dyn Write>> {
     Ok(match out {
         Some(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -101,7 +101,7 @@ fn output(out: Option<&Path>) -> anyhow::Result<Box<dyn Write>> {
     })
 }
 
-fn round(value: f64, decimals: i32) -> f64 {
+pub fn round(value: f64, decimals: i32) -> f64 {
     let scale = 10f64.powi(decimals);
     (value * scale).round() / scale
 }
@@ -161,8 +161,7 @@ pub struct TrackQuery {
     pub out: Option<PathBuf>,
 }
 
-/// Streams a device's track to CSV or GeoJSON. A stream broken by a retryable
-/// error continues after the last chunk received (resume token).
+/// Streams a device's track to CSV or GeoJSON.
 pub async fn track(client: &Client, retry: RetryPolicy, query: TrackQuery) -> anyhow::Result<()> {
     let out = output(query.out.as_deref())?;
     let mut sink = match query.format {
@@ -187,52 +186,17 @@ pub async fn track(client: &Client, retry: RetryPolicy, query: TrackQuery) -> an
             TrackSink::Csv(Box::new(writer))
         }
     };
-    let (mut fixes, mut resume_token, mut attempt) = (0u64, String::new(), 1);
-    loop {
-        let request = GetTrackRequest {
-            device_id: query.device_id.clone(),
-            from_ms: query.from_ms,
-            to_ms: query.to_ms,
-            limit: query.limit.saturating_sub(fixes),
-            resume_token: resume_token.clone(),
-            ..Default::default()
-        };
-        let failure = match client.clone().get_track(request).await {
-            Err(status) => Some(status),
-            Ok(response) => {
-                let mut stream = response.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(chunk)) => {
-                            for refined in &chunk.fixes {
-                                sink.push(&query.device_id, refined)?;
-                            }
-                            fixes += chunk.fixes.len() as u64;
-                            resume_token = chunk.resume_token;
-                            attempt = 1;
-                        }
-                        Ok(None) => break None,
-                        Err(status) => break Some(status),
-                    }
-                }
-            }
-        };
-        let Some(status) = failure else { break };
-        // Resuming needs a token, unless nothing has been written yet.
-        let resumable = !resume_token.is_empty() || fixes == 0;
-        match retry.delay(attempt, &status) {
-            Some(wait) if resumable && (query.limit == 0 || fixes < query.limit) => {
-                eprintln!(
-                    "track: {} ({}), resuming in {wait:.1?}",
-                    code_name(status.code()),
-                    status.message()
-                );
-                tokio::time::sleep(wait).await;
-                attempt += 1;
-            }
-            _ => return Err(status_error("GetTrack failed", &status)),
-        }
-    }
+    let request = GetTrackRequest {
+        device_id: query.device_id.clone(),
+        from_ms: query.from_ms,
+        to_ms: query.to_ms,
+        limit: query.limit,
+        ..Default::default()
+    };
+    let fixes = each_fix(client, retry, request, "track", |refined| {
+        sink.push(&query.device_id, refined)
+    })
+    .await?;
     let features = sink.finish()?;
     if fixes == 0 {
         eprintln!(
@@ -253,6 +217,64 @@ pub async fn track(client: &Client, retry: RetryPolicy, query: TrackQuery) -> an
         );
     }
     Ok(())
+}
+
+/// Streams the fixes GetTrack answers for `request` into `each`, in order. A stream broken by
+/// a retryable error continues after the last chunk received (resume token), so every fix
+/// comes once; `what` names the command in the retry messages. Returns the number of fixes.
+pub async fn each_fix(
+    client: &Client,
+    retry: RetryPolicy,
+    request: GetTrackRequest,
+    what: &str,
+    mut each: impl FnMut(&RefinedFix) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let limit = request.limit;
+    let (mut fixes, mut resume_token, mut attempt) = (0u64, String::new(), 1);
+    loop {
+        let request = GetTrackRequest {
+            limit: limit.saturating_sub(fixes),
+            resume_token: resume_token.clone(),
+            ..request.clone()
+        };
+        let failure = match client.clone().get_track(request).await {
+            Err(status) => Some(status),
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(chunk)) => {
+                            for refined in &chunk.fixes {
+                                each(refined)?;
+                            }
+                            fixes += chunk.fixes.len() as u64;
+                            resume_token = chunk.resume_token;
+                            attempt = 1;
+                        }
+                        Ok(None) => break None,
+                        Err(status) => break Some(status),
+                    }
+                }
+            }
+        };
+        let Some(status) = failure else {
+            return Ok(fixes);
+        };
+        // Resuming needs a token, unless nothing has been written yet.
+        let resumable = !resume_token.is_empty() || fixes == 0;
+        match retry.delay(attempt, &status) {
+            Some(wait) if resumable && (limit == 0 || fixes < limit) => {
+                eprintln!(
+                    "{what}: {} ({}), resuming in {wait:.1?}",
+                    code_name(status.code()),
+                    status.message()
+                );
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            _ => return Err(status_error("GetTrack failed", &status)),
+        }
+    }
 }
 
 pub async fn places(
@@ -350,7 +372,7 @@ fn place_row(rank: usize, place: &Place, machine: bool) -> Vec<String> {
 }
 
 /// A unary call, retried per `retry`; `f` gets a clone of the client (a cheap handle) and of the request.
-async fn unary<Req, T, F, Fut>(
+pub async fn unary<Req, T, F, Fut>(
     client: &Client,
     retry: RetryPolicy,
     request: Req,
