@@ -28,7 +28,7 @@ struct Tally {
     devices_done: u32,
     devices_total: u32,
     fixes_total: u64,
-    /// The device being learned and its fixes so far.
+    /// The device last reported in progress and its fixes so far.
     current: Option<(String, u64)>,
     /// One final message per finished device.
     done: Vec<RelearnProgress>,
@@ -40,7 +40,14 @@ impl Tally {
         self.devices_total = self.devices_total.max(message.devices_total);
         self.fixes_total = self.fixes_total.max(message.fixes_total);
         if message.done {
-            self.current = None;
+            // Devices are relearned a few at a time: another one may still be going.
+            if self
+                .current
+                .as_ref()
+                .is_some_and(|(device, _)| *device == message.device_id)
+            {
+                self.current = None;
+            }
             self.done.push(message);
         } else {
             self.current = Some((message.device_id, message.fixes));
@@ -261,11 +268,18 @@ mod tests {
         );
         tally.update(progress("a", 900, true, 1));
         tally.update(progress("b", 10, false, 1));
+        tally.update(progress("c", 30, false, 1));
         tally.update(progress("b", 20, true, 2));
         assert_eq!(
             tally.line(),
-            "relearn [############------------] 2/4 devices, 1,900 fixes"
+            "relearn [############------------] 2/4 devices, 1,900 fixes (c: 30)",
+            "c is still going"
         );
-        assert_eq!(tally.done.len(), 2);
+        tally.update(progress("c", 40, true, 3));
+        assert_eq!(
+            tally.line(),
+            "relearn [##################------] 3/4 devices, 1,900 fixes"
+        );
+        assert_eq!(tally.done.len(), 3);
     }
 }
