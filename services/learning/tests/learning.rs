@@ -748,6 +748,7 @@ async fn metrics_are_exported() {
         "learning_batch_size_bucket",
         "learning_fixes_total{result=\"observed\"}",
         "learning_stays_detected_total",
+        "learning_trips_total",
         "learning_places_created_total",
     ] {
         assert!(body.contains(name), "{name} missing from /metrics");
