@@ -616,7 +616,11 @@ impl Db {
         // concurrent deletes of other devices included; they are small and done together.
         let until = tokio::time::Instant::now() + wait;
         loop {
-            let pending: u64 = self.client.query(PENDING_HISTORY_MUTATIONS).fetch_one().await?;
+            let pending: u64 = self
+                .client
+                .query(PENDING_HISTORY_MUTATIONS)
+                .fetch_one()
+                .await?;
             if pending == 0 {
                 return Ok(true);
             }
@@ -859,18 +863,23 @@ impl Db {
             fixes: 3,
             version: 1_500_000_700_000,
         };
-        out.push(values_insert(&self.client, "stays", &[&stay], |query, row| {
-            query
-                .bind(&row.tenant_id)
-                .bind(&row.device_id)
-                .bind(row.start_ms)
-                .bind(row.end_ms)
-                .bind(&row.place_id)
-                .bind(row.lat)
-                .bind(row.lon)
-                .bind(row.fixes)
-                .bind(row.version)
-        }));
+        out.push(values_insert(
+            &self.client,
+            "stays",
+            &[&stay],
+            |query, row| {
+                query
+                    .bind(&row.tenant_id)
+                    .bind(&row.device_id)
+                    .bind(row.start_ms)
+                    .bind(row.end_ms)
+                    .bind(&row.place_id)
+                    .bind(row.lat)
+                    .bind(row.lon)
+                    .bind(row.fixes)
+                    .bind(row.version)
+            },
+        ));
         let trip = TripRow {
             tenant_id: "t".into(),
             device_id: "d".into(),
@@ -888,24 +897,29 @@ impl Db {
             fixes: 11,
             version: 1_500_001_300_000,
         };
-        out.push(values_insert(&self.client, "trips", &[&trip], |query, row| {
-            query
-                .bind(&row.tenant_id)
-                .bind(&row.device_id)
-                .bind(row.start_ms)
-                .bind(row.end_ms)
-                .bind(&row.from_place_id)
-                .bind(row.from_lat)
-                .bind(row.from_lon)
-                .bind(&row.to_place_id)
-                .bind(row.to_lat)
-                .bind(row.to_lon)
-                .bind(row.distance_m)
-                .bind(row.max_speed_kmh)
-                .bind(row.mean_speed_kmh)
-                .bind(row.fixes)
-                .bind(row.version)
-        }));
+        out.push(values_insert(
+            &self.client,
+            "trips",
+            &[&trip],
+            |query, row| {
+                query
+                    .bind(&row.tenant_id)
+                    .bind(&row.device_id)
+                    .bind(row.start_ms)
+                    .bind(row.end_ms)
+                    .bind(&row.from_place_id)
+                    .bind(row.from_lat)
+                    .bind(row.from_lon)
+                    .bind(&row.to_place_id)
+                    .bind(row.to_lat)
+                    .bind(row.to_lon)
+                    .bind(row.distance_m)
+                    .bind(row.max_speed_kmh)
+                    .bind(row.mean_speed_kmh)
+                    .bind(row.fixes)
+                    .bind(row.version)
+            },
+        ));
         let history = HistoryFilter {
             tenant: "t",
             device: "d",

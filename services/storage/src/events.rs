@@ -216,7 +216,9 @@ impl Sink {
         let events: Vec<&EventRow> = batch.rows.iter().map(|(_, row)| row).collect();
         let stays: Vec<&StayRow> = batch.stays.iter().map(|(_, row)| row).collect();
         let trips: Vec<&TripRow> = batch.trips.iter().map(|(_, row)| row).collect();
-        let stored = self.insert_table("events", &events, |row| row.time_ms).await
+        let stored = self
+            .insert_table("events", &events, |row| row.time_ms)
+            .await
             && self.insert_table("stays", &stays, |row| row.start_ms).await
             && self.insert_table("trips", &trips, |row| row.start_ms).await;
         if stored {
@@ -546,8 +548,14 @@ mod tests {
         assert_eq!(
             invalid,
             [
-                ("events[0]".to_owned(), "type: 9 is not an event type".to_owned()),
-                ("events[2]".to_owned(), "type: 0 is not an event type".to_owned()),
+                (
+                    "events[0]".to_owned(),
+                    "type: 9 is not an event type".to_owned()
+                ),
+                (
+                    "events[2]".to_owned(),
+                    "type: 0 is not an event type".to_owned()
+                ),
                 ("events[3]".to_owned(), "device_id: required".to_owned()),
             ]
         );
@@ -630,11 +638,17 @@ mod tests {
         assert_eq!(
             reasons,
             [
-                ("stays[0]", "start_ms: 1750000000000 is after end_ms 1749999999999"),
+                (
+                    "stays[0]",
+                    "start_ms: 1750000000000 is after end_ms 1749999999999"
+                ),
                 ("stays[2]", "lat/lon out of range or not finite"),
                 ("trips[0]", "device_id: longer than 128 bytes"),
                 ("trips[1]", "to_place: required"),
-                ("trips[3]", "mean_speed_kmh: NaN is not a finite number >= 0"),
+                (
+                    "trips[3]",
+                    "mean_speed_kmh: NaN is not a finite number >= 0"
+                ),
             ]
         );
     }

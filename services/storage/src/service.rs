@@ -6,12 +6,11 @@ use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use trackmesh_proto::v1::{
-    DailyStat, DailyStatsRequest, DailyStatsResponse, DeleteHistoryRequest,
-    DeleteHistoryResponse, DeleteStoredDeviceRequest, DeleteStoredDeviceResponse, DeviceSummary,
-    EventType, Fix, FixBatch, GetEventsResponse, GetStaysResponse, GetTripsResponse,
-    ListDevicesResponse, ListStoredDevicesRequest, QueryTrackRequest, RefinedFix, StoreRequest,
-    StoreResponse, StoredEventsRequest, StoredHistoryRequest, TrackChunk, Verdict,
-    storage_server::Storage,
+    DailyStat, DailyStatsRequest, DailyStatsResponse, DeleteHistoryRequest, DeleteHistoryResponse,
+    DeleteStoredDeviceRequest, DeleteStoredDeviceResponse, DeviceSummary, EventType, Fix, FixBatch,
+    GetEventsResponse, GetStaysResponse, GetTripsResponse, ListDevicesResponse,
+    ListStoredDevicesRequest, QueryTrackRequest, RefinedFix, StoreRequest, StoreResponse,
+    StoredEventsRequest, StoredHistoryRequest, TrackChunk, Verdict, storage_server::Storage,
 };
 use trackmesh_shared::{geo, grpc::Deadline, ids};
 
