@@ -10,7 +10,9 @@
 //! read as a consumer group, so what an Observe call missed is learned anyway. Geofences are
 //! kept in a compacted topic (`geofences`); each observed fix is evaluated against its
 //! tenant's fences and the device's known places (`fence`, `model`), and the transitions are
-//! produced to the events topic before the model that records them is written.
+//! produced to the events topic before the model that records them is written, with the
+//! closed stays and the trips between them. Rebuild (`rebuild`) learns a device's stored
+//! fixes into a fresh model that replaces the stored one (the gateway's relearn).
 #![forbid(unsafe_code)]
 
 pub mod calendar;
