@@ -342,7 +342,8 @@ impl History {
                         if force {
                             tracing::warn!(need_after_ms = reply.need_after_ms, rounds = stalled, "newer fixes never stored: model replaced anyway");
                         }
-                        let after = reply.need_after_ms.saturating_add(1);
+                        // Never before from_ms (learning asks from 1 when it learned nothing).
+                        let after = reply.need_after_ms.saturating_add(1).max(from_ms);
                         let tx = &tx;
                         feeding = Box::pin(async move {
                             tokio::time::sleep(self.need_after_wait).await;

@@ -20,8 +20,9 @@ const WEEK: &str = "ais-ny-harbor-2020-12-01..07.csv";
 const FERRIES: [&str; 2] = ["366952790", "367000150"];
 /// The ferry terminals: St. George (Staten Island) and Whitehall (Manhattan).
 const TERMINALS: [(f64, f64); 2] = [(40.6437, -74.0727), (40.7010, -74.0130)];
-/// 2020-12-07T00:00:00Z: the week's last day starts.
-const LAST_DAY_MS: i64 = 1_607_299_200_000;
+/// 2020-12-04T00:00:00Z: the ferries' last day in the sample starts (one ferry reports until
+/// Dec 4, the other until Dec 5).
+const LAST_DAY_MS: i64 = 1_607_040_000_000;
 
 async fn stays(client: &mut Client, device: &str) -> Vec<Stay> {
     let request = GetStaysRequest {
@@ -146,7 +147,7 @@ async fn ferry_trips_run_between_terminal_stays_and_match_the_stored_fixes() {
         let learned = learned(&mut client, ferry).await;
         let (stays, trips) = (&learned.stays, &learned.trips);
         let track = track(&mut client, ferry).await;
-        assert!(stays.len() > 50, "{ferry}: {} stays", stays.len());
+        assert!(stays.len() > 20, "{ferry}: {} stays", stays.len());
         assert_eq!(
             trips.len() + 1,
             stays.len(),
@@ -219,6 +220,9 @@ async fn relearn_gives_back_what_online_learning_gave() {
     let redis = testkit::Backend::start(testkit::Kind::Redis);
     let mesh = Mesh::start(Options {
         redis: Some(redis.addr()),
+        // Fixes reach ClickHouse up to 2 s after learning observed them: a relearn that ends
+        // while they arrive must wait for them, or lose them.
+        storage_env: vec![("BATCH_MAX_WAIT", "2s".into())],
         ..Options::default()
     })
     .await;

@@ -50,6 +50,8 @@ pub struct Options {
     pub gateway_env: Vec<(&'static str, String)>,
     /// For all four services.
     pub env: Vec<(&'static str, String)>,
+    /// For storage, over the test defaults.
+    pub storage_env: Vec<(&'static str, String)>,
     /// Refinement's and learning's Redis, if not the shared one (a test that flushes it).
     pub redis: Option<String>,
 }
@@ -99,7 +101,10 @@ impl Mesh {
                 ("KAFKA_PARTITIONS", "4".into()),
                 ("KAFKA_SESSION_TIMEOUT", "6s".into()),
                 ("BATCH_MAX_WAIT", "200ms".into()),
-            ]),
+            ])
+            .into_iter()
+            .chain(options.storage_env.iter().cloned())
+            .collect::<Vec<_>>(),
         )
         .await;
         let tenants: Vec<(String, String)> = (0..2)
