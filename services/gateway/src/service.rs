@@ -726,16 +726,8 @@ impl Gateway for GatewayService {
         &self,
         request: Request<GetStaysRequest>,
     ) -> Result<Response<GetStaysResponse>, Status> {
-        let (tenant, deadline) = self.caller(&request)?;
-        self.limit(&tenant, 0)?;
-        let request = request.into_inner();
-        device(&request.device_id)?;
-        let query = StoredHistoryRequest {
-            tenant_id: tenant,
-            device_id: request.device_id,
-            from_ms: request.from_ms,
-            to_ms: request.to_ms,
-        };
+        let r = request.get_ref();
+        let (query, deadline) = self.history_query(&request, &r.device_id, r.from_ms, r.to_ms)?;
         let stays = unary(
             &self.inner.downstreams.storage,
             deadline,
@@ -750,16 +742,8 @@ impl Gateway for GatewayService {
         &self,
         request: Request<GetTripsRequest>,
     ) -> Result<Response<GetTripsResponse>, Status> {
-        let (tenant, deadline) = self.caller(&request)?;
-        self.limit(&tenant, 0)?;
-        let request = request.into_inner();
-        device(&request.device_id)?;
-        let query = StoredHistoryRequest {
-            tenant_id: tenant,
-            device_id: request.device_id,
-            from_ms: request.from_ms,
-            to_ms: request.to_ms,
-        };
+        let r = request.get_ref();
+        let (query, deadline) = self.history_query(&request, &r.device_id, r.from_ms, r.to_ms)?;
         let trips = unary(
             &self.inner.downstreams.storage,
             deadline,
@@ -825,6 +809,26 @@ impl GatewayService {
 }
 
 impl GatewayService {
+    /// A stays or trips query of the caller's tenant for storage.
+    fn history_query<T>(
+        &self,
+        request: &Request<T>,
+        device_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<(StoredHistoryRequest, Deadline), Status> {
+        let (tenant, deadline) = self.caller(request)?;
+        self.limit(&tenant, 0)?;
+        device(device_id)?;
+        let query = StoredHistoryRequest {
+            tenant_id: tenant,
+            device_id: device_id.to_owned(),
+            from_ms,
+            to_ms,
+        };
+        Ok((query, deadline))
+    }
+
     /// The Watch stream of `tenant` (gRPC and SSE); it ends after STREAM_MAX_DURATION, and
     /// the client resumes with its last token.
     pub fn watch_as(&self, tenant: String, request: WatchRequest) -> Result<WatchStream, Error> {

@@ -35,19 +35,21 @@ impl RefinementService {
         }
     }
 
-    #[tracing::instrument(name = "refine", skip_all, fields(tenant = %tenant, fixes = fixes.len()))]
-    pub async fn refine(&self, tenant: &str, fixes: &[Fix]) -> Result<RefineResponse, Error> {
+    /// The tenant, and at most MAX_BATCH fixes in one call.
+    fn check_call(&self, tenant: &str, fixes: usize) -> Result<(), Error> {
         ids::tenant_field(tenant)?;
-        if fixes.len() > self.max_batch {
+        if fixes > self.max_batch {
             return Err(Error::invalid(
                 "fixes",
-                format!(
-                    "{} fixes, more than MAX_BATCH={}",
-                    fixes.len(),
-                    self.max_batch
-                ),
+                format!("{fixes} fixes, more than MAX_BATCH={}", self.max_batch),
             ));
         }
+        Ok(())
+    }
+
+    #[tracing::instrument(name = "refine", skip_all, fields(tenant = %tenant, fixes = fixes.len()))]
+    pub async fn refine(&self, tenant: &str, fixes: &[Fix]) -> Result<RefineResponse, Error> {
+        self.check_call(tenant, fixes.len())?;
         for (index, fix) in fixes.iter().enumerate() {
             ids::check_device(&fix.device_id)
                 .map_err(|rule| Error::invalid(format!("fixes[{index}].device_id"), rule))?;
@@ -125,17 +127,7 @@ impl RefinementService {
     /// at least as recent as storage (refinement decides before storage writes).
     #[tracing::instrument(name = "seed", skip_all, fields(tenant = %tenant, fixes = fixes.len()))]
     pub async fn seed(&self, tenant: &str, fixes: &[RefinedFix]) -> Result<SeedResponse, Error> {
-        ids::tenant_field(tenant)?;
-        if fixes.len() > self.max_batch {
-            return Err(Error::invalid(
-                "fixes",
-                format!(
-                    "{} fixes, more than MAX_BATCH={}",
-                    fixes.len(),
-                    self.max_batch
-                ),
-            ));
-        }
+        self.check_call(tenant, fixes.len())?;
         // Everything is checked before anything is written: a bad request changes nothing.
         let mut first_of: BTreeMap<&str, usize> = BTreeMap::new();
         let mut devices = Vec::with_capacity(fixes.len());

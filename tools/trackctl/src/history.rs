@@ -24,19 +24,30 @@ pub enum HistoryFormat {
     Gpx,
 }
 
+/// A device's stays or trips overlapping a time range, and where and how to print them.
+#[derive(Debug, clap::Args)]
 pub struct Query {
-    pub device_id: String,
-    pub from_ms: i64,
-    pub to_ms: i64,
+    pub device: String,
+    /// Start of the time range; default: the beginning
+    #[arg(long, value_parser = crate::parse_time)]
+    pub from: Option<i64>,
+    /// End of the time range; default: no end
+    #[arg(long, value_parser = crate::parse_time)]
+    pub to: Option<i64>,
+    /// gpx: stays as waypoints, trips as one track each; geojson and gpx draw trips along
+    /// their stored fixes (one GetTrack per trip)
+    #[arg(long, value_enum, default_value = "table")]
     pub format: HistoryFormat,
+    /// Write to this file instead of stdout
+    #[arg(long, short)]
     pub out: Option<PathBuf>,
 }
 
 pub async fn stays(client: &Client, retry: RetryPolicy, query: Query) -> anyhow::Result<()> {
     let request = GetStaysRequest {
-        device_id: query.device_id.clone(),
-        from_ms: query.from_ms,
-        to_ms: query.to_ms,
+        device_id: query.device.clone(),
+        from_ms: query.from.unwrap_or(0),
+        to_ms: query.to.unwrap_or(0),
     };
     let stays = unary(
         client,
@@ -47,7 +58,7 @@ pub async fn stays(client: &Client, retry: RetryPolicy, query: Query) -> anyhow:
     )
     .await?
     .stays;
-    let device = query.device_id.as_str();
+    let device = query.device.as_str();
     let mut out = output(query.out.as_deref())?;
     match query.format {
         HistoryFormat::Table => {
@@ -189,9 +200,9 @@ fn describe_stay(stay: &Stay) -> String {
 
 pub async fn trips(client: &Client, retry: RetryPolicy, query: Query) -> anyhow::Result<()> {
     let request = GetTripsRequest {
-        device_id: query.device_id.clone(),
-        from_ms: query.from_ms,
-        to_ms: query.to_ms,
+        device_id: query.device.clone(),
+        from_ms: query.from.unwrap_or(0),
+        to_ms: query.to.unwrap_or(0),
     };
     let trips = unary(
         client,
@@ -202,7 +213,7 @@ pub async fn trips(client: &Client, retry: RetryPolicy, query: Query) -> anyhow:
     )
     .await?
     .trips;
-    let device = query.device_id.as_str();
+    let device = query.device.as_str();
     let mut out = output(query.out.as_deref())?;
     let mut track_fixes = 0u64;
     match query.format {

@@ -24,7 +24,6 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     client::{RetryPolicy, Target},
-    history::HistoryFormat,
     query::{ListFormat, PlacesFormat, TrackFormat},
 };
 
@@ -136,38 +135,9 @@ enum Command {
         format: ListFormat,
     },
     /// A device's stays (closed ones, as learning found them) overlapping a time range
-    Stays {
-        device: String,
-        /// Start of the time range; default: the beginning
-        #[arg(long, value_parser = parse_time)]
-        from: Option<i64>,
-        /// End of the time range; default: no end
-        #[arg(long, value_parser = parse_time)]
-        to: Option<i64>,
-        /// gpx: one waypoint per stay
-        #[arg(long, value_enum, default_value = "table")]
-        format: HistoryFormat,
-        /// Write to this file instead of stdout
-        #[arg(long, short)]
-        out: Option<PathBuf>,
-    },
+    Stays(history::Query),
     /// A device's trips (movements between two consecutive stays) overlapping a time range
-    Trips {
-        device: String,
-        /// Start of the time range; default: the beginning
-        #[arg(long, value_parser = parse_time)]
-        from: Option<i64>,
-        /// End of the time range; default: no end
-        #[arg(long, value_parser = parse_time)]
-        to: Option<i64>,
-        /// geojson: a LineString per trip, gpx: a track per trip, both along the trip's
-        /// stored fixes (one GetTrack per trip)
-        #[arg(long, value_enum, default_value = "table")]
-        format: HistoryFormat,
-        /// Write to this file instead of stdout
-        #[arg(long, short)]
-        out: Option<PathBuf>,
-    },
+    Trips(history::Query),
     /// Rebuild learned places, stays and trips from the stored fixes with the current
     /// settings; progress on stderr, a summary on stdout
     #[command(group = clap::ArgGroup::new("which").required(true).args(["devices", "all"]))]
@@ -424,38 +394,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await?;
         }
-        Command::Stays {
-            device,
-            from,
-            to,
-            format,
-            out,
-        } => {
+        Command::Stays(query) => {
             let client = target.connect().await?;
-            let query = history::Query {
-                device_id: device,
-                from_ms: from.unwrap_or(0),
-                to_ms: to.unwrap_or(0),
-                format,
-                out,
-            };
             history::stays(&client, retry, query).await?;
         }
-        Command::Trips {
-            device,
-            from,
-            to,
-            format,
-            out,
-        } => {
+        Command::Trips(query) => {
             let client = target.connect().await?;
-            let query = history::Query {
-                device_id: device,
-                from_ms: from.unwrap_or(0),
-                to_ms: to.unwrap_or(0),
-                format,
-                out,
-            };
             history::trips(&client, retry, query).await?;
         }
         Command::Relearn {
