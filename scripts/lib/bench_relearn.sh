@@ -9,11 +9,13 @@
 
 # Restarts the four services (fresh peak-memory counters).
 relearn_restart() {
-    local name
+    local name pid
     for name in gateway storage-service learning-api refinement-api; do
-        scripts/stack kill "$name" TERM
+        pid="$(cat "$TM_STACK_DIR/run/$name.pid")"
+        scripts/stack kill "$name" TERM >/dev/null
+        # Draining takes a moment: start again only once it is gone.
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
     done
-    sleep 2
     for name in refinement-api learning-api storage-service gateway; do
         scripts/stack start "$name" >/dev/null
     done
@@ -25,7 +27,7 @@ relearn_measure() {
     shift 2
     relearn_restart
     started="$(date +%s%N)"
-    "${trackctl[@]}" relearn "$@" 2>/dev/null
+    "${trackctl[@]}" relearn --quiet "$@"
     elapsed="$(($(date +%s%N) - started))"
     awk -v label="$label" -v n="$fixes" -v ns="$elapsed" \
         'BEGIN { printf "-- %s: %d fixes in %.1f s: %.0f fixes/s\n", label, n, ns / 1e9, n / (ns / 1e9) }'
