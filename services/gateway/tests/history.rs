@@ -11,8 +11,8 @@ use std::{collections::BTreeMap, time::Duration};
 use common::*;
 use futures::StreamExt as _;
 use trackmesh_proto::v1::{
-    DevicePlacesRequest, DevicePredictRequest, Fix, GetStaysRequest, GetTripsRequest, Place,
-    Prediction, RefinedFix, RelearnProgress, RelearnRequest, ReseedRequest, Stay, Trip, Verdict,
+    DevicePlacesRequest, DevicePredictRequest, Fix, Place, Prediction, RefinedFix, RelearnProgress,
+    RelearnRequest, ReseedRequest, Stay, Trip, Verdict,
 };
 use trackmesh_shared::geo;
 
@@ -23,22 +23,6 @@ const TERMINALS: [(f64, f64); 2] = [(40.6437, -74.0727), (40.7010, -74.0130)];
 /// 2020-12-04T00:00:00Z: the ferries' last day in the sample starts (one ferry reports until
 /// Dec 4, the other until Dec 5).
 const LAST_DAY_MS: i64 = 1_607_040_000_000;
-
-async fn stays(client: &mut Client, device: &str) -> Vec<Stay> {
-    let request = GetStaysRequest {
-        device_id: device.into(),
-        ..GetStaysRequest::default()
-    };
-    client.get_stays(request).await.unwrap().into_inner().stays
-}
-
-async fn trips(client: &mut Client, device: &str) -> Vec<Trip> {
-    let request = GetTripsRequest {
-        device_id: device.into(),
-        ..GetTripsRequest::default()
-    };
-    client.get_trips(request).await.unwrap().into_inner().trips
-}
 
 async fn places(client: &mut Client, device: &str) -> Vec<Place> {
     let request = DevicePlacesRequest {

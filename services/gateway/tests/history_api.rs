@@ -51,22 +51,6 @@ fn ferry(device: &str, start_ms: i64, base: (f64, f64)) -> Vec<Fix> {
     fixes
 }
 
-async fn stays(client: &mut Client, device: &str) -> Vec<Stay> {
-    let request = GetStaysRequest {
-        device_id: device.into(),
-        ..GetStaysRequest::default()
-    };
-    client.get_stays(request).await.unwrap().into_inner().stays
-}
-
-async fn trips(client: &mut Client, device: &str) -> Vec<Trip> {
-    let request = GetTripsRequest {
-        device_id: device.into(),
-        ..GetTripsRequest::default()
-    };
-    client.get_trips(request).await.unwrap().into_inner().trips
-}
-
 /// The device's stays and trips once storage holds `n` stays and a trip between each two
 /// (a minute at most).
 async fn history(client: &mut Client, device: &str, n: usize) -> (Vec<Stay>, Vec<Trip>) {

@@ -220,6 +220,23 @@ pub fn moving(device: &str, n: usize) -> Vec<Fix> {
         .collect()
 }
 
+/// A device's stored stays / trips, all of them.
+pub async fn stays(client: &mut Client, device: &str) -> Vec<trackmesh_proto::v1::Stay> {
+    let request = trackmesh_proto::v1::GetStaysRequest {
+        device_id: device.into(),
+        ..Default::default()
+    };
+    client.get_stays(request).await.unwrap().into_inner().stays
+}
+
+pub async fn trips(client: &mut Client, device: &str) -> Vec<trackmesh_proto::v1::Trip> {
+    let request = trackmesh_proto::v1::GetTripsRequest {
+        device_id: device.into(),
+        ..Default::default()
+    };
+    client.get_trips(request).await.unwrap().into_inner().trips
+}
+
 /// The rows of an AIS sample in data/ (`device_id,timestamp,lon,lat`) of `devices` (all when
 /// empty), in time order as a live feed would deliver them.
 pub fn ais(file: &str, devices: &[&str]) -> Vec<Fix> {
