@@ -32,7 +32,7 @@ impl AsRef<CommonConfig> for Config {
     }
 }
 
-/// Downstreams, API keys, limits and resilience settings (DESIGN.md, "gateway").
+/// Downstreams, API keys, limits and resilience settings (README, "Configuration").
 #[derive(Clone, Deserialize)]
 #[serde(default)]
 pub struct GatewayConfig {

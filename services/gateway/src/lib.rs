@@ -1,4 +1,4 @@
-//! gateway: the public trackmesh API (DESIGN.md, "gateway").
+//! gateway: the public trackmesh API (README, "Configuration").
 //!
 //! Every call is authenticated by API key (the key decides the tenant) before its body is
 //! read, held to per-method size limits and per-tenant concurrency limits, rate-limited per

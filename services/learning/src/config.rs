@@ -45,7 +45,7 @@ impl AsRef<CommonConfig> for Config {
     }
 }
 
-/// What counts as a stay, a place, home and work (DESIGN.md, "learning-api").
+/// What counts as a stay, a place, home and work (README, "Configuration").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct LearningConfig {

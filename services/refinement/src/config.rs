@@ -42,7 +42,7 @@ impl AsRef<CommonConfig> for Config {
     }
 }
 
-/// The cleaning rules and limits (DESIGN.md, "refinement-api").
+/// The cleaning rules and limits (README, "Configuration").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct RefinementConfig {

@@ -1,4 +1,4 @@
-//! refinement-api: cleans each device's stream of fixes (DESIGN.md, "refinement-api").
+//! refinement-api: cleans each device's stream of fixes (README, "How it behaves").
 //!
 //! Each fix gets a verdict, in this order: INVALID, NULL_ISLAND, FUTURE, INACCURATE (no state
 //! needed), then against the device's last accepted fix DUPLICATE / OUT_OF_ORDER (unless it is

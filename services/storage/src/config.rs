@@ -26,7 +26,7 @@ impl AsRef<CommonConfig> for Config {
     }
 }
 
-/// Kafka, ClickHouse, batching and query limits (DESIGN.md, "storage-service").
+/// Kafka, ClickHouse, batching and query limits (README, "Configuration").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct StorageConfig {

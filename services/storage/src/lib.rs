@@ -1,5 +1,5 @@
 //! storage-service: accepted fixes through Kafka into ClickHouse, and queries over them
-//! (DESIGN.md, "storage-service").
+//! (README, "How it behaves").
 //!
 //! Store produces a device's fixes as consecutive messages under the broker's size limit (key
 //! `tenant/device`) and answers once Kafka has acknowledged all of them. A consumer group in
