@@ -1,4 +1,4 @@
-//! gateway: the public trackmesh API (README, "Configuration").
+//! gateway: the public trackmesh API (`proto/trackmesh/v1/gateway.proto`, README).
 //!
 //! Every call is authenticated by API key (the key decides the tenant) before its body is
 //! read, held to per-method size limits and per-tenant concurrency limits, rate-limited per

@@ -1,4 +1,5 @@
-//! learning-api: stays, places and next-place prediction per device (README, "How it behaves").
+//! learning-api: stays, trips, places, next-place prediction and geofence events per device
+//! (README, "How it behaves").
 //!
 //! Per device and online, from the accepted fixes: stay-point detection, places with their
 //! dwell by hour of week, place → place transitions (by time of day of departure), home and
