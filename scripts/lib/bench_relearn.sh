@@ -2,8 +2,8 @@
 # Sourced by scripts/bench: `run_relearn`, rebuilding learned models from stored fixes (issue 15).
 # One fresh local stack (release, rate limits off, its own ports): the New York harbor week
 # (data/ais-ny-harbor-2020-12-01..07.csv, 140 vessels) replayed, then `trackctl relearn --all`;
-# then a synthetic vessel of 1 000 000 fixes (scripts/lib/synthetic_vessel.py), then
-# `trackctl relearn` of it. Before each relearn the four services restart, so that each one's
+# then two synthetic vessels of 1 000 000 fixes each (scripts/lib/synthetic_vessel.py: one that
+# never stops, one shuttling between 4 ports), and `trackctl relearn` of each. Before each relearn the four services restart, so that each one's
 # peak resident memory (VmHWM) afterwards is the relearn's. Figures only, never asserted.
 # RELEARN_FIXES overrides the synthetic vessel's size.
 
@@ -72,7 +72,9 @@ run_relearn() {
     relearn_measure "NY harbor week, every vessel" "$stored" --all
     local n="${RELEARN_FIXES:-1000000}"
     python3 scripts/lib/synthetic_vessel.py "$base" vessel-1m "$n"
+    python3 scripts/lib/synthetic_vessel.py "$base" shuttle-1m "$n" shuttle
     stored="$(relearn_stored)"
-    relearn_measure "one vessel of $n fixes" "$n" vessel-1m
+    relearn_measure "one vessel of $n fixes, never stopping" "$n" vessel-1m
+    relearn_measure "one shuttle of $n fixes, 40 minutes at each of 4 ports" "$n" shuttle-1m
     scripts/stack down --purge >/dev/null
 }
