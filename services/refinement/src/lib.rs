@@ -42,7 +42,7 @@ pub async fn run(
     );
     let redis = Redis::connect(&config.redis.target(), config.redis.redis_timeout.get())?;
     let settings = &config.refinement;
-    let store = store::Store::new(
+    let store = store::open(
         redis.clone(),
         settings.state_ttl.get(),
         settings.replay_history as usize,

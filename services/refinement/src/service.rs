@@ -9,16 +9,19 @@ use trackmesh_proto::v1::{
     ResetDeviceRequest, ResetDeviceResponse, SeedRequest, SeedResponse, Verdict,
     refinement_server::Refinement,
 };
-use trackmesh_shared::ids;
+use trackmesh_shared::{
+    domain::{DeviceId, DeviceKey, Invalid, TenantId, now_ms},
+    state::{Decided, Loaded, Save, StateError},
+};
 
 use crate::{
     error::Error,
     refine::{self, DeviceState, NeedHistory, Outcome, Record, Rules},
-    store::{Save, Store},
+    store::{self, Store},
 };
 
-/// Rounds of read → decide → compare-and-set before giving up with ABORTED.
-const MAX_ATTEMPTS: usize = 10;
+/// A device's fixes that passed the checks without state: input index and fix.
+type ByDevice<'a> = BTreeMap<DeviceId<'a>, Vec<(usize, &'a Fix)>>;
 
 pub struct RefinementService {
     store: Store,
@@ -36,87 +39,54 @@ impl RefinementService {
     }
 
     /// The tenant, and at most MAX_BATCH fixes in one call.
-    fn check_call(&self, tenant: &str, fixes: usize) -> Result<(), Error> {
-        ids::tenant_field(tenant)?;
+    fn check_call<'a>(&self, tenant: &'a str, fixes: usize) -> Result<TenantId<'a>, Invalid> {
+        let tenant = TenantId::parse(tenant)?;
         if fixes > self.max_batch {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 "fixes",
                 format!("{fixes} fixes, more than MAX_BATCH={}", self.max_batch),
             ));
         }
-        Ok(())
+        Ok(tenant)
     }
 
     #[tracing::instrument(name = "refine", skip_all, fields(tenant = %tenant, fixes = fixes.len()))]
     pub async fn refine(&self, tenant: &str, fixes: &[Fix]) -> Result<RefineResponse, Error> {
-        self.check_call(tenant, fixes.len())?;
-        for (index, fix) in fixes.iter().enumerate() {
-            ids::check_device(&fix.device_id)
-                .map_err(|rule| Error::invalid(format!("fixes[{index}].device_id"), rule))?;
-        }
+        let tenant = self.check_call(tenant, fixes.len())?;
+        let devices = fixes
+            .iter()
+            .enumerate()
+            .map(|(index, fix)| {
+                DeviceId::parse(format_args!("fixes[{index}].device_id"), &fix.device_id)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         metrics::histogram!("refinement_batch_size").record(fixes.len() as f64);
 
         let now_ms = now_ms();
         let mut results: Vec<Option<RefinedFix>> = vec![None; fixes.len()];
-        let mut by_device: BTreeMap<&str, Vec<(usize, &Fix)>> = BTreeMap::new();
-        for (index, fix) in fixes.iter().enumerate() {
+        let mut by_device = ByDevice::new();
+        for (index, (fix, device)) in fixes.iter().zip(devices).enumerate() {
             match refine::check_fix(fix, now_ms, &self.rules) {
-                Ok(()) => by_device
-                    .entry(fix.device_id.as_str())
-                    .or_default()
-                    .push((index, fix)),
+                Ok(()) => by_device.entry(device).or_default().push((index, fix)),
                 Err((verdict, detail)) => {
                     results[index] = Some(refine::rejected(fix, verdict, detail))
                 }
             }
         }
 
+        let settled = self
+            .store
+            .update(tenant, by_device.keys().copied().collect(), |loaded| {
+                self.decide(tenant, loaded, &by_device)
+            })
+            .await?;
         let mut recovered = Vec::new();
-        let mut todo: Vec<&str> = by_device.keys().copied().collect();
-        for _ in 0..MAX_ATTEMPTS {
-            if todo.is_empty() {
-                break;
+        for (_, outcome) in settled {
+            for (index, result) in outcome.results {
+                results[index] = Some(result);
             }
-            let decided = self.decide(tenant, &todo, &by_device).await?;
-            let saves: Vec<Save<'_>> = decided
-                .iter()
-                .filter(|(_, _, outcome)| outcome.changed)
-                .map(|(device, version, outcome)| Save {
-                    device,
-                    expected: *version,
-                    state: &outcome.state,
-                    appended: &outcome.appended,
-                })
-                .collect();
-            let mut applied = self.store.save(tenant, &saves).await?.into_iter();
-            let mut conflicts = Vec::new();
-            for (device, _, outcome) in decided {
-                // Unchanged state needs no write: the decision stands as of the read.
-                if outcome.changed && !applied.next().unwrap_or(false) {
-                    conflicts.push(device);
-                    continue;
-                }
-                for (index, result) in outcome.results {
-                    results[index] = Some(result);
-                }
-                recovered.extend(outcome.recovered);
-            }
-            if !conflicts.is_empty() {
-                metrics::counter!("refinement_cas_conflicts_total")
-                    .increment(conflicts.len() as u64);
-                tracing::debug!(
-                    devices = conflicts.len(),
-                    "compare-and-set conflicts, retrying"
-                );
-            }
-            todo = conflicts;
+            recovered.extend(outcome.recovered);
         }
-        if let Some(device) = todo.first() {
-            return Err(Error::Contention {
-                device: (*device).to_owned(),
-            });
-        }
-
         let results: Vec<RefinedFix> = results.into_iter().map(Option::unwrap_or_default).collect();
         count(&results, &recovered);
         Ok(RefineResponse { results, recovered })
@@ -127,60 +97,65 @@ impl RefinementService {
     /// at least as recent as storage (refinement decides before storage writes).
     #[tracing::instrument(name = "seed", skip_all, fields(tenant = %tenant, fixes = fixes.len()))]
     pub async fn seed(&self, tenant: &str, fixes: &[RefinedFix]) -> Result<SeedResponse, Error> {
-        self.check_call(tenant, fixes.len())?;
+        let tenant = self.check_call(tenant, fixes.len())?;
         // Everything is checked before anything is written: a bad request changes nothing.
-        let mut first_of: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut first_of: BTreeMap<DeviceId<'_>, usize> = BTreeMap::new();
         let mut devices = Vec::with_capacity(fixes.len());
         for (index, seed) in fixes.iter().enumerate() {
+            let field = |name: &str| format!("fixes[{index}].{name}");
             let Some(fix) = &seed.fix else {
-                return Err(Error::invalid(format!("fixes[{index}].fix"), "required"));
+                return Err(Invalid::new(field("fix"), "required").into());
             };
-            ids::check_device(&fix.device_id)
-                .map_err(|rule| Error::invalid(format!("fixes[{index}].fix.device_id"), rule))?;
-            if seed.verdict != Verdict::Accepted as i32 {
-                return Err(Error::invalid(
-                    format!("fixes[{index}].verdict"),
+            let device = DeviceId::parse(field("fix.device_id"), &fix.device_id)?;
+            if seed.verdict() != Verdict::Accepted {
+                return Err(Invalid::new(
+                    field("verdict"),
                     "must be ACCEPTED, a device is anchored on an accepted fix only",
-                ));
+                )
+                .into());
             }
             if let Err((Verdict::Invalid, detail)) = refine::check_fix(fix, i64::MAX, &self.rules) {
-                let (field, rule) = detail.split_once(": ").unwrap_or(("", detail.as_str()));
-                return Err(Error::invalid(format!("fixes[{index}].fix.{field}"), rule));
+                let (name, rule) = detail.split_once(": ").unwrap_or(("", detail.as_str()));
+                return Err(Invalid::new(field(&format!("fix.{name}")), rule).into());
             }
-            if let Some(first) = first_of.insert(&fix.device_id, index) {
-                return Err(Error::invalid(
-                    format!("fixes[{index}].fix.device_id"),
+            if let Some(first) = first_of.insert(device, index) {
+                return Err(Invalid::new(
+                    field("fix.device_id"),
                     format!("at most one fix per device, fixes[{first}] has the same device"),
-                ));
+                )
+                .into());
             }
-            devices.push(fix.device_id.as_str());
+            devices.push(device);
         }
 
         let loaded = self.store.load(tenant, &devices).await?;
-        let mut targets = Vec::new();
-        for ((device, seed), loaded) in devices.iter().zip(fixes).zip(loaded) {
-            if loaded.version == 0 {
+        let states: Vec<(DeviceId<'_>, DeviceState, &RefinedFix)> = devices
+            .into_iter()
+            .zip(fixes)
+            .zip(loaded)
+            .filter(|(_, loaded)| loaded.version == 0)
+            .map(|((device, seed), _)| {
                 let state = DeviceState {
                     last: Some(seed.clone()),
                     ..DeviceState::default()
                 };
-                // In the replay log too: the seeded fix re-sent later is a replay, not late.
-                targets.push((*device, state, [Record::of(seed)]));
-            }
-        }
-        let saves: Vec<Save<'_>> = targets
+                (device, state, seed)
+            })
+            .collect();
+        let saves: Vec<Save<'_, DeviceState>> = states
             .iter()
-            .map(|(device, state, appended)| Save {
-                device,
+            .map(|(device, state, seed)| Save {
+                device: *device,
                 // Only where there is no state: a device that got some meanwhile keeps it.
                 expected: 0,
                 state,
-                appended,
+                // In the replay log too: the seeded fix re-sent later is a replay, not late.
+                log: store::encode(&[Record::of(seed)]),
             })
             .collect();
         let applied = self.store.save(tenant, &saves).await?;
         let seeded = applied.iter().filter(|applied| **applied).count();
-        let kept = devices.len() - seeded;
+        let kept = fixes.len() - seeded;
         metrics::counter!("refinement_seeded_total").increment(seeded as u64);
         tracing::info!(seeded, kept, "devices seeded");
         Ok(SeedResponse {
@@ -189,26 +164,25 @@ impl RefinementService {
         })
     }
 
-    /// Reads the devices' state and decides their fixes, loading replay logs only if needed.
-    async fn decide<'a>(
+    /// Decides the devices' fixes against their state, loading replay logs only if needed.
+    async fn decide<'d>(
         &self,
-        tenant: &str,
-        devices: &[&'a str],
-        by_device: &BTreeMap<&str, Vec<(usize, &Fix)>>,
-    ) -> Result<Vec<(&'a str, u64, Outcome)>, Error> {
-        let loaded = self.store.load(tenant, devices).await?;
-        let mut decided = Vec::with_capacity(devices.len());
+        tenant: TenantId<'_>,
+        loaded: Vec<(DeviceId<'d>, Loaded<DeviceState>)>,
+        by_device: &ByDevice<'_>,
+    ) -> Result<Vec<Decided<'d, DeviceState, Outcome>>, Error> {
+        let mut decided = Vec::with_capacity(loaded.len());
         let mut need_history = Vec::new();
-        for (device, loaded) in devices.iter().zip(loaded) {
-            match refine::refine_device(&loaded.state, None, &by_device[device], &self.rules) {
-                Ok(outcome) => decided.push((*device, loaded.version, outcome)),
-                Err(NeedHistory) => need_history.push((*device, loaded)),
+        for (device, loaded) in loaded {
+            match refine::refine_device(&loaded.state, None, &by_device[&device], &self.rules) {
+                Ok(outcome) => decided.push(settle(device, loaded.version, outcome)),
+                Err(NeedHistory) => need_history.push((device, loaded)),
             }
         }
         if need_history.is_empty() {
             return Ok(decided);
         }
-        let ranges: Vec<(&str, i64, i64)> = need_history
+        let ranges: Vec<(DeviceId<'_>, i64, i64)> = need_history
             .iter()
             .map(|(device, _)| {
                 let times = by_device[device].iter().map(|(_, fix)| fix.time_ms);
@@ -216,17 +190,33 @@ impl RefinementService {
                 (*device, from, times.max().unwrap_or(0))
             })
             .collect();
-        let logs = self.store.history(tenant, &ranges).await?;
+        let logs = store::history(&self.store, tenant, &ranges).await?;
         for ((device, loaded), log) in need_history.into_iter().zip(logs) {
             let outcome =
-                refine::refine_device(&loaded.state, Some(&log), &by_device[device], &self.rules)
-                    .map_err(|NeedHistory| Error::Corrupt {
-                    device: device.to_owned(),
-                    reason: "replay log missing after loading".into(),
-                })?;
-            decided.push((device, loaded.version, outcome));
+                refine::refine_device(&loaded.state, Some(&log), &by_device[&device], &self.rules)
+                    .map_err(|NeedHistory| StateError::Corrupt {
+                        device: device.to_string(),
+                        reason: "replay log missing after loading".into(),
+                    })?;
+            decided.push(settle(device, loaded.version, outcome));
         }
         Ok(decided)
+    }
+}
+
+/// The state to write (if it changed) and the log records to append with it.
+fn settle(
+    device: DeviceId<'_>,
+    version: u64,
+    mut outcome: Outcome,
+) -> Decided<'_, DeviceState, Outcome> {
+    Decided {
+        device,
+        version,
+        // Unchanged state needs no write: the decision stands as of the read.
+        state: outcome.changed.then(|| std::mem::take(&mut outcome.state)),
+        log: store::encode(&outcome.appended),
+        outcome,
     }
 }
 
@@ -247,14 +237,8 @@ impl Refinement for RefinementService {
         request: Request<GetDeviceStateRequest>,
     ) -> Result<Response<GetDeviceStateResponse>, Status> {
         let request = request.into_inner();
-        ids::device_fields(&request.tenant_id, &request.device_id)?;
-        let loaded = self
-            .store
-            .load(&request.tenant_id, &[request.device_id.as_str()])
-            .await?;
-        let Some(loaded) = loaded.into_iter().next() else {
-            return Err(Status::internal("no state read for the device"));
-        };
+        let key = DeviceKey::parse(&request.tenant_id, &request.device_id).map_err(Error::from)?;
+        let loaded = self.store.load_one(key).await.map_err(Error::from)?;
         Ok(Response::new(GetDeviceStateResponse {
             found: loaded.version > 0,
             last_accepted: loaded.state.last,
@@ -269,12 +253,9 @@ impl Refinement for RefinementService {
         request: Request<ResetDeviceRequest>,
     ) -> Result<Response<ResetDeviceResponse>, Status> {
         let request = request.into_inner();
-        ids::device_fields(&request.tenant_id, &request.device_id)?;
-        let existed = self
-            .store
-            .reset(&request.tenant_id, &request.device_id)
-            .await?;
-        tracing::info!(tenant = %request.tenant_id, existed, "device state reset");
+        let key = DeviceKey::parse(&request.tenant_id, &request.device_id).map_err(Error::from)?;
+        let existed = self.store.delete(key).await.map_err(Error::from)?;
+        tracing::info!(tenant = %key.tenant, existed, "device state reset");
         Ok(Response::new(ResetDeviceResponse { existed }))
     }
 
@@ -284,12 +265,6 @@ impl Refinement for RefinementService {
             self.seed(&request.tenant_id, &request.fixes).await?,
         ))
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Verdict counters, one increment per verdict and batch rather than per fix.

@@ -1,139 +1,105 @@
-//! Device state in Redis: one hash per device (version + encoded state) and beside it, in the
-//! same hash slot, the log of recently accepted fixes that recognises replays.
+//! Refinement's device state in Redis: the shared versioned store of `DeviceState`, with the
+//! log of recently accepted fixes beside it (same hash slot) that recognises replays.
 
 use std::time::Duration;
 
-use prost::Message as _;
-use trackmesh_shared::redis::{Log, LogRange, Redis, Write};
-
-use crate::{
-    error::Error,
-    refine::{DeviceState, Record},
+use trackmesh_shared::{
+    domain::{DeviceId, DeviceKey, TenantId},
+    redis::{LogRange, Redis},
+    state::{StateError, StateStore},
 };
 
-/// A device's state as read, with the version a write must expect.
-pub struct Loaded {
-    pub version: u64,
-    pub state: DeviceState,
+use crate::refine::{DeviceState, Record};
+
+pub type Store = StateStore<DeviceState>;
+
+pub fn open(redis: Redis, ttl: Duration, replay_history: usize) -> Store {
+    StateStore::new(redis, "tm:refine:", ttl, "refinement_cas_conflicts_total")
+        .with_log("tm:refine-log:", replay_history * Record::SIZE)
 }
 
-/// A decided device to write back.
-pub struct Save<'a> {
-    pub device: &'a str,
-    pub expected: u64,
-    pub state: &'a DeviceState,
-    pub appended: &'a [Record],
+/// Per device, the records of its replay log in the time range `from..=to`: only what a
+/// batch can match is read, so a retry storm costs what it re-sends, not whole logs.
+pub async fn history(
+    store: &Store,
+    tenant: TenantId<'_>,
+    ranges: &[(DeviceId<'_>, i64, i64)],
+) -> Result<Vec<Vec<Record>>, StateError> {
+    let ranges: Vec<LogRange> = ranges
+        .iter()
+        .map(|(device, from, to)| LogRange {
+            key: store
+                .log_key(DeviceKey::new(tenant, *device))
+                .unwrap_or_default(),
+            record_size: Record::SIZE,
+            from: *from,
+            to: *to,
+        })
+        .collect();
+    let logs = store.redis().log_ranges(&ranges).await?;
+    Ok(logs.iter().map(|bytes| Record::decode_all(bytes)).collect())
 }
 
-#[derive(Clone)]
-pub struct Store {
-    redis: Redis,
-    ttl: Duration,
-    log_bytes: usize,
-}
-
-impl Store {
-    pub fn new(redis: Redis, ttl: Duration, replay_history: usize) -> Self {
-        Self {
-            redis,
-            ttl,
-            log_bytes: replay_history * Record::SIZE,
-        }
+pub fn encode(records: &[Record]) -> Vec<u8> {
+    let mut log = Vec::with_capacity(records.len() * Record::SIZE);
+    for record in records {
+        record.encode(&mut log);
     }
-
-    pub async fn load(&self, tenant: &str, devices: &[&str]) -> Result<Vec<Loaded>, Error> {
-        let keys: Vec<String> = devices.iter().map(|d| state_key(tenant, d)).collect();
-        let values = self.redis.read(&keys).await?;
-        devices
-            .iter()
-            .zip(values)
-            .map(|(device, value)| {
-                let state = match value.data {
-                    Some(bytes) => {
-                        DeviceState::decode(bytes.as_slice()).map_err(|err| Error::Corrupt {
-                            device: (*device).to_owned(),
-                            reason: err.to_string(),
-                        })?
-                    }
-                    None => DeviceState::default(),
-                };
-                Ok(Loaded {
-                    version: value.version,
-                    state,
-                })
-            })
-            .collect()
-    }
-
-    /// Per device, the records of its replay log in the time range `from..=to`: only what a
-    /// batch can match is read, so a retry storm costs what it re-sends, not whole logs.
-    pub async fn history(
-        &self,
-        tenant: &str,
-        ranges: &[(&str, i64, i64)],
-    ) -> Result<Vec<Vec<Record>>, Error> {
-        let ranges: Vec<LogRange> = ranges
-            .iter()
-            .map(|(device, from, to)| LogRange {
-                key: log_key(tenant, device),
-                record_size: Record::SIZE,
-                from: *from,
-                to: *to,
-            })
-            .collect();
-        let logs = self.redis.log_ranges(&ranges).await?;
-        Ok(logs.iter().map(|bytes| Record::decode_all(bytes)).collect())
-    }
-
-    /// Compare-and-set of each device; `false` where another replica got there first.
-    pub async fn save(&self, tenant: &str, saves: &[Save<'_>]) -> Result<Vec<bool>, Error> {
-        let writes: Vec<Write> = saves
-            .iter()
-            .map(|save| {
-                let mut append = Vec::with_capacity(save.appended.len() * Record::SIZE);
-                for record in save.appended {
-                    record.encode(&mut append);
-                }
-                Write {
-                    key: state_key(tenant, save.device),
-                    expected: save.expected,
-                    data: save.state.encode_to_vec(),
-                    ttl: self.ttl,
-                    log: Some(Log {
-                        key: log_key(tenant, save.device),
-                        append,
-                        max_bytes: self.log_bytes,
-                    }),
-                }
-            })
-            .collect();
-        Ok(self.redis.write(&writes).await?)
-    }
-
-    pub async fn reset(&self, tenant: &str, device: &str) -> Result<bool, Error> {
-        Ok(self
-            .redis
-            .delete(&[state_key(tenant, device), log_key(tenant, device)])
-            .await?)
-    }
-}
-
-// The hash tag `{tenant/device}` keeps both keys of a device in one Redis Cluster slot.
-fn state_key(tenant: &str, device: &str) -> String {
-    format!("tm:refine:{{{tenant}/{device}}}")
-}
-
-fn log_key(tenant: &str, device: &str) -> String {
-    format!("tm:refine-log:{{{tenant}/{device}}}")
+    log
 }
 
 #[cfg(test)]
 mod tests {
+    use prost::Message as _;
+    use trackmesh_proto::v1::Verdict;
+    use trackmesh_shared::redis::Target;
+
     use super::*;
 
+    #[tokio::test]
+    async fn keys_share_the_hash_tag() {
+        let redis = Redis::connect(
+            &Target::Single("redis://127.0.0.1:1".into()),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let store = open(redis, Duration::from_secs(60), 10);
+        let key = DeviceKey::parse("demo", "v1").unwrap();
+        assert_eq!(store.key(key), "tm:refine:{demo/v1}");
+        assert_eq!(store.log_key(key).unwrap(), "tm:refine-log:{demo/v1}");
+    }
+
+    /// A state and a replay log as the release before the shared store wrote them.
     #[test]
-    fn keys_share_the_hash_tag() {
-        assert_eq!(state_key("demo", "v1"), "tm:refine:{demo/v1}");
-        assert_eq!(log_key("demo", "v1"), "tm:refine-log:{demo/v1}");
+    fn values_written_by_the_previous_release_decode() {
+        let state =
+            DeviceState::decode(&include_bytes!("../tests/fixtures/device-state.bin")[..]).unwrap();
+        assert_eq!(state.accepted_count, 6);
+        let last = state.last.as_ref().unwrap();
+        assert_eq!(last.verdict(), Verdict::Accepted);
+        assert_eq!((last.segment, last.dt_ms), (1, 60_000));
+        assert!((last.distance_m - 111.195).abs() < 1e-3);
+        let fix = last.fix.as_ref().unwrap();
+        assert_eq!(
+            (fix.device_id.as_str(), fix.time_ms),
+            ("d", 1_779_996_700_000)
+        );
+        assert_eq!((fix.lat, fix.lon), (36.855_000_000_000_004, -76.3));
+        assert_eq!(fix.accuracy_m, Some(5.0));
+        assert_eq!(fix.altitude_m, Some(12.0));
+        assert_eq!(state.pending.len(), 1);
+        assert_eq!(
+            (state.pending[0].lat, state.pending[0].accuracy_m),
+            (40.0, None)
+        );
+
+        let log = Record::decode_all(include_bytes!("../tests/fixtures/replay-log.bin"));
+        assert_eq!(log.len(), 6);
+        assert_eq!(log[0].time_ms, 1_779_996_400_000);
+        assert_eq!(log[5], Record::of(last));
+        assert_eq!(
+            encode(&log),
+            include_bytes!("../tests/fixtures/replay-log.bin")
+        );
     }
 }
