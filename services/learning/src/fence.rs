@@ -15,7 +15,10 @@ use rstar::{
 };
 use serde_json::Value;
 use trackmesh_proto::v1::{Event, EventType, Fix, Geofence};
-use trackmesh_shared::{geo, ids};
+use trackmesh_shared::{
+    domain::{DeviceId, Invalid},
+    geo,
+};
 
 /// Longest fence name, in characters.
 pub const MAX_NAME_CHARS: usize = 200;
@@ -32,12 +35,6 @@ pub const MAX_POLYGON_BYTES: usize = 256 * 1024;
 /// Metres per degree of latitude (and of longitude at the equator) on `geo`'s sphere.
 const M_PER_DEG: f64 = geo::EARTH_RADIUS_M * PI / 180.0;
 
-/// A rule broken by a proto `Geofence`: the field (as named in the proto) and the rule.
-pub type Invalid = (String, String);
-
-fn invalid(field: &str, rule: impl Into<String>) -> Invalid {
-    (field.to_owned(), rule.into())
-}
 
 /// Where a fix is relative to a fence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,39 +131,39 @@ impl Fence {
     /// rule it breaks. The id is taken as it is (the caller assigns it).
     pub fn new(proto: &Geofence) -> Result<Fence, Invalid> {
         if proto.name.chars().count() > MAX_NAME_CHARS {
-            return Err(invalid(
+            return Err(Invalid::new(
                 "name",
                 format!("longer than {MAX_NAME_CHARS} characters"),
             ));
         }
         let (shape, bbox) = match (&proto.circle, proto.polygon_geojson.is_empty()) {
             (Some(_), false) => {
-                return Err(invalid(
+                return Err(Invalid::new(
                     "circle",
                     "exactly one of circle and polygon_geojson must be set, not both",
                 ));
             }
             (None, true) => {
-                return Err(invalid(
+                return Err(Invalid::new(
                     "circle",
                     "exactly one of circle and polygon_geojson must be set (neither is)",
                 ));
             }
             (Some(circle), true) => {
                 if !(circle.lat.is_finite() && (-90.0..=90.0).contains(&circle.lat)) {
-                    return Err(invalid(
+                    return Err(Invalid::new(
                         "circle.lat",
                         format!("must be a finite number in -90..=90, not {}", circle.lat),
                     ));
                 }
                 if !(circle.lon.is_finite() && (-180.0..=180.0).contains(&circle.lon)) {
-                    return Err(invalid(
+                    return Err(Invalid::new(
                         "circle.lon",
                         format!("must be a finite number in -180..=180, not {}", circle.lon),
                     ));
                 }
                 if !(circle.radius_m > 0.0 && circle.radius_m <= MAX_RADIUS_M) {
-                    return Err(invalid(
+                    return Err(Invalid::new(
                         "circle.radius_m",
                         format!(
                             "must be over 0 and at most {MAX_RADIUS_M} metres, not {}",
@@ -186,13 +183,13 @@ impl Fence {
             }
             (None, false) => {
                 let rings = parse_polygon(&proto.polygon_geojson)
-                    .map_err(|rule| invalid("polygon_geojson", rule))?;
+                    .map_err(|rule| Invalid::new("polygon_geojson", rule))?;
                 let bbox = ring_bbox(&rings[0]);
                 (Shape::Polygon { rings }, bbox)
             }
         };
         if proto.device_ids.len() > MAX_DEVICE_IDS {
-            return Err(invalid(
+            return Err(Invalid::new(
                 "device_ids",
                 format!(
                     "more than {MAX_DEVICE_IDS} devices ({})",
@@ -201,8 +198,8 @@ impl Fence {
             ));
         }
         for (i, device) in proto.device_ids.iter().enumerate() {
-            ids::check_device(device)
-                .map_err(|rule| invalid("device_ids", format!("device_ids[{i}]: {rule}")))?;
+            DeviceId::check(device)
+                .map_err(|rule| Invalid::new("device_ids", format!("device_ids[{i}]: {rule}")))?;
         }
         let mut devices = proto.device_ids.clone();
         devices.sort_unstable();
@@ -808,7 +805,7 @@ mod tests {
     fn rejects(proto: &Geofence, field: &str, rule: &str) {
         match Fence::new(proto) {
             Ok(_) => panic!("accepted, expected {field}: {rule}"),
-            Err((f, r)) => {
+            Err(Invalid { field: f, rule: r }) => {
                 assert_eq!(f, field, "{r}");
                 assert!(r.contains(rule), "{field}: {r:?} lacks {rule:?}");
             }

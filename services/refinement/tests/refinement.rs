@@ -60,10 +60,7 @@ async fn refine(
 }
 
 fn verdicts(results: &[RefinedFix]) -> Vec<Verdict> {
-    results
-        .iter()
-        .map(|r| Verdict::try_from(r.verdict).unwrap())
-        .collect()
+    results.iter().map(RefinedFix::verdict).collect()
 }
 
 async fn accepted_count(
@@ -161,13 +158,13 @@ async fn replay_after_lost_response(redis: RedisConfig) {
             .results
             .iter()
             .chain(&second.results)
-            .all(|r| r.verdict == Verdict::Accepted as i32 && !r.replay)
+            .all(|r| r.verdict() == Verdict::Accepted && !r.replay)
     );
 
     // The answer to the first batch was "lost": the client sends it again, much later.
     let retry = refine(&mut client, &tenant, &fixes[..60]).await;
     for (original, again) in first.results.iter().zip(&retry.results) {
-        assert_eq!(again.verdict, Verdict::Accepted as i32);
+        assert_eq!(again.verdict(), Verdict::Accepted);
         assert!(again.replay);
         assert_eq!(
             (again.segment, again.dt_ms, again.distance_m.to_bits()),
@@ -197,13 +194,13 @@ async fn a_retried_max_batch_of_one_device_is_replayed_whole(redis: RedisConfig)
         first
             .results
             .iter()
-            .all(|r| r.verdict == Verdict::Accepted as i32 && !r.replay)
+            .all(|r| r.verdict() == Verdict::Accepted && !r.replay)
     );
     let retry = refine(&mut client, &tenant, &fixes).await;
     let replays = retry
         .results
         .iter()
-        .filter(|r| r.verdict == Verdict::Accepted as i32 && r.replay)
+        .filter(|r| r.verdict() == Verdict::Accepted && r.replay)
         .count();
     assert_eq!(replays, 10_000, "{:?}", verdicts(&retry.results[..3]));
     // The next batch trims the log back to REPLAY_HISTORY.
@@ -257,7 +254,7 @@ async fn a_retried_reanchor_stores_its_run(redis: RedisConfig) {
         retry
             .recovered
             .iter()
-            .all(|r| r.replay && r.verdict == Verdict::Accepted as i32)
+            .all(|r| r.replay && r.verdict() == Verdict::Accepted)
     );
 }
 
@@ -344,8 +341,8 @@ async fn concurrent_replicas_agree_with_serial(redis: RedisConfig) {
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.len(), 2000);
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x.verdict, Verdict::Accepted as i32, "{x:?}");
-        assert_eq!(y.verdict, Verdict::Accepted as i32, "{y:?}");
+        assert_eq!(x.verdict(), Verdict::Accepted, "{x:?}");
+        assert_eq!(y.verdict(), Verdict::Accepted, "{y:?}");
         assert!(
             x.replay != y.replay,
             "exactly one of the two is the first acceptance: {x:?} {y:?}"
@@ -714,7 +711,7 @@ async fn redis_restart_mid_run() {
         after
             .results
             .iter()
-            .all(|r| r.verdict == Verdict::Accepted as i32)
+            .all(|r| r.verdict() == Verdict::Accepted)
     );
 }
 
