@@ -9,11 +9,7 @@
 //! and start; its row's version is the Kafka message's timestamp, so the latest produced
 //! (a relearn's) wins. A message that does not decode is counted and skipped.
 
-use std::{
-    collections::BTreeMap,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use prost::Message as _;
 use rdkafka::{
@@ -22,7 +18,10 @@ use rdkafka::{
 };
 use tokio::{sync::watch, time::Instant};
 use trackmesh_proto::v1::{Event, EventType, Fix, Place, Stay, TenantEvents, Trip};
-use trackmesh_shared::{geo, ids};
+use trackmesh_shared::{
+    domain::{self, DeviceId, TenantId},
+    geo,
+};
 
 use crate::{
     clickhouse::{self as ch, Db, EventRow, StayRow, TripRow},
@@ -279,14 +278,10 @@ struct Rows {
 
 /// A stay or trip row's version: the message's timestamp in ms, or now when it has none.
 fn version(timestamp_ms: Option<i64>) -> u64 {
-    timestamp_ms
-        .and_then(|ms| u64::try_from(ms).ok())
+    let ms = timestamp_ms
         .filter(|&ms| ms > 0)
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        })
+        .unwrap_or_else(domain::now_ms);
+    u64::try_from(ms).unwrap_or(0)
 }
 
 /// The rows of one message, and the items skipped; `Err` when the message is not a
@@ -294,7 +289,7 @@ fn version(timestamp_ms: Option<i64>) -> u64 {
 fn rows(payload: &[u8], version: u64) -> Result<(Rows, Skipped), String> {
     let message =
         TenantEvents::decode(payload).map_err(|err| format!("not a TenantEvents: {err}"))?;
-    ids::check_tenant(&message.tenant_id).map_err(|rule| format!("tenant_id: {rule}"))?;
+    TenantId::parse(&message.tenant_id).map_err(|err| err.to_string())?;
     let tenant = message.tenant_id.as_str();
     let mut rows = Rows::default();
     let mut invalid = Vec::new();
@@ -329,7 +324,7 @@ fn check_times(start_ms: i64, end_ms: i64) -> Result<(), String> {
 
 /// A stay as a row, if it can be one.
 fn stay_row(tenant: &str, stay: Stay, version: u64) -> Result<StayRow, String> {
-    ids::check_device(&stay.device_id).map_err(|rule| format!("device_id: {rule}"))?;
+    DeviceId::parse("device_id", &stay.device_id).map_err(|err| err.to_string())?;
     check_times(stay.start_ms, stay.end_ms)?;
     if !geo::valid_coordinates(stay.lat, stay.lon) {
         return Err("lat/lon out of range or not finite".into());
@@ -349,7 +344,7 @@ fn stay_row(tenant: &str, stay: Stay, version: u64) -> Result<StayRow, String> {
 
 /// A trip as a row, if it can be one.
 fn trip_row(tenant: &str, trip: Trip, version: u64) -> Result<TripRow, String> {
-    ids::check_device(&trip.device_id).map_err(|rule| format!("device_id: {rule}"))?;
+    DeviceId::parse("device_id", &trip.device_id).map_err(|err| err.to_string())?;
     check_times(trip.start_ms, trip.end_ms)?;
     let place = |name: &str, place: Option<Place>| {
         let place = place.ok_or_else(|| format!("{name}: required"))?;
@@ -430,7 +425,7 @@ pub fn trip(row: TripRow) -> Trip {
 
 /// An event as a row, if it can be one.
 fn row(tenant: &str, event: Event) -> Result<EventRow, String> {
-    ids::check_device(&event.device_id).map_err(|rule| format!("device_id: {rule}"))?;
+    DeviceId::parse("device_id", &event.device_id).map_err(|err| err.to_string())?;
     let event_type = match EventType::try_from(event.r#type) {
         Ok(EventType::Unspecified) | Err(_) => {
             return Err(format!("type: {} is not an event type", event.r#type));

@@ -23,7 +23,10 @@ use rdkafka::{
     util::Timeout,
 };
 use trackmesh_proto::v1::{FixBatch, FixBatches};
-use trackmesh_shared::telemetry::{self, Extractor, Injector};
+use trackmesh_shared::{
+    domain::{DeviceKey, Invalid},
+    telemetry::{self, Extractor, Injector},
+};
 
 use crate::{config::StorageConfig, error::Error};
 
@@ -69,14 +72,14 @@ pub fn split_batch(batch: FixBatch, limit: usize) -> Result<Vec<FixBatch>, Error
         let len = prost::encoding::message::encoded_len(3, &fix);
         if base + len > limit {
             // Permanent: a retry cannot succeed, so it is the caller's error, not Kafka's.
-            return Err(Error::invalid(
+            Err(Invalid::new(
                 "fixes",
                 format!(
                     "a fix of device {device_id} needs {} bytes in a kafka message, over the \
                      {limit} bytes that KAFKA_MESSAGE_MAX_BYTES leaves after key and headers",
                     base + len
                 ),
-            ));
+            ))?;
         }
         if size + len > limit {
             chunks.push(std::mem::replace(&mut current, empty()));
@@ -129,10 +132,6 @@ pub fn partition_of(key: &str, partitions: i32) -> i32 {
     let partitions = u32::try_from(partitions.max(1)).unwrap_or(1);
     // The remainder is below `partitions`, an i32.
     i32::try_from(!crc % partitions).unwrap_or(0)
-}
-
-pub fn device_key(tenant: &str, device: &str) -> String {
-    format!("{tenant}/{device}")
 }
 
 #[derive(Clone)]
@@ -296,8 +295,8 @@ impl Kafka {
             .saturating_sub(headers_len + RECORD_OVERHEAD);
         let mut by_partition: BTreeMap<i32, Vec<FixBatch>> = BTreeMap::new();
         for batch in batches {
-            let partition =
-                partition_of(&device_key(&batch.tenant_id, &batch.device_id), partitions);
+            let key = DeviceKey::parse(&batch.tenant_id, &batch.device_id)?.to_string();
+            let partition = partition_of(&key, partitions);
             by_partition.entry(partition).or_default().push(batch);
         }
         let mut deliveries = Vec::with_capacity(by_partition.len());
@@ -347,15 +346,14 @@ impl Kafka {
     /// fixes still in Kafka at DeleteDevice are deleted too.
     pub async fn produce_delete_marker(
         &self,
-        tenant: &str,
-        device: &str,
+        device: DeviceKey<'_>,
         timeout: Duration,
     ) -> Result<(), Error> {
         let partitions = self.topic_partitions().await?;
-        let key = device_key(tenant, device);
+        let key = device.to_string();
         let payload = FixBatch {
-            tenant_id: tenant.to_owned(),
-            device_id: device.to_owned(),
+            tenant_id: device.tenant.to_string(),
+            device_id: device.device.to_string(),
             fixes: Vec::new(),
         }
         .encode_to_vec();

@@ -20,7 +20,8 @@ use tracing::Instrument as _;
 use trackmesh_proto::v1::{Fix, FixBatch, FixBatches, RefinedFix, Verdict};
 use trackmesh_shared::{
     breaker::{Breaker, Permit},
-    ids, telemetry,
+    domain::DeviceKey,
+    telemetry,
 };
 
 use crate::{
@@ -437,7 +438,9 @@ impl Pipeline {
             let message = Owned {
                 partition: row.kafka_partition,
                 offset: row.kafka_offset,
-                key: Some(kafka::device_key(&row.tenant_id, &row.device_id).into_bytes()),
+                key: DeviceKey::parse(&row.tenant_id, &row.device_id)
+                    .ok()
+                    .map(|key| key.to_string().into_bytes()),
                 payload: FixBatch {
                     tenant_id: row.tenant_id.clone(),
                     device_id: row.device_id.clone(),
@@ -587,8 +590,7 @@ fn decode(message: &Owned) -> Result<Vec<Decoded>, String> {
 }
 
 fn decode_batch(batch: FixBatch, message: &Owned) -> Result<Decoded, String> {
-    ids::check_tenant(&batch.tenant_id).map_err(|rule| format!("tenant_id: {rule}"))?;
-    ids::check_device(&batch.device_id).map_err(|rule| format!("device_id: {rule}"))?;
+    DeviceKey::parse(&batch.tenant_id, &batch.device_id).map_err(|err| err.to_string())?;
     let rows = batch
         .fixes
         .iter()
@@ -609,7 +611,7 @@ fn row(
     kafka_offset: i64,
 ) -> Result<FixRow, &'static str> {
     let fix = refined.fix.as_ref().ok_or("no fix")?;
-    if refined.verdict != Verdict::Accepted as i32 {
+    if refined.verdict() != Verdict::Accepted {
         return Err("not an accepted fix");
     }
     if fix.device_id != batch.device_id {

@@ -12,7 +12,11 @@ use trackmesh_proto::v1::{
     ListStoredDevicesRequest, QueryTrackRequest, RefinedFix, StoreRequest, StoreResponse,
     StoredEventsRequest, StoredHistoryRequest, TrackChunk, Verdict, storage_server::Storage,
 };
-use trackmesh_shared::{geo, grpc::Deadline, ids};
+use trackmesh_shared::{
+    domain::{DeviceId, DeviceKey, Invalid, TenantId},
+    geo,
+    grpc::Deadline,
+};
 
 use crate::{
     clickhouse::{Db, EventFilter, HistoryFilter, SORT_FIELDS, TrackRow},
@@ -63,7 +67,7 @@ impl StorageService {
         fixes: Vec<RefinedFix>,
         deadline: Deadline,
     ) -> Result<u32, Error> {
-        ids::tenant_field(tenant)?;
+        TenantId::parse(tenant)?;
         // A device's fixes go to Kafka in order, on the partition of its key.
         let mut by_device: BTreeMap<String, Vec<RefinedFix>> = BTreeMap::new();
         let count = u32::try_from(fixes.len()).unwrap_or(u32::MAX);
@@ -113,20 +117,20 @@ impl Storage for StorageService {
         request: Request<QueryTrackRequest>,
     ) -> Result<Response<TrackStream>, Status> {
         let request = request.into_inner();
-        ids::device_fields(&request.tenant_id, &request.device_id)?;
-        let (mut from_ms, mut to_ms) = range(request.from_ms, request.to_ms)?;
+        DeviceKey::parse(&request.tenant_id, &request.device_id).map_err(Error::from)?;
+        let (mut from_ms, mut to_ms) =
+            range(request.from_ms, request.to_ms).map_err(Error::from)?;
         if request.limit > MAX_TRACK_LIMIT {
-            return Err(Error::invalid(
-                "limit",
-                format!("at most {MAX_TRACK_LIMIT}; page with resume_token"),
-            )
-            .into());
+            let rule = format!("at most {MAX_TRACK_LIMIT}; page with resume_token");
+            return Err(Error::from(Invalid::new("limit", rule)).into());
         }
         if !request.resume_token.is_empty() {
-            let after: i64 = request
-                .resume_token
-                .parse()
-                .map_err(|_| Error::invalid("resume_token", "not a token from a TrackChunk"))?;
+            let after: i64 = request.resume_token.parse().map_err(|_| {
+                Error::from(Invalid::new(
+                    "resume_token",
+                    "not a token from a TrackChunk",
+                ))
+            })?;
             if request.descending {
                 to_ms = to_ms.min(after.saturating_sub(1));
             } else {
@@ -183,8 +187,8 @@ impl Storage for StorageService {
         request: Request<DailyStatsRequest>,
     ) -> Result<Response<DailyStatsResponse>, Status> {
         let request = request.into_inner();
-        ids::device_fields(&request.tenant_id, &request.device_id)?;
-        let (from_ms, to_ms) = range(request.from_ms, request.to_ms)?;
+        DeviceKey::parse(&request.tenant_id, &request.device_id).map_err(Error::from)?;
+        let (from_ms, to_ms) = range(request.from_ms, request.to_ms).map_err(Error::from)?;
         let rows = self
             .db
             .daily(
@@ -215,12 +219,13 @@ impl Storage for StorageService {
         request: Request<ListStoredDevicesRequest>,
     ) -> Result<Response<ListDevicesResponse>, Status> {
         let request = request.into_inner();
-        ids::tenant_field(&request.tenant_id)?;
-        let sort = sort_fields(&request.sort, self.max_sort_fields)?;
+        TenantId::parse(&request.tenant_id).map_err(Error::from)?;
+        let sort = sort_fields(&request.sort, self.max_sort_fields).map_err(Error::from)?;
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
             size if size > MAX_PAGE_SIZE => {
-                return Err(Error::invalid("page_size", format!("at most {MAX_PAGE_SIZE}")).into());
+                let rule = format!("at most {MAX_PAGE_SIZE}");
+                return Err(Error::from(Invalid::new("page_size", rule)).into());
             }
             size => size,
         };
@@ -228,7 +233,10 @@ impl Storage for StorageService {
             0
         } else {
             request.page_token.parse().map_err(|_| {
-                Error::invalid("page_token", "not a token from a ListDevicesResponse")
+                Error::from(Invalid::new(
+                    "page_token",
+                    "not a token from a ListDevicesResponse",
+                ))
             })?
         };
         let rows = self
@@ -283,14 +291,14 @@ impl Storage for StorageService {
         request: Request<DeleteStoredDeviceRequest>,
     ) -> Result<Response<DeleteStoredDeviceResponse>, Status> {
         let request = request.into_inner();
-        ids::device_fields(&request.tenant_id, &request.device_id)?;
+        let key = DeviceKey::parse(&request.tenant_id, &request.device_id).map_err(Error::from)?;
         // The marker first: fixes of the device still in Kafka are deleted when the consumer
         // reaches it; what is stored already goes now.
         self.kafka
-            .produce_delete_marker(&request.tenant_id, &request.device_id, self.produce_timeout)
+            .produce_delete_marker(key, self.produce_timeout)
             .await?;
         self.db
-            .delete_device(&request.tenant_id, &request.device_id)
+            .delete_device(&key.tenant, &key.device)
             .await
             .map_err(Error::from)?;
         tracing::info!(tenant = %request.tenant_id, "stored fixes of a device deleted");
@@ -302,15 +310,15 @@ impl Storage for StorageService {
         request: Request<StoredEventsRequest>,
     ) -> Result<Response<GetEventsResponse>, Status> {
         let request = request.into_inner();
-        ids::tenant_field(&request.tenant_id)?;
+        TenantId::parse(&request.tenant_id).map_err(Error::from)?;
         let device = if request.device_id.is_empty() {
             None
         } else {
-            ids::device_fields(&request.tenant_id, &request.device_id)?;
+            DeviceKey::parse(&request.tenant_id, &request.device_id).map_err(Error::from)?;
             Some(request.device_id.as_str())
         };
-        let (from_ms, to_ms) = range(request.from_ms, request.to_ms)?;
-        let types = event_types(&request.types)?;
+        let (from_ms, to_ms) = range(request.from_ms, request.to_ms).map_err(Error::from)?;
+        let types = event_types(&request.types).map_err(Error::from)?;
         let rows = self
             .db
             .events(&EventFilter {
@@ -332,7 +340,7 @@ impl Storage for StorageService {
         request: Request<StoredHistoryRequest>,
     ) -> Result<Response<GetStaysResponse>, Status> {
         let request = request.into_inner();
-        let filter = history_filter(&request)?;
+        let filter = history_filter(&request).map_err(Error::from)?;
         let rows = self.db.stays(&filter).await.map_err(Error::from)?;
         let stays = rows.into_iter().map(events::stay).collect();
         Ok(Response::new(GetStaysResponse { stays }))
@@ -343,7 +351,7 @@ impl Storage for StorageService {
         request: Request<StoredHistoryRequest>,
     ) -> Result<Response<GetTripsResponse>, Status> {
         let request = request.into_inner();
-        let filter = history_filter(&request)?;
+        let filter = history_filter(&request).map_err(Error::from)?;
         let rows = self.db.trips(&filter).await.map_err(Error::from)?;
         let trips = rows.into_iter().map(events::trip).collect();
         Ok(Response::new(GetTripsResponse { trips }))
@@ -354,7 +362,7 @@ impl Storage for StorageService {
         request: Request<DeleteHistoryRequest>,
     ) -> Result<Response<DeleteHistoryResponse>, Status> {
         let request = request.into_inner();
-        ids::device_fields(&request.tenant_id, &request.device_id)?;
+        DeviceKey::parse(&request.tenant_id, &request.device_id).map_err(Error::from)?;
         let applied = self
             .db
             .delete_history(
@@ -376,8 +384,8 @@ impl Storage for StorageService {
 }
 
 /// A checked stays or trips request: rows overlapping `[from_ms, to_ms]` (0: no bound).
-fn history_filter(request: &StoredHistoryRequest) -> Result<HistoryFilter<'_>, Error> {
-    ids::device_fields(&request.tenant_id, &request.device_id)?;
+fn history_filter(request: &StoredHistoryRequest) -> Result<HistoryFilter<'_>, Invalid> {
+    DeviceKey::parse(&request.tenant_id, &request.device_id)?;
     let (from_ms, to_ms) = range(request.from_ms, request.to_ms)?;
     Ok(HistoryFilter {
         tenant: &request.tenant_id,
@@ -389,12 +397,12 @@ fn history_filter(request: &StoredHistoryRequest) -> Result<HistoryFilter<'_>, E
 }
 
 /// The requested event types as stored (1..=4), each once; empty: every type.
-fn event_types(types: &[i32]) -> Result<Vec<u8>, Error> {
+fn event_types(types: &[i32]) -> Result<Vec<u8>, Invalid> {
     let mut out = Vec::with_capacity(types.len());
     for (index, &value) in types.iter().enumerate() {
         let known = match EventType::try_from(value) {
             Ok(EventType::Unspecified) | Err(_) => {
-                return Err(Error::invalid(
+                return Err(Invalid::new(
                     format!("types[{index}]"),
                     format!("{value} is not an event type; allowed ENTER, EXIT, ARRIVE, DEPART"),
                 ));
@@ -409,21 +417,20 @@ fn event_types(types: &[i32]) -> Result<Vec<u8>, Error> {
 }
 
 /// Only accepted fixes with a device and valid coordinates are stored.
-fn check_storable(index: usize, refined: &RefinedFix) -> Result<(), Error> {
+fn check_storable(index: usize, refined: &RefinedFix) -> Result<(), Invalid> {
     let field = |name: &str| format!("fixes[{index}].{name}");
     let Some(fix) = &refined.fix else {
-        return Err(Error::invalid(field("fix"), "required"));
+        return Err(Invalid::new(field("fix"), "required"));
     };
-    if refined.verdict != Verdict::Accepted as i32 {
-        return Err(Error::invalid(
+    if refined.verdict() != Verdict::Accepted {
+        return Err(Invalid::new(
             field("verdict"),
             "only ACCEPTED fixes are stored",
         ));
     }
-    ids::check_device(&fix.device_id)
-        .map_err(|rule| Error::invalid(field("fix.device_id"), rule))?;
+    DeviceId::parse(field("fix.device_id"), &fix.device_id)?;
     if !geo::valid_coordinates(fix.lat, fix.lon) {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             field("fix.lat"),
             "lat/lon out of range or not finite",
         ));
@@ -432,10 +439,10 @@ fn check_storable(index: usize, refined: &RefinedFix) -> Result<(), Error> {
 }
 
 /// An inclusive time range; `to_ms` 0 means no upper bound.
-fn range(from_ms: i64, to_ms: i64) -> Result<(i64, i64), Error> {
+fn range(from_ms: i64, to_ms: i64) -> Result<(i64, i64), Invalid> {
     let to_ms = if to_ms == 0 { i64::MAX } else { to_ms };
     if from_ms > to_ms {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             "from_ms",
             format!("{from_ms} is after to_ms {to_ms}"),
         ));
@@ -447,9 +454,9 @@ fn range(from_ms: i64, to_ms: i64) -> Result<(i64, i64), Error> {
 fn sort_fields(
     sort: &[trackmesh_proto::v1::SortField],
     max: usize,
-) -> Result<Vec<(&'static str, bool)>, Error> {
+) -> Result<Vec<(&'static str, bool)>, Invalid> {
     if sort.len() > max {
-        return Err(Error::invalid(
+        return Err(Invalid::new(
             "sort",
             format!("{} fields, at most MAX_SORT_FIELDS={max}", sort.len()),
         ));
@@ -457,13 +464,13 @@ fn sort_fields(
     let mut fields: Vec<(&'static str, bool)> = Vec::with_capacity(sort.len());
     for (index, key) in sort.iter().enumerate() {
         let Some(name) = SORT_FIELDS.iter().find(|name| **name == key.field) else {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 format!("sort[{index}].field"),
                 format!("unknown field; allowed: {}", SORT_FIELDS.join(", ")),
             ));
         };
         if fields.iter().any(|(seen, _)| seen == name) {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 format!("sort[{index}].field"),
                 format!("{name} given twice"),
             ));
