@@ -374,6 +374,52 @@ fn field_names<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
     fields
 }
 
+/// For `#[serde(deserialize_with = "config::from_text")]`: a value parsed once by `FromStr`,
+/// whose error names the variable, the value and the rule.
+pub fn from_text<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr<Err: fmt::Display>,
+{
+    let text = String::deserialize(deserializer)?;
+    text.parse()
+        .map_err(|rule: T::Err| bad_value(&text, &rule.to_string()))
+}
+
+/// A Redis-backed service's configuration: common settings, Redis and the service's own `S`,
+/// with `SERVER_PORT` defaulting to `PORT`.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig<S, const PORT: u16> {
+    pub common: CommonConfig,
+    pub redis: crate::redis::RedisConfig,
+    pub service: S,
+}
+
+impl<S: DeserializeOwned + Validate + Default, const PORT: u16> ServiceConfig<S, PORT> {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: CommonConfig::from_env(PORT)?,
+            redis: from_env()?,
+            service: from_env()?,
+        })
+    }
+
+    /// Defaults with a Redis address: what tests start from.
+    pub fn for_redis(redis: crate::redis::RedisConfig) -> Self {
+        Self {
+            common: CommonConfig::with_port(PORT),
+            redis,
+            service: S::default(),
+        }
+    }
+}
+
+impl<S, const PORT: u16> AsRef<CommonConfig> for ServiceConfig<S, PORT> {
+    fn as_ref(&self) -> &CommonConfig {
+        &self.common
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

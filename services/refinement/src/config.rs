@@ -1,46 +1,14 @@
 //! refinement-api settings, from the environment.
 
 use serde::Deserialize;
-use trackmesh_shared::{
-    config::{self, CommonConfig, ConfigError, Duration, Validate, check_range},
-    redis::RedisConfig,
-};
+use trackmesh_shared::config::{self, ConfigError, Duration, Validate, check_range};
 
 use crate::refine::Rules;
 
 pub const DEFAULT_PORT: u16 = 50051;
 
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub common: CommonConfig,
-    pub redis: RedisConfig,
-    pub refinement: RefinementConfig,
-}
-
-impl Config {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Ok(Self {
-            common: CommonConfig::from_env(DEFAULT_PORT)?,
-            redis: config::from_env()?,
-            refinement: config::from_env()?,
-        })
-    }
-
-    /// Defaults with a Redis address: what tests start from.
-    pub fn for_redis(redis: RedisConfig) -> Self {
-        Self {
-            common: CommonConfig::with_port(DEFAULT_PORT),
-            redis,
-            refinement: RefinementConfig::default(),
-        }
-    }
-}
-
-impl AsRef<CommonConfig> for Config {
-    fn as_ref(&self) -> &CommonConfig {
-        &self.common
-    }
-}
+/// Common, Redis and refinement settings.
+pub type Config = config::ServiceConfig<RefinementConfig, DEFAULT_PORT>;
 
 /// The cleaning rules and limits (README, "Configuration").
 #[derive(Debug, Clone, Deserialize)]

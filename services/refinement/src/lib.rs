@@ -41,7 +41,7 @@ pub async fn run(
         &[],
     );
     let redis = Redis::connect(&config.redis.target(), config.redis.redis_timeout.get())?;
-    let settings = &config.refinement;
+    let settings = &config.service;
     let store = store::open(
         redis.clone(),
         settings.state_ttl.get(),

@@ -360,7 +360,7 @@ async fn concurrent_replicas_agree_with_serial(redis: RedisConfig) {
 
 async fn state_expires(redis: RedisConfig) {
     let mut config = config(redis);
-    config.refinement.state_ttl = ConfigDuration::from_secs(1);
+    config.service.state_ttl = ConfigDuration::from_secs(1);
     let (_service, mut client) = start(config).await;
     let tenant = testkit::unique("t");
     refine(&mut client, &tenant, &track("a", 5, T0)).await;
@@ -611,7 +611,7 @@ async fn tenants_are_isolated() {
 #[tokio::test]
 async fn invalid_requests_name_the_field() {
     let mut config = config(testkit::redis_standalone());
-    config.refinement.max_batch = 10;
+    config.service.max_batch = 10;
     let (_service, mut client) = start(config).await;
     let call = |tenant: &str, fixes: Vec<Fix>| RefineRequest {
         tenant_id: tenant.into(),
