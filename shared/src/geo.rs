@@ -23,10 +23,18 @@ pub fn speed_kmh(distance_m: f64, dt_ms: i64) -> f64 {
 
 /// True when `lat`/`lon` are finite and within ±90 / ±180.
 pub fn valid_coordinates(lat: f64, lon: f64) -> bool {
-    lat.is_finite()
-        && lon.is_finite()
-        && (-90.0..=90.0).contains(&lat)
-        && (-180.0..=180.0).contains(&lon)
+    check_coordinates(lat, lon).is_ok()
+}
+
+/// `lat`/`lon` finite and within ±90 / ±180, or the field (`lat`, `lon`) and the rule broken.
+pub fn check_coordinates(lat: f64, lon: f64) -> Result<(), (&'static str, String)> {
+    if !lat.is_finite() || !(-90.0..=90.0).contains(&lat) {
+        return Err(("lat", format!("{lat} is outside -90..=90")));
+    }
+    if !lon.is_finite() || !(-180.0..=180.0).contains(&lon) {
+        return Err(("lon", format!("{lon} is outside -180..=180")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -42,6 +42,29 @@ pub fn invalid_argument(field: &str, rule: impl fmt::Display) -> Status {
     )
 }
 
+/// Implements a tonic service trait whose unary methods each hand the request's message to an
+/// inherent method of the same name, `async fn(&self, Message) -> Result<Reply, E>` with
+/// `Status: From<E>`; the other items (streaming methods) follow as written.
+#[macro_export]
+macro_rules! unary_methods {
+    (impl $service:ident for $ty:ty {
+        $($method:ident($request:ty) -> $reply:ty;)*
+    } $($rest:tt)*) => {
+        #[tonic::async_trait]
+        impl $service for $ty {
+            $(
+                async fn $method(
+                    &self,
+                    request: tonic::Request<$request>,
+                ) -> Result<tonic::Response<$reply>, tonic::Status> {
+                    Ok(tonic::Response::new(Self::$method(self, request.into_inner()).await?))
+                }
+            )*
+            $($rest)*
+        }
+    };
+}
+
 /// When a request must be answered by: the caller's `grpc-timeout`, capped by `max`.
 #[derive(Clone, Copy, Debug)]
 pub struct Deadline(Instant);

@@ -13,14 +13,13 @@ pub enum Error {
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
-        match &error {
-            Error::Invalid(bad) => grpc::invalid_argument(&bad.field, &bad.rule),
-            Error::State(state) => {
-                if state.code() == Code::Internal {
-                    tracing::error!(%error, "internal error");
-                }
-                Status::new(state.code(), error.to_string())
-            }
+        let code = match &error {
+            Error::Invalid(bad) => return grpc::invalid_argument(&bad.field, &bad.rule),
+            Error::State(state) => state.code(),
+        };
+        if code == Code::Internal {
+            tracing::error!(%error, "internal error");
         }
+        Status::new(code, error.to_string())
     }
 }

@@ -38,11 +38,8 @@ pub fn check_fix(fix: &Fix, now_ms: i64, rules: &Rules) -> Result<(), (Verdict, 
     if fix.time_ms <= 0 {
         return invalid("time_ms: required, Unix epoch milliseconds".into());
     }
-    if !fix.lat.is_finite() || !(-90.0..=90.0).contains(&fix.lat) {
-        return invalid(format!("lat: {} is outside -90..=90", fix.lat));
-    }
-    if !fix.lon.is_finite() || !(-180.0..=180.0).contains(&fix.lon) {
-        return invalid(format!("lon: {} is outside -180..=180", fix.lon));
+    if let Err((field, rule)) = geo::check_coordinates(fix.lat, fix.lon) {
+        return invalid(format!("{field}: {rule}"));
     }
     for (field, value) in [
         ("accuracy_m", fix.accuracy_m),

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use tonic::{Request, Response, Status};
 use trackmesh_proto::v1::{
     Fix, GetDeviceStateRequest, GetDeviceStateResponse, RefineRequest, RefineResponse, RefinedFix,
     ResetDeviceRequest, ResetDeviceResponse, SeedRequest, SeedResponse, Verdict,
@@ -50,9 +49,10 @@ impl RefinementService {
         Ok(tenant)
     }
 
-    #[tracing::instrument(name = "refine", skip_all, fields(tenant = %tenant, fixes = fixes.len()))]
-    pub async fn refine(&self, tenant: &str, fixes: &[Fix]) -> Result<RefineResponse, Error> {
-        let tenant = self.check_call(tenant, fixes.len())?;
+    #[tracing::instrument(name = "refine", skip_all, fields(tenant = %request.tenant_id, fixes = request.fixes.len()))]
+    async fn refine(&self, request: RefineRequest) -> Result<RefineResponse, Error> {
+        let fixes = &request.fixes;
+        let tenant = self.check_call(&request.tenant_id, fixes.len())?;
         let devices = fixes
             .iter()
             .enumerate()
@@ -95,9 +95,10 @@ impl RefinementService {
     /// Anchors each device without state on its given last stored fix, so that a late older
     /// fix is OUT_OF_ORDER again after the state was lost. Devices with state keep it: it is
     /// at least as recent as storage (refinement decides before storage writes).
-    #[tracing::instrument(name = "seed", skip_all, fields(tenant = %tenant, fixes = fixes.len()))]
-    pub async fn seed(&self, tenant: &str, fixes: &[RefinedFix]) -> Result<SeedResponse, Error> {
-        let tenant = self.check_call(tenant, fixes.len())?;
+    #[tracing::instrument(name = "seed", skip_all, fields(tenant = %request.tenant_id, fixes = request.fixes.len()))]
+    async fn seed(&self, request: SeedRequest) -> Result<SeedResponse, Error> {
+        let fixes = &request.fixes;
+        let tenant = self.check_call(&request.tenant_id, fixes.len())?;
         // Everything is checked before anything is written: a bad request changes nothing.
         let mut first_of: BTreeMap<DeviceId<'_>, usize> = BTreeMap::new();
         let mut devices = Vec::with_capacity(fixes.len());
@@ -164,6 +165,31 @@ impl RefinementService {
         })
     }
 
+    async fn get_device_state(
+        &self,
+        request: GetDeviceStateRequest,
+    ) -> Result<GetDeviceStateResponse, Error> {
+        let key = DeviceKey::parse(&request.tenant_id, &request.device_id)?;
+        let loaded = self.store.load_one(key).await?;
+        Ok(GetDeviceStateResponse {
+            found: loaded.version > 0,
+            last_accepted: loaded.state.last,
+            accepted_count: loaded.state.accepted_count,
+            pending_speed_rejections: u32::try_from(loaded.state.pending.len()).unwrap_or(u32::MAX),
+            version: loaded.version,
+        })
+    }
+
+    async fn reset_device(
+        &self,
+        request: ResetDeviceRequest,
+    ) -> Result<ResetDeviceResponse, Error> {
+        let key = DeviceKey::parse(&request.tenant_id, &request.device_id)?;
+        let existed = self.store.delete(key).await?;
+        tracing::info!(tenant = %key.tenant, existed, "device state reset");
+        Ok(ResetDeviceResponse { existed })
+    }
+
     /// Decides the devices' fixes against their state, loading replay logs only if needed.
     async fn decide<'d>(
         &self,
@@ -220,50 +246,12 @@ fn settle(
     }
 }
 
-#[tonic::async_trait]
-impl Refinement for RefinementService {
-    async fn refine(
-        &self,
-        request: Request<RefineRequest>,
-    ) -> Result<Response<RefineResponse>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(
-            self.refine(&request.tenant_id, &request.fixes).await?,
-        ))
-    }
-
-    async fn get_device_state(
-        &self,
-        request: Request<GetDeviceStateRequest>,
-    ) -> Result<Response<GetDeviceStateResponse>, Status> {
-        let request = request.into_inner();
-        let key = DeviceKey::parse(&request.tenant_id, &request.device_id).map_err(Error::from)?;
-        let loaded = self.store.load_one(key).await.map_err(Error::from)?;
-        Ok(Response::new(GetDeviceStateResponse {
-            found: loaded.version > 0,
-            last_accepted: loaded.state.last,
-            accepted_count: loaded.state.accepted_count,
-            pending_speed_rejections: u32::try_from(loaded.state.pending.len()).unwrap_or(u32::MAX),
-            version: loaded.version,
-        }))
-    }
-
-    async fn reset_device(
-        &self,
-        request: Request<ResetDeviceRequest>,
-    ) -> Result<Response<ResetDeviceResponse>, Status> {
-        let request = request.into_inner();
-        let key = DeviceKey::parse(&request.tenant_id, &request.device_id).map_err(Error::from)?;
-        let existed = self.store.delete(key).await.map_err(Error::from)?;
-        tracing::info!(tenant = %key.tenant, existed, "device state reset");
-        Ok(Response::new(ResetDeviceResponse { existed }))
-    }
-
-    async fn seed(&self, request: Request<SeedRequest>) -> Result<Response<SeedResponse>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(
-            self.seed(&request.tenant_id, &request.fixes).await?,
-        ))
+trackmesh_shared::unary_methods! {
+    impl Refinement for RefinementService {
+        refine(RefineRequest) -> RefineResponse;
+        get_device_state(GetDeviceStateRequest) -> GetDeviceStateResponse;
+        reset_device(ResetDeviceRequest) -> ResetDeviceResponse;
+        seed(SeedRequest) -> SeedResponse;
     }
 }
 
