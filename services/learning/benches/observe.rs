@@ -123,7 +123,7 @@ fn main() {
             ..RedisConfig::default()
         });
         // Benchmark models need not outlive the run by much.
-        config.learning.state_ttl = ConfigDuration::from_secs(600);
+        config.service.state_ttl = ConfigDuration::from_secs(600);
         let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
         let client = LearningClient::connect(service.url()).await.unwrap();
         let tenant = testkit::unique("bench");

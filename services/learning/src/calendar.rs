@@ -1,7 +1,7 @@
 //! Local time for the learned model: hour-of-week dwell bins, night and work hours, and the
 //! parsing of their settings (`NIGHT_HOURS=22-06`, `WORK_DAYS=mon-fri`, `UTC_OFFSET=+02:00`).
 
-use std::fmt;
+use std::{fmt, str::FromStr};
 
 /// Hour-of-week bins, Monday 00:00 first.
 pub const HOURS_PER_WEEK: usize = 168;
@@ -19,8 +19,10 @@ pub struct HourRange {
     end: u8,
 }
 
-impl HourRange {
-    pub fn parse(text: &str) -> Result<Self, String> {
+impl FromStr for HourRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
         const RULE: &str = "write hours as START-END, e.g. 22-06 or 09-17, each 0..=24";
         let (start, end) = text.trim().split_once('-').ok_or(RULE)?;
         let hour = |part: &str| part.trim().parse::<u8>().ok().filter(|h| *h <= 24);
@@ -32,7 +34,9 @@ impl HourRange {
         }
         Ok(Self { start, end })
     }
+}
 
+impl HourRange {
     pub fn contains(self, hour: u8) -> bool {
         if self.start < self.end {
             (self.start..self.end).contains(&hour)
@@ -52,9 +56,11 @@ impl fmt::Display for HourRange {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Days(u8);
 
-impl Days {
-    /// `mon-fri`, `sat,sun`, `sun-thu` (wrapping), or a mix: `mon-wed,fri`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+/// `mon-fri`, `sat,sun`, `sun-thu` (wrapping), or a mix: `mon-wed,fri`.
+impl FromStr for Days {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
         const RULE: &str = "write days like mon-fri or sat,sun (mon tue wed thu fri sat sun)";
         let day = |name: &str| {
             let name = name.trim().to_ascii_lowercase();
@@ -77,33 +83,43 @@ impl Days {
         }
         Ok(Self(mask))
     }
+}
 
+impl Days {
     pub fn contains(self, day: usize) -> bool {
         day < 7 && self.0 & (1 << day) != 0
     }
 }
 
-/// `+02:00`, `-05:30`, `+2`, `Z` or `UTC`: the fixed offset of local time from UTC, in ms.
-pub fn parse_utc_offset(text: &str) -> Result<i64, String> {
-    const RULE: &str = "write an offset like +02:00 or -05:30, within -12:00..=+14:00";
-    let text = text.trim();
-    if text.eq_ignore_ascii_case("z") || text.eq_ignore_ascii_case("utc") {
-        return Ok(0);
+/// The fixed offset of local time from UTC, in ms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UtcOffset(pub i64);
+
+/// `+02:00`, `-05:30`, `+2`, `Z` or `UTC`.
+impl FromStr for UtcOffset {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        const RULE: &str = "write an offset like +02:00 or -05:30, within -12:00..=+14:00";
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("z") || text.eq_ignore_ascii_case("utc") {
+            return Ok(Self(0));
+        }
+        let (sign, rest) = match text.as_bytes().first() {
+            Some(b'+') => (1, &text[1..]),
+            Some(b'-') => (-1, &text[1..]),
+            _ => return Err(RULE.into()),
+        };
+        let (hours, minutes) = rest.split_once(':').unwrap_or((rest, "0"));
+        let (Ok(hours), Ok(minutes)) = (hours.parse::<u8>(), minutes.parse::<u8>()) else {
+            return Err(RULE.into());
+        };
+        let offset = sign * (i64::from(hours) * 60 + i64::from(minutes));
+        if minutes >= 60 || !(-12 * 60..=14 * 60).contains(&offset) {
+            return Err(RULE.into());
+        }
+        Ok(Self(offset * 60_000))
     }
-    let (sign, rest) = match text.as_bytes().first() {
-        Some(b'+') => (1, &text[1..]),
-        Some(b'-') => (-1, &text[1..]),
-        _ => return Err(RULE.into()),
-    };
-    let (hours, minutes) = rest.split_once(':').unwrap_or((rest, "0"));
-    let (Ok(hours), Ok(minutes)) = (hours.parse::<u8>(), minutes.parse::<u8>()) else {
-        return Err(RULE.into());
-    };
-    let offset = sign * (i64::from(hours) * 60 + i64::from(minutes));
-    if minutes >= 60 || !(-12 * 60..=14 * 60).contains(&offset) {
-        return Err(RULE.into());
-    }
-    Ok(offset * 60_000)
 }
 
 /// Local time as the labels see it.
@@ -185,6 +201,10 @@ impl Calendar {
 mod tests {
     use super::*;
 
+    fn parse_utc_offset(text: &str) -> Result<i64, String> {
+        text.parse().map(|UtcOffset(ms)| ms)
+    }
+
     // Monday 2024-01-01 00:00 UTC.
     const MONDAY_MS: i64 = 1_704_067_200_000;
 
@@ -247,30 +267,30 @@ mod tests {
 
     #[test]
     fn hour_ranges() {
-        let night = HourRange::parse("22-06").unwrap();
+        let night = "22-06".parse::<HourRange>().unwrap();
         assert!(night.contains(22) && night.contains(0) && night.contains(5));
         assert!(!night.contains(6) && !night.contains(21));
-        let day = HourRange::parse("9-17").unwrap();
+        let day = "9-17".parse::<HourRange>().unwrap();
         assert_eq!(day.to_string(), "09-17");
         assert!(day.contains(9) && day.contains(16) && !day.contains(17));
-        let all = HourRange::parse("0-24").unwrap();
+        let all = "0-24".parse::<HourRange>().unwrap();
         assert!((0..24).all(|h| all.contains(h)));
         for bad in ["", "22", "25-3", "3-3", "24-3", "a-b", "-1-3"] {
-            assert!(HourRange::parse(bad).is_err(), "{bad}");
+            assert!(bad.parse::<HourRange>().is_err(), "{bad}");
         }
     }
 
     #[test]
     fn day_sets() {
-        let weekdays = Days::parse("mon-fri").unwrap();
+        let weekdays = "mon-fri".parse::<Days>().unwrap();
         assert!((0..5).all(|d| weekdays.contains(d)));
         assert!(!weekdays.contains(5) && !weekdays.contains(6));
-        let wrapped = Days::parse("Sun-Tue").unwrap();
+        let wrapped = "Sun-Tue".parse::<Days>().unwrap();
         assert!(wrapped.contains(6) && wrapped.contains(0) && wrapped.contains(1));
         assert!(!wrapped.contains(2));
-        assert_eq!(Days::parse("mon-wed,fri").unwrap(), Days(0b1_0111));
+        assert_eq!("mon-wed,fri".parse::<Days>().unwrap(), Days(0b1_0111));
         for bad in ["", "monday", "mon-", "mon,,fri"] {
-            assert!(Days::parse(bad).is_err(), "{bad}");
+            assert!(bad.parse::<Days>().is_err(), "{bad}");
         }
     }
 

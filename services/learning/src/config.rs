@@ -1,49 +1,17 @@
 //! learning-api settings, from the environment.
 
 use serde::Deserialize;
-use trackmesh_shared::{
-    config::{self, CommonConfig, ConfigError, Duration, Validate, check_range},
-    redis::RedisConfig,
-};
+use trackmesh_shared::config::{self, ConfigError, Duration, Validate, check_range};
 
 use crate::{
-    calendar::{Calendar, Days, HourRange, parse_utc_offset},
+    calendar::{Calendar, Days, HourRange, UtcOffset},
     model::Rules,
 };
 
 pub const DEFAULT_PORT: u16 = 50052;
 
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub common: CommonConfig,
-    pub redis: RedisConfig,
-    pub learning: LearningConfig,
-}
-
-impl Config {
-    pub fn from_env() -> Result<Self, ConfigError> {
-        Ok(Self {
-            common: CommonConfig::from_env(DEFAULT_PORT)?,
-            redis: config::from_env()?,
-            learning: config::from_env()?,
-        })
-    }
-
-    /// Defaults with a Redis address: what tests start from.
-    pub fn for_redis(redis: RedisConfig) -> Self {
-        Self {
-            common: CommonConfig::with_port(DEFAULT_PORT),
-            redis,
-            learning: LearningConfig::default(),
-        }
-    }
-}
-
-impl AsRef<CommonConfig> for Config {
-    fn as_ref(&self) -> &CommonConfig {
-        &self.common
-    }
-}
+/// Common, Redis and learning settings.
+pub type Config = config::ServiceConfig<LearningConfig, DEFAULT_PORT>;
 
 /// What counts as a stay, a place, home and work (README, "Configuration").
 #[derive(Debug, Clone, Deserialize)]
@@ -62,13 +30,17 @@ pub struct LearningConfig {
     /// A longer gap between consecutive fixes closes the stay candidate.
     pub max_time_diff: Duration,
     /// Local hours counted as night for home, e.g. `22-06`.
-    pub night_hours: String,
+    #[serde(deserialize_with = "config::from_text")]
+    pub night_hours: HourRange,
     /// Local hours counted as work, e.g. `09-17`.
-    pub work_hours: String,
+    #[serde(deserialize_with = "config::from_text")]
+    pub work_hours: HourRange,
     /// Days counted for work, e.g. `mon-fri`.
-    pub work_days: String,
+    #[serde(deserialize_with = "config::from_text")]
+    pub work_days: Days,
     /// Local time for hour-of-week dwell and labels, a fixed offset like `+02:00`.
-    pub utc_offset: String,
+    #[serde(deserialize_with = "config::from_text")]
+    pub utc_offset: UtcOffset,
     /// Visits a place needs before it can be labelled home or work.
     pub min_label_visits: u32,
     /// A device's model expires after this long without a new fix.
@@ -94,6 +66,7 @@ pub struct LearningConfig {
 
 impl Default for LearningConfig {
     fn default() -> Self {
+        let calendar = Calendar::default();
         Self {
             stay_radius_m: 200.0,
             stay_min_duration: Duration::from_secs(20 * 60),
@@ -101,10 +74,10 @@ impl Default for LearningConfig {
             max_places_per_device: 50,
             max_speed_kmh: 150.0,
             max_time_diff: Duration::from_secs(12 * 3600),
-            night_hours: "22-06".into(),
-            work_hours: "09-17".into(),
-            work_days: "mon-fri".into(),
-            utc_offset: "+00:00".into(),
+            night_hours: calendar.night,
+            work_hours: calendar.work,
+            work_days: calendar.work_days,
+            utc_offset: UtcOffset(calendar.utc_offset_ms),
             min_label_visits: 3,
             state_ttl: Duration::from_secs(30 * 24 * 3600),
             max_batch: 10_000,
@@ -122,20 +95,9 @@ impl Default for LearningConfig {
 }
 
 impl LearningConfig {
-    pub fn calendar(&self) -> Result<Calendar, ConfigError> {
-        Ok(Calendar {
-            utc_offset_ms: parse_utc_offset(&self.utc_offset)
-                .map_err(named("UTC_OFFSET", &self.utc_offset))?,
-            night: HourRange::parse(&self.night_hours)
-                .map_err(named("NIGHT_HOURS", &self.night_hours))?,
-            work: HourRange::parse(&self.work_hours)
-                .map_err(named("WORK_HOURS", &self.work_hours))?,
-            work_days: Days::parse(&self.work_days).map_err(named("WORK_DAYS", &self.work_days))?,
-        })
-    }
-
-    pub fn rules(&self) -> Result<Rules, ConfigError> {
-        Ok(Rules {
+    /// The rules in the units the model decides in.
+    pub fn rules(&self) -> Rules {
+        Rules {
             stay_radius_m: self.stay_radius_m,
             stay_min_duration_ms: millis(self.stay_min_duration),
             place_radius_m: self.place_radius_m,
@@ -143,14 +105,14 @@ impl LearningConfig {
             max_speed_kmh: self.max_speed_kmh,
             max_time_diff_ms: millis(self.max_time_diff),
             min_label_visits: self.min_label_visits,
-            calendar: self.calendar()?,
-        })
+            calendar: Calendar {
+                utc_offset_ms: self.utc_offset.0,
+                night: self.night_hours,
+                work: self.work_hours,
+                work_days: self.work_days,
+            },
+        }
     }
-}
-
-/// Turns a parse error into one naming the variable and its value.
-fn named<'a>(var: &'a str, value: &'a str) -> impl FnOnce(String) -> ConfigError + 'a {
-    move |rule| ConfigError::new(var, value, rule)
 }
 
 fn millis(duration: Duration) -> i64 {
@@ -159,31 +121,57 @@ fn millis(duration: Duration) -> i64 {
 
 impl Validate for LearningConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        check_range("STAY_RADIUS_M", self.stay_radius_m, 1.0..=100_000.0)?;
-        check_range(
-            "STAY_MIN_DURATION",
-            self.stay_min_duration,
-            Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600),
-        )?;
-        check_range("PLACE_RADIUS_M", self.place_radius_m, 1.0..=100_000.0)?;
-        check_range(
-            "MAX_PLACES_PER_DEVICE",
-            self.max_places_per_device,
-            1..=1_000,
-        )?;
-        check_range("MAX_SPEED_KMH", self.max_speed_kmh, 1.0..=100_000.0)?;
-        check_range(
-            "MAX_TIME_DIFF",
-            self.max_time_diff,
-            Duration::from_secs(1)..=Duration::from_secs(365 * 24 * 3600),
-        )?;
-        check_range("MIN_LABEL_VISITS", self.min_label_visits, 1..=1_000_000)?;
-        check_range(
-            "STATE_TTL",
-            self.state_ttl,
-            Duration::from_secs(1)..=Duration::from_secs(10 * 365 * 24 * 3600),
-        )?;
-        check_range("MAX_BATCH", self.max_batch, 1..=1_000_000)?;
+        const DAY: u64 = 24 * 3600;
+        let secs = Duration::from_secs;
+        for (var, value, range) in [
+            ("STAY_RADIUS_M", self.stay_radius_m, 1.0..=100_000.0),
+            ("PLACE_RADIUS_M", self.place_radius_m, 1.0..=100_000.0),
+            ("MAX_SPEED_KMH", self.max_speed_kmh, 1.0..=100_000.0),
+        ] {
+            check_range(var, value, range)?;
+        }
+        for (var, value, range) in [
+            (
+                "STAY_MIN_DURATION",
+                self.stay_min_duration,
+                secs(1)..=secs(7 * DAY),
+            ),
+            (
+                "MAX_TIME_DIFF",
+                self.max_time_diff,
+                secs(1)..=secs(365 * DAY),
+            ),
+            ("STATE_TTL", self.state_ttl, secs(1)..=secs(10 * 365 * DAY)),
+            (
+                "GEOFENCE_MIN_DWELL",
+                self.geofence_min_dwell,
+                secs(0)..=secs(7 * DAY),
+            ),
+        ] {
+            check_range(var, value, range)?;
+        }
+        for (var, value, range) in [
+            (
+                "MAX_PLACES_PER_DEVICE",
+                self.max_places_per_device,
+                1..=1_000,
+            ),
+            ("MIN_LABEL_VISITS", self.min_label_visits, 1..=1_000_000),
+            ("MAX_BATCH", self.max_batch, 1..=1_000_000),
+            ("KAFKA_PARTITIONS", self.kafka_partitions, 1..=10_000),
+            (
+                "KAFKA_REPLICATION_FACTOR",
+                self.kafka_replication_factor,
+                1..=10,
+            ),
+            (
+                "MAX_GEOFENCES_PER_TENANT",
+                self.max_geofences_per_tenant,
+                0..=100_000,
+            ),
+        ] {
+            check_range(var, value, range)?;
+        }
         if let Some(brokers) = &self.kafka_brokers {
             config::kafka_brokers("KAFKA_BROKERS", brokers)?;
         }
@@ -192,24 +180,7 @@ impl Validate for LearningConfig {
             ("KAFKA_GROUP_ID", &self.kafka_group_id),
             ("KAFKA_EVENTS_TOPIC", &self.kafka_events_topic),
             ("KAFKA_GEOFENCES_TOPIC", &self.kafka_geofences_topic),
-        ])?;
-        check_range("KAFKA_PARTITIONS", self.kafka_partitions, 1..=10_000)?;
-        check_range(
-            "KAFKA_REPLICATION_FACTOR",
-            self.kafka_replication_factor,
-            1..=10,
-        )?;
-        check_range(
-            "MAX_GEOFENCES_PER_TENANT",
-            self.max_geofences_per_tenant,
-            0..=100_000,
-        )?;
-        check_range(
-            "GEOFENCE_MIN_DWELL",
-            self.geofence_min_dwell,
-            Duration::from_secs(0)..=Duration::from_secs(7 * 24 * 3600),
-        )?;
-        self.calendar().map(drop)
+        ])
     }
 }
 
@@ -229,7 +200,7 @@ mod tests {
     #[test]
     fn defaults_match_the_design() {
         let config = load(&[]).unwrap();
-        let rules = config.rules().unwrap();
+        let rules = config.rules();
         assert_eq!(rules.stay_radius_m, 200.0);
         assert_eq!(rules.stay_min_duration_ms, 20 * 60_000);
         assert_eq!(rules.max_speed_kmh, 150.0);
@@ -248,7 +219,7 @@ mod tests {
             ("UTC_OFFSET", "-05:00"),
         ])
         .unwrap();
-        let calendar = config.calendar().unwrap();
+        let calendar = config.rules().calendar;
         assert_eq!(calendar.night.to_string(), "23-07");
         assert_eq!(calendar.work.to_string(), "08-16");
         assert!(calendar.work_days.contains(6) && !calendar.work_days.contains(4));

@@ -472,7 +472,7 @@ async fn concurrent_replicas_agree_with_serial(redis: RedisConfig) {
 
 async fn model_expires(redis: RedisConfig) {
     let mut config = config(redis);
-    config.learning.state_ttl = ConfigDuration::from_secs(1);
+    config.service.state_ttl = ConfigDuration::from_secs(1);
     let (_service, mut client) = start(config).await;
     let tenant = testkit::unique("t");
     let fixes = commute("car");
@@ -595,7 +595,7 @@ async fn only_accepted_fixes_are_learned() {
 #[tokio::test]
 async fn invalid_requests_name_the_field_and_apply_nothing() {
     let mut config = config(testkit::redis_standalone());
-    config.learning.max_batch = 100;
+    config.service.max_batch = 100;
     let (_service, mut client) = start(config).await;
     let tenant = testkit::unique("t");
     let call = |tenant: &str, fixes: Vec<RefinedFix>| ObserveRequest {
@@ -902,7 +902,7 @@ mod process {
 /// A learning-api with Kafka, its topics named after `name` (events: `{name}.events`).
 fn kafka_config(name: &str) -> Config {
     let mut config = config(testkit::redis_standalone());
-    let learning = &mut config.learning;
+    let learning = &mut config.service;
     learning.kafka_brokers = Some(testkit::kafka_brokers());
     learning.kafka_topic = format!("{name}.fixes");
     learning.kafka_events_topic = format!("{name}.events");
@@ -990,7 +990,7 @@ fn trips_of(messages: &[(String, TenantEvents)], key: &str) -> Vec<Trip> {
 async fn observe_sends_stays_and_trips_with_the_events_once() {
     let name = testkit::unique("learn");
     let config = kafka_config(&name);
-    let rules = config.learning.rules().unwrap();
+    let rules = config.service.rules();
     let (_service, mut client) = start(config).await;
     let tenant = testkit::unique("t");
     let fixes = Week::new("phone", 3).generate();
@@ -1126,7 +1126,7 @@ fn last_time(fixes: &[RefinedFix]) -> i64 {
 async fn rebuild_from_the_observed_fixes_gives_the_observed_model() {
     let name = testkit::unique("rebuild");
     let config = kafka_config(&name);
-    let rules = config.learning.rules().unwrap();
+    let rules = config.service.rules();
     let (_service, mut client) = start(config).await;
     let tenant = testkit::unique("t");
     // The same week for two devices: one learned online, one rebuilt.

@@ -217,7 +217,7 @@ async fn online_stays_agree_with_trackintel() {
         redis_addr: testkit::redis_addr(),
         ..RedisConfig::default()
     });
-    let rules = config.learning.rules().unwrap();
+    let rules = config.service.rules();
     let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
     let mut client = LearningClient::connect(service.url()).await.unwrap();
     let tenant = testkit::unique("ais");
@@ -277,15 +277,15 @@ async fn a_rebuild_with_a_larger_radius_agrees_with_trackintel_at_that_radius() 
         redis_addr: testkit::redis_addr(),
         ..RedisConfig::default()
     });
-    config.learning.stay_radius_m = 500.0;
+    config.service.stay_radius_m = 500.0;
     let name = testkit::unique("reference");
-    config.learning.kafka_brokers = Some(testkit::kafka_brokers());
-    config.learning.kafka_topic = format!("{name}.fixes");
-    config.learning.kafka_events_topic = format!("{name}.events");
-    config.learning.kafka_geofences_topic = format!("{name}.geofences");
-    config.learning.kafka_group_id = name.clone();
-    config.learning.kafka_partitions = 1;
-    let rules = config.learning.rules().unwrap();
+    config.service.kafka_brokers = Some(testkit::kafka_brokers());
+    config.service.kafka_topic = format!("{name}.fixes");
+    config.service.kafka_events_topic = format!("{name}.events");
+    config.service.kafka_geofences_topic = format!("{name}.geofences");
+    config.service.kafka_group_id = name.clone();
+    config.service.kafka_partitions = 1;
+    let rules = config.service.rules();
     let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
     let mut client = LearningClient::connect(service.url()).await.unwrap();
     let tenant = testkit::unique("ais");
