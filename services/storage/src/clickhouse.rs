@@ -231,12 +231,9 @@ impl Db {
             .with_user(&config.clickhouse_user)
             // The crate's schema validation needs servers newer than Debian's 18.16.
             .with_validation(false)
-            .with_compression(match config.clickhouse_compression.as_str() {
-                "lz4" => clickhouse::Compression::Lz4,
-                _ => clickhouse::Compression::None,
-            });
+            .with_compression(config.clickhouse_compression);
         if let Some(password) = &config.clickhouse_password {
-            server = server.with_password(password);
+            server = server.with_password(password.expose());
         }
         let client = server.clone().with_database(&config.clickhouse_database);
         Self {

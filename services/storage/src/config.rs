@@ -1,7 +1,10 @@
 //! storage-service settings, from the environment.
 
-use serde::Deserialize;
-use trackmesh_shared::config::{self, CommonConfig, ConfigError, Duration, Validate, check_range};
+use clickhouse::Compression;
+use serde::{Deserialize, Deserializer, de};
+use trackmesh_shared::config::{
+    self, CommonConfig, ConfigError, Duration, Secret, Validate, check_range,
+};
 
 pub const DEFAULT_PORT: u16 = 50053;
 
@@ -33,10 +36,11 @@ pub struct StorageConfig {
     /// ClickHouse HTTP interface: `host:port` or URL.
     pub clickhouse_url: String,
     pub clickhouse_user: String,
-    pub clickhouse_password: Option<String>,
+    pub clickhouse_password: Option<Secret>,
     pub clickhouse_database: String,
     /// `none` or `lz4` for inserts and reads; lz4 trades CPU on both ends for bandwidth.
-    pub clickhouse_compression: String,
+    #[serde(deserialize_with = "compression")]
+    pub clickhouse_compression: Compression,
     /// Comma-separated `host:port` bootstrap brokers.
     pub kafka_brokers: String,
     pub kafka_topic: String,
@@ -78,7 +82,7 @@ impl Default for StorageConfig {
             clickhouse_user: "default".into(),
             clickhouse_password: None,
             clickhouse_database: "trackmesh".into(),
-            clickhouse_compression: "none".into(),
+            clickhouse_compression: Compression::None,
             kafka_brokers: "127.0.0.1:9092".into(),
             kafka_topic: "trackmesh.fixes".into(),
             kafka_dlq_topic: "trackmesh.fixes.dlq".into(),
@@ -127,24 +131,14 @@ impl Validate for StorageConfig {
                 "the HTTP interface is needed: http://host:8123 or https://…",
             ));
         }
-        if self.clickhouse_database.is_empty()
-            || !self
-                .clickhouse_database
+        let database = &self.clickhouse_database;
+        if database.is_empty()
+            || !database
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_')
         {
-            return Err(ConfigError::new(
-                "CLICKHOUSE_DATABASE",
-                &self.clickhouse_database,
-                "letters, digits and _ only",
-            ));
-        }
-        if !matches!(self.clickhouse_compression.as_str(), "none" | "lz4") {
-            return Err(ConfigError::new(
-                "CLICKHOUSE_COMPRESSION",
-                &self.clickhouse_compression,
-                "allowed none or lz4",
-            ));
+            let rule = "letters, digits and _ only";
+            return Err(ConfigError::new("CLICKHOUSE_DATABASE", database, rule));
         }
         config::kafka_brokers("KAFKA_BROKERS", &self.kafka_brokers)?;
         config::kafka_names(&[
@@ -153,50 +147,75 @@ impl Validate for StorageConfig {
             ("KAFKA_EVENTS_TOPIC", &self.kafka_events_topic),
             ("KAFKA_GROUP_ID", &self.kafka_group_id),
         ])?;
-        check_range("KAFKA_PARTITIONS", self.kafka_partitions, 1..=10_000)?;
-        check_range(
-            "KAFKA_REPLICATION_FACTOR",
-            self.kafka_replication_factor,
-            1..=16,
-        )?;
-        check_range(
-            "KAFKA_SESSION_TIMEOUT",
-            self.kafka_session_timeout,
-            Duration::from_secs(1)..=Duration::from_secs(300),
-        )?;
-        check_range(
-            "PRODUCE_TIMEOUT",
-            self.produce_timeout,
-            Duration::from_millis(100)..=Duration::from_secs(300),
-        )?;
-        // Room for a few fixes after key, headers and record overhead; librdkafka's upper bound.
-        check_range(
-            "KAFKA_MESSAGE_MAX_BYTES",
-            self.kafka_message_max_bytes,
-            16_384..=1_000_000_000,
-        )?;
-        check_range(
-            "KAFKA_LINGER",
-            self.kafka_linger,
-            Duration::from_millis(0)..=Duration::from_secs(5),
-        )?;
-        check_range("BATCH_MAX_ROWS", self.batch_max_rows, 1..=10_000_000)?;
-        check_range(
-            "BATCH_MAX_BYTES",
-            self.batch_max_bytes,
-            1024..=4 * 1024 * 1024 * 1024,
-        )?;
-        check_range(
-            "BATCH_MAX_WAIT",
-            self.batch_max_wait,
-            Duration::from_millis(1)..=Duration::from_secs(600),
-        )?;
-        check_range(
-            "STREAMING_CHUNK_SIZE",
-            self.streaming_chunk_size,
-            1..=100_000,
-        )?;
-        check_range("MAX_SORT_FIELDS", self.max_sort_fields, 1..=6)?;
-        check_range("RETENTION_DAYS", self.retention_days, 0..=36_500)
+        #[rustfmt::skip]
+        let counts = [
+            ("KAFKA_PARTITIONS", self.kafka_partitions, 1..=10_000),
+            ("KAFKA_REPLICATION_FACTOR", self.kafka_replication_factor, 1..=16),
+            // Room for a few fixes after key, headers and record overhead; librdkafka's bound.
+            ("KAFKA_MESSAGE_MAX_BYTES", self.kafka_message_max_bytes, 16_384..=1_000_000_000),
+            ("BATCH_MAX_ROWS", self.batch_max_rows, 1..=10_000_000),
+            ("STREAMING_CHUNK_SIZE", self.streaming_chunk_size, 1..=100_000),
+            ("MAX_SORT_FIELDS", self.max_sort_fields, 1..=6),
+            ("RETENTION_DAYS", self.retention_days, 0..=36_500),
+        ];
+        let (secs, millis) = (Duration::from_secs, Duration::from_millis);
+        #[rustfmt::skip]
+        let durations = [
+            ("KAFKA_SESSION_TIMEOUT", self.kafka_session_timeout, secs(1)..=secs(300)),
+            ("PRODUCE_TIMEOUT", self.produce_timeout, millis(100)..=secs(300)),
+            ("KAFKA_LINGER", self.kafka_linger, millis(0)..=secs(5)),
+            ("BATCH_MAX_WAIT", self.batch_max_wait, millis(1)..=secs(600)),
+        ];
+        for (var, value, range) in counts {
+            check_range(var, value, range)?;
+        }
+        for (var, value, range) in durations {
+            check_range(var, value, range)?;
+        }
+        check_range("BATCH_MAX_BYTES", self.batch_max_bytes, 1024..=4 << 30)
+    }
+}
+
+/// `CLICKHOUSE_COMPRESSION`: `none` or `lz4`, read once into the client's setting.
+fn compression<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Compression, D::Error> {
+    match String::deserialize(deserializer)?.as_str() {
+        "none" => Ok(Compression::None),
+        "lz4" => Ok(Compression::Lz4),
+        // The message names the variable: serde does not know it.
+        other => Err(de::Error::custom(format_args!(
+            "CLICKHOUSE_COMPRESSION={other}: allowed none or lz4"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<StorageConfig, ConfigError> {
+        config::from_vars(vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())))
+    }
+
+    #[test]
+    fn the_password_stays_out_of_debug() {
+        let config = load(&[("CLICKHOUSE_PASSWORD", "hunter2")]).unwrap();
+        assert_eq!(
+            config.clickhouse_password.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn compression_is_parsed_once() {
+        assert_eq!(load(&[]).unwrap().clickhouse_compression, Compression::None);
+        let lz4 = load(&[("CLICKHOUSE_COMPRESSION", "lz4")]).unwrap();
+        assert_eq!(lz4.clickhouse_compression, Compression::Lz4);
+        assert_eq!(
+            load(&[("CLICKHOUSE_COMPRESSION", "zstd")])
+                .unwrap_err()
+                .to_string(),
+            "invalid configuration: CLICKHOUSE_COMPRESSION=zstd: allowed none or lz4"
+        );
     }
 }

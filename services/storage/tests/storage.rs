@@ -324,7 +324,7 @@ async fn delete_device_removes_its_fixes_and_aggregates() {
 async fn injection_attempts_are_rejected_or_stored_verbatim() {
     // Also the one test of lz4-compressed inserts and reads.
     let mut config = config();
-    config.storage.clickhouse_compression = "lz4".into();
+    config.storage.clickhouse_compression = clickhouse::Compression::Lz4;
     let (_service, mut client) = start(config).await;
     let tenant = testkit::unique("t");
     let nasty = [
