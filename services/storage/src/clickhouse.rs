@@ -720,25 +720,7 @@ impl Db {
             .collect();
         for chunk in split_by_month(&rows, |row| row.time_ms.div_euclid(DAY_MS)) {
             let rows: Vec<&FixRow> = chunk.iter().map(|&i| &rows[i]).collect();
-            out.push(values_insert(&self.client, "fixes", &rows, |query, row| {
-                query
-                    .bind(&row.tenant_id)
-                    .bind(&row.device_id)
-                    .bind(row.time_ms)
-                    .bind(row.lat)
-                    .bind(row.lon)
-                    .bind(row.accuracy_m)
-                    .bind(row.speed_mps)
-                    .bind(row.heading_deg)
-                    .bind(row.altitude_m)
-                    .bind(row.segment)
-                    .bind(row.distance_m)
-                    .bind(row.dt_ms)
-                    .bind(row.speed_kmh)
-                    .bind(row.reanchored)
-                    .bind(row.kafka_partition)
-                    .bind(row.kafka_offset)
-            }));
+            out.push(values_insert(&self.client, "fixes", &rows));
         }
         let part = DayPart {
             tenant_id: "t".into(),
@@ -752,24 +734,7 @@ impl Db {
             time_min_ms: 5,
             time_max_ms: 6,
         };
-        out.push(values_insert(
-            &self.client,
-            "daily_parts",
-            &[&part],
-            |query, part| {
-                query
-                    .bind(&part.tenant_id)
-                    .bind(&part.device_id)
-                    .bind(part.day)
-                    .bind(part.kafka_partition)
-                    .bind(part.kafka_offset)
-                    .bind(part.fix_count)
-                    .bind(part.distance_sum_m)
-                    .bind(part.speed_max_kmh)
-                    .bind(part.time_min_ms)
-                    .bind(part.time_max_ms)
-            },
-        ));
+        out.push(values_insert(&self.client, "daily_parts", &[&part]));
         let events: Vec<EventRow> = (0..150i64)
             .map(|month| EventRow {
                 tenant_id: "t".into(),
@@ -792,30 +757,7 @@ impl Db {
             .collect();
         for chunk in split_by_month(&events, |row| row.time_ms.div_euclid(DAY_MS)) {
             let rows: Vec<&EventRow> = chunk.iter().map(|&i| &events[i]).collect();
-            out.push(values_insert(
-                &self.client,
-                "events",
-                &rows,
-                |query, row| {
-                    query
-                        .bind(&row.tenant_id)
-                        .bind(&row.device_id)
-                        .bind(row.time_ms)
-                        .bind(row.event_type)
-                        .bind(&row.geofence_id)
-                        .bind(&row.place_id)
-                        .bind(row.lat)
-                        .bind(row.lon)
-                        .bind(row.has_fix)
-                        .bind(row.fix_time_ms)
-                        .bind(row.fix_lat)
-                        .bind(row.fix_lon)
-                        .bind(row.fix_accuracy_m)
-                        .bind(row.fix_speed_mps)
-                        .bind(row.fix_heading_deg)
-                        .bind(row.fix_altitude_m)
-                },
-            ));
+            out.push(values_insert(&self.client, "events", &rows));
         }
         let times: Vec<i64> = (0..TIMES_PER_QUERY as i64)
             .map(|i| 1_500_000_000_000 + i)
@@ -860,23 +802,7 @@ impl Db {
             fixes: 3,
             version: 1_500_000_700_000,
         };
-        out.push(values_insert(
-            &self.client,
-            "stays",
-            &[&stay],
-            |query, row| {
-                query
-                    .bind(&row.tenant_id)
-                    .bind(&row.device_id)
-                    .bind(row.start_ms)
-                    .bind(row.end_ms)
-                    .bind(&row.place_id)
-                    .bind(row.lat)
-                    .bind(row.lon)
-                    .bind(row.fixes)
-                    .bind(row.version)
-            },
-        ));
+        out.push(values_insert(&self.client, "stays", &[&stay]));
         let trip = TripRow {
             tenant_id: "t".into(),
             device_id: "d".into(),
@@ -894,29 +820,7 @@ impl Db {
             fixes: 11,
             version: 1_500_001_300_000,
         };
-        out.push(values_insert(
-            &self.client,
-            "trips",
-            &[&trip],
-            |query, row| {
-                query
-                    .bind(&row.tenant_id)
-                    .bind(&row.device_id)
-                    .bind(row.start_ms)
-                    .bind(row.end_ms)
-                    .bind(&row.from_place_id)
-                    .bind(row.from_lat)
-                    .bind(row.from_lon)
-                    .bind(&row.to_place_id)
-                    .bind(row.to_lat)
-                    .bind(row.to_lon)
-                    .bind(row.distance_m)
-                    .bind(row.max_speed_kmh)
-                    .bind(row.mean_speed_kmh)
-                    .bind(row.fixes)
-                    .bind(row.version)
-            },
-        ));
+        out.push(values_insert(&self.client, "trips", &[&trip]));
         let history = HistoryFilter {
             tenant: "t",
             device: "d",
@@ -946,13 +850,8 @@ impl Db {
     }
 }
 
-/// `INSERT INTO table (columns) VALUES (…), …` with each row's values bound by `bind`.
-fn values_insert<T: Row>(
-    client: &Client,
-    table: &str,
-    rows: &[&T],
-    bind: impl Fn(Query, &T) -> Query,
-) -> String {
+/// `INSERT INTO table (columns) VALUES (…), …` with each row's values bound in column order.
+fn values_insert<T: Row + Serialize>(client: &Client, table: &str, rows: &[&T]) -> String {
     let one = format!("({})", vec!["?"; T::COLUMN_NAMES.len()].join(", "));
     let mut query = client.query(&format!(
         "INSERT INTO {table} ({}) VALUES {}",
@@ -960,7 +859,14 @@ fn values_insert<T: Row>(
         vec![one.as_str(); rows.len()].join(", ")
     ));
     for row in rows {
-        query = bind(query, row);
+        // The SQL binder takes no structs: the row's fields by name, through JSON.
+        let fields = serde_json::to_value(row).unwrap_or_default();
+        for column in T::COLUMN_NAMES {
+            query = match &fields[column] {
+                serde_json::Value::Null => query.bind(None::<u8>),
+                value => query.bind(value),
+            };
+        }
     }
     query.sql_display().to_string()
 }

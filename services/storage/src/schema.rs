@@ -65,6 +65,23 @@ impl From<String> for Step {
 
 const BASE: ServerVersion = ServerVersion(18, 16);
 
+/// The stays or trips table: one row per stay or trip of a device, identified by its start:
+/// learning produces the same one again on a retry or a relearn, and the row with the highest
+/// version (the Kafka message's timestamp) wins at read time (FINAL). The partition follows
+/// the start, part of the key, so copies meet in a merge.
+fn history_table(table: &str, columns: &str) -> Step {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+            tenant_id String, device_id String, start_ms Int64, end_ms Int64,
+            {columns},
+            fixes UInt32, version UInt64
+        ) ENGINE = ReplacingMergeTree(version)
+        PARTITION BY toYYYYMM(toDateTime(intDiv(start_ms, 1000), 'UTC'))
+        ORDER BY (tenant_id, device_id, start_ms)"
+    )
+    .into()
+}
+
 /// Every migration, in order. `retention_days` 0 keeps data forever.
 pub fn migrations(retention_days: u32) -> Vec<Migration> {
     let mut all = vec![
@@ -202,44 +219,13 @@ pub fn migrations(retention_days: u32) -> Vec<Migration> {
             description: "stays and trips",
             requires: BASE,
             statements: vec![
-                // One row per stay or trip of a device, identified by its start: learning
-                // produces the same one again on a retry or a relearn, and the row with the
-                // highest version (the Kafka message's timestamp) wins at read time (FINAL).
-                // The partition follows the start, part of the key, so copies meet in a merge.
-                "CREATE TABLE IF NOT EXISTS stays (
-                    tenant_id String,
-                    device_id String,
-                    start_ms Int64,
-                    end_ms Int64,
-                    place_id String,
-                    lat Float64,
-                    lon Float64,
-                    fixes UInt32,
-                    version UInt64
-                ) ENGINE = ReplacingMergeTree(version)
-                PARTITION BY toYYYYMM(toDateTime(intDiv(start_ms, 1000), 'UTC'))
-                ORDER BY (tenant_id, device_id, start_ms)"
-                    .into(),
-                "CREATE TABLE IF NOT EXISTS trips (
-                    tenant_id String,
-                    device_id String,
-                    start_ms Int64,
-                    end_ms Int64,
-                    from_place_id String,
-                    from_lat Float64,
-                    from_lon Float64,
-                    to_place_id String,
-                    to_lat Float64,
-                    to_lon Float64,
-                    distance_m Float64,
-                    max_speed_kmh Float64,
-                    mean_speed_kmh Float64,
-                    fixes UInt32,
-                    version UInt64
-                ) ENGINE = ReplacingMergeTree(version)
-                PARTITION BY toYYYYMM(toDateTime(intDiv(start_ms, 1000), 'UTC'))
-                ORDER BY (tenant_id, device_id, start_ms)"
-                    .into(),
+                history_table("stays", "place_id String, lat Float64, lon Float64"),
+                history_table(
+                    "trips",
+                    "from_place_id String, from_lat Float64, from_lon Float64,
+                    to_place_id String, to_lat Float64, to_lon Float64,
+                    distance_m Float64, max_speed_kmh Float64, mean_speed_kmh Float64",
+                ),
             ],
         },
         Migration {
