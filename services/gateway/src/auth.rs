@@ -9,8 +9,9 @@ use hmac::{Hmac, KeyInit as _, Mac as _};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::Status;
-use trackmesh_shared::{config::ConfigError, ids};
+use trackmesh_shared::{config::ConfigError, domain::TenantId};
+
+use crate::error::Error;
 
 /// The configured keys, kept as SHA-256 digests: comparing digests in constant time does
 /// not even reveal a key's length.
@@ -44,7 +45,7 @@ impl ApiKeys {
                     "each entry is tenant:key",
                 ));
             };
-            if let Err(rule) = ids::check_tenant(tenant) {
+            if let Err(rule) = TenantId::check(tenant) {
                 return Err(ConfigError::new(
                     var,
                     tenant,
@@ -116,26 +117,22 @@ pub struct Credentials {
 
 impl Credentials {
     /// The tenant of the key or token `presented`, for a call of `scope`.
-    pub fn tenant_of(&self, presented: &str, scope: Scope) -> Result<String, Status> {
+    pub fn tenant_of(&self, presented: &str, scope: Scope) -> Result<String, Error> {
         if let Some(tenant) = self.keys.lookup(presented) {
             return Ok(tenant.to_owned());
         }
         match self.ingest.lookup(presented) {
             Some(tenant) if scope == Scope::Ingest => Ok(tenant.to_owned()),
-            Some(_) => Err(Status::permission_denied(
-                "an ingest token can only send fixes; use an API key",
-            )),
-            None => Err(Status::unauthenticated("invalid API key or ingest token")),
+            Some(_) => Err(Error::IngestOnly),
+            None => Err(Error::Unauthenticated("invalid API key or ingest token")),
         }
     }
 
     /// The tenant whose key (or, for `Scope::Ingest`, token) the call's headers carry.
-    pub fn tenant(&self, headers: &HeaderMap, scope: Scope) -> Result<String, Status> {
-        let presented = presented_key(headers).ok_or_else(|| {
-            Status::unauthenticated(
-                "missing API key: send authorization: Bearer <key> or x-api-key",
-            )
-        })?;
+    pub fn tenant(&self, headers: &HeaderMap, scope: Scope) -> Result<String, Error> {
+        let presented = presented_key(headers).ok_or(Error::Unauthenticated(
+            "missing API key: send authorization: Bearer <key> or x-api-key",
+        ))?;
         self.tenant_of(presented, scope)
     }
 }
@@ -173,9 +170,9 @@ impl StreamTokens {
     }
 
     /// The tenant of a token this secret signed that has not expired at `now_ms`.
-    pub fn verify(&self, token: &str, now_ms: i64) -> Result<String, Status> {
+    pub fn verify(&self, token: &str, now_ms: i64) -> Result<String, Error> {
         let invalid =
-            || Status::unauthenticated("invalid stream token: get one with POST /v1/live/token");
+            || Error::Unauthenticated("invalid stream token: get one with POST /v1/live/token");
         let (payload, tag) = token.split_once('.').ok_or_else(invalid)?;
         let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| invalid())?;
         let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| invalid())?;
@@ -186,7 +183,7 @@ impl StreamTokens {
         let (tenant, expires_ms) = payload.rsplit_once('.').ok_or_else(invalid)?;
         let expires_ms: i64 = expires_ms.parse().map_err(|_| invalid())?;
         if expires_ms <= now_ms {
-            return Err(Status::unauthenticated(
+            return Err(Error::Unauthenticated(
                 "stream token expired: get a new one with POST /v1/live/token",
             ));
         }
@@ -219,6 +216,8 @@ fn digest(key: &str) -> [u8; 32] {
 
 #[cfg(test)]
 mod tests {
+    use tonic::{Code, Status};
+
     use super::*;
 
     fn metadata(name: &'static str, value: &str) -> HeaderMap {
@@ -267,7 +266,7 @@ mod tests {
         let (token, expires_ms) = tokens.issue("demo", 1_000);
         assert_eq!(expires_ms, 61_000);
         assert_eq!(tokens.verify(&token, 60_999).unwrap(), "demo");
-        let expired = tokens.verify(&token, 61_000).unwrap_err();
+        let expired = Status::from(tokens.verify(&token, 61_000).unwrap_err());
         assert!(expired.message().contains("expired"), "{expired:?}");
         // Another secret, a changed tenant or a cut tag: refused.
         let other = StreamTokens::new(b"another-secret-!!", std::time::Duration::from_secs(60));
@@ -280,8 +279,8 @@ mod tests {
             payload.to_owned(),
             String::new(),
         ] {
-            let err = tokens.verify(&bad, 2_000).unwrap_err();
-            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad}");
+            let err = Status::from(tokens.verify(&bad, 2_000).unwrap_err());
+            assert_eq!(err.code(), Code::Unauthenticated, "{bad}");
         }
     }
 
@@ -294,8 +293,8 @@ mod tests {
             metadata("authorization", "Basic demo-key-1"),
             metadata("x-api-key", "demo-key-"),
         ] {
-            let err = keys.tenant(&metadata, Scope::Ingest).unwrap_err();
-            assert_eq!(err.code(), tonic::Code::Unauthenticated);
+            let err = Status::from(keys.tenant(&metadata, Scope::Ingest).unwrap_err());
+            assert_eq!(err.code(), Code::Unauthenticated);
             assert!(!err.message().contains("demo-key"), "no key in messages");
         }
     }
@@ -322,8 +321,8 @@ mod tests {
         let keys = keys();
         let token = metadata("x-api-key", "demo-ingest");
         assert_eq!(keys.tenant(&token, Scope::Ingest).unwrap(), "demo");
-        let err = keys.tenant(&token, Scope::Full).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        let err = Status::from(keys.tenant(&token, Scope::Full).unwrap_err());
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
         assert_eq!(keys.tenant_of("demo-key-1", Scope::Ingest).unwrap(), "demo");
     }
 }

@@ -304,7 +304,7 @@ pub fn split(
             offset = index;
         }
         let response = &mut responses[request];
-        if result.verdict == Verdict::Accepted as i32 {
+        if result.verdict() == Verdict::Accepted {
             response.accepted += 1;
             response.replayed += u32::from(result.replay);
             accepted.push(result);

@@ -1,15 +1,21 @@
-//! gateway errors and their one mapping to gRPC status codes.
+//! gateway errors and their one mapping to gRPC status codes (`http::api` maps the status on
+//! to HTTP).
 
 use std::time::Duration;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
-use trackmesh_shared::grpc;
+use trackmesh_shared::{domain::Invalid, grpc};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{field}: {rule}")]
-    InvalidArgument { field: String, rule: String },
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// No credentials, or none this gateway knows; the message says which.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("an ingest token can only send fixes; use an API key")]
+    IngestOnly,
     #[error("rate limit of {kind} per second exceeded for this tenant; retry in {retry_after:?}")]
     RateLimited {
         kind: &'static str,
@@ -26,22 +32,15 @@ pub enum Error {
     Downstream(#[from] Status),
 }
 
-impl Error {
-    pub fn invalid(field: impl Into<String>, rule: impl Into<String>) -> Self {
-        Self::InvalidArgument {
-            field: field.into(),
-            rule: rule.into(),
-        }
-    }
-}
-
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match error {
-            Error::InvalidArgument { field, rule } => grpc::invalid_argument(&field, rule),
-            Error::RateLimited { kind, retry_after } => Status::with_error_details(
+            Error::Invalid(bad) => grpc::invalid_argument(&bad.field, bad.rule),
+            Error::Unauthenticated(message) => Status::unauthenticated(message),
+            Error::IngestOnly => Status::permission_denied(error.to_string()),
+            Error::RateLimited { retry_after, .. } => Status::with_error_details(
                 Code::ResourceExhausted,
-                Error::RateLimited { kind, retry_after }.to_string(),
+                error.to_string(),
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
             Error::LiveOff => Status::failed_precondition(error.to_string()),

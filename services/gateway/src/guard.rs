@@ -158,7 +158,7 @@ where
         let scope = if ingest { Scope::Ingest } else { Scope::Full };
         let tenant = match self.shared.keys.tenant(request.headers(), scope) {
             Ok(tenant) => tenant,
-            Err(status) => return refuse(status),
+            Err(error) => return refuse(error.into()),
         };
         let stream = STREAM_METHODS.contains(&method.as_str());
         let slots = if stream {

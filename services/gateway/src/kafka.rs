@@ -12,7 +12,7 @@ use rdkafka::{
     message::{BorrowedMessage, Headers as _},
 };
 use trackmesh_proto::v1::{Event, RefinedFix, TenantEvents};
-use trackmesh_shared::fix_messages;
+use trackmesh_shared::{domain::DeviceKey, fix_messages};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -212,8 +212,11 @@ fn decode_fixes(
     let mut index = 0u32;
     let devices = batches
         .into_iter()
-        .map(|batch| {
-            let key = format!("{}/{}", batch.tenant_id, batch.device_id);
+        .filter_map(|batch| {
+            // Storage writes checked ids only: a batch without them is none of ours.
+            let key = DeviceKey::parse(&batch.tenant_id, &batch.device_id)
+                .ok()?
+                .to_string();
             let fixes = batch
                 .fixes
                 .into_iter()
@@ -223,11 +226,11 @@ fn decode_fixes(
                     seen.fresh_fix(&key, &fix).then_some((i, fix))
                 })
                 .collect();
-            DeviceFixes {
+            Some(DeviceFixes {
                 tenant: batch.tenant_id,
                 device: batch.device_id,
                 fixes,
-            }
+            })
         })
         .collect();
     Some(devices)
@@ -239,7 +242,10 @@ fn decode_events(payload: &[u8], seen: &mut Seen) -> Option<TenantEventsBatch> {
     let tenant = message.tenant_id;
     let events = (0u32..)
         .zip(message.events)
-        .filter(|(_, event)| seen.fresh_event(&format!("{tenant}/{}", event.device_id), event))
+        .filter(|(_, event)| {
+            DeviceKey::parse(&tenant, &event.device_id)
+                .is_ok_and(|key| seen.fresh_event(&key.to_string(), event))
+        })
         .collect();
     Some(TenantEventsBatch { tenant, events })
 }

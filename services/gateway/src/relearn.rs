@@ -21,7 +21,10 @@ use trackmesh_proto::v1::{
     DeleteHistoryRequest, ListStoredDevicesRequest, QueryTrackRequest, RebuildReply,
     RebuildRequest, RefinedFix, RelearnProgress, ReseedResponse, SeedRequest, SortField,
 };
-use trackmesh_shared::{grpc::Deadline, ids};
+use trackmesh_shared::{
+    domain::{DeviceId, Invalid},
+    grpc::Deadline,
+};
 
 use crate::{
     error::Error,
@@ -57,21 +60,22 @@ impl Devices {
     /// Exactly one of `device_ids` and `all_devices`; each id valid.
     pub fn new(device_ids: Vec<String>, all_devices: bool) -> Result<Self, Error> {
         match (device_ids.is_empty(), all_devices) {
-            (true, false) => Err(Error::invalid(
+            (true, false) => Err(Invalid::new(
                 "device_ids",
                 "give one or more device ids, or all_devices=true",
-            )),
-            (false, true) => Err(Error::invalid(
+            )
+            .into()),
+            (false, true) => Err(Invalid::new(
                 "all_devices",
                 "not together with device_ids: give one or the other",
-            )),
+            )
+            .into()),
             (true, true) => Ok(Self::All),
             (false, false) => {
                 let mut seen = HashSet::new();
                 let mut listed = Vec::with_capacity(device_ids.len());
                 for (index, id) in device_ids.into_iter().enumerate() {
-                    ids::check_device(&id)
-                        .map_err(|rule| Error::invalid(format!("device_ids[{index}]"), rule))?;
+                    DeviceId::parse(format_args!("device_ids[{index}]"), &id)?;
                     if seen.insert(id.clone()) {
                         listed.push(id);
                     }

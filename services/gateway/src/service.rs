@@ -23,7 +23,12 @@ use trackmesh_proto::v1::{
     gateway_server::Gateway, learning_client::LearningClient, refinement_client::RefinementClient,
     storage_client::StorageClient,
 };
-use trackmesh_shared::{grpc::Deadline, ids, server::MAX_MESSAGE_BYTES, telemetry};
+use trackmesh_shared::{
+    domain::{DeviceId, Invalid},
+    grpc::Deadline,
+    server::MAX_MESSAGE_BYTES,
+    telemetry,
+};
 
 use crate::{
     coalesce::{self, Coalescer, Entry},
@@ -189,7 +194,8 @@ impl GatewayService {
 }
 
 fn device(device_id: &str) -> Result<(), Error> {
-    ids::check_device(device_id).map_err(|rule| Error::invalid("device_id", rule))
+    DeviceId::parse("device_id", device_id)?;
+    Ok(())
 }
 
 impl Inner {
@@ -203,18 +209,18 @@ impl Inner {
         deadline: Deadline,
     ) -> Result<IngestResponse, Error> {
         if request.fixes.len() > self.max_batch {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 "fixes",
                 format!(
                     "{} fixes, more than MAX_BATCH={}",
                     request.fixes.len(),
                     self.max_batch
                 ),
-            ));
+            )
+            .into());
         }
         for (index, fix) in request.fixes.iter().enumerate() {
-            ids::check_device(&fix.device_id)
-                .map_err(|rule| Error::invalid(format!("fixes[{index}].device_id"), rule))?;
+            DeviceId::parse(format_args!("fixes[{index}].device_id"), &fix.device_id)?;
         }
         if request.fixes.is_empty() {
             return Ok(IngestResponse {
@@ -447,8 +453,9 @@ impl Gateway for GatewayService {
         self.limit(&tenant, 0)?;
         let request = request.into_inner();
         device(&request.device_id)?;
-        let simplify_m = simplify::tolerance("simplify_m", request.simplify_m)
-            .map_err(|bad| Error::invalid(bad.field, "a finite number of metres >= 0"))?;
+        let simplify_m = simplify::tolerance("simplify_m", request.simplify_m).map_err(|bad| {
+            Error::from(Invalid::new(bad.field, "a finite number of metres >= 0"))
+        })?;
         let query = QueryTrackRequest {
             tenant_id: tenant,
             device_id: request.device_id,
@@ -796,13 +803,14 @@ impl GatewayService {
         self.limit(&tenant, 0)?;
         let devices = Devices::new(request.device_ids, request.all_devices)?;
         if request.from_ms < 0 {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 "from_ms",
                 format!(
                     "{} is negative: Unix ms >= 0 (0: every stored fix)",
                     request.from_ms
                 ),
-            ));
+            )
+            .into());
         }
         Ok(self.history().relearn(tenant, devices, request.from_ms))
     }

@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use trackmesh_proto::v1::{BoundingBox, Lag, WatchMessage, watch_message::Item};
-use trackmesh_shared::ids;
+use trackmesh_shared::domain::{DeviceId, Invalid};
 
 use crate::{
     error::Error,
@@ -49,13 +49,14 @@ impl Filter {
         bbox: Option<BoundingBox>,
     ) -> Result<Self, Error> {
         if devices.len() > MAX_DEVICE_IDS {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 "device_ids",
                 format!("at most {MAX_DEVICE_IDS} devices per subscription"),
-            ));
+            )
+            .into());
         }
         for device in &devices {
-            ids::check_device(device).map_err(|rule| Error::invalid("device_ids", rule))?;
+            DeviceId::parse("device_ids", device)?;
         }
         devices.sort_unstable();
         devices.dedup();
@@ -67,17 +68,13 @@ impl Filter {
                 ("bbox.max_lon", b.max_lon, 180.0),
             ] {
                 if !(value.is_finite() && value.abs() <= limit) {
-                    return Err(Error::invalid(
-                        field,
-                        format!("must be a number within ±{limit}"),
-                    ));
+                    return Err(
+                        Invalid::new(field, format!("must be a number within ±{limit}")).into(),
+                    );
                 }
             }
             if b.min_lat > b.max_lat {
-                return Err(Error::invalid(
-                    "bbox.min_lat",
-                    "must not be above bbox.max_lat",
-                ));
+                return Err(Invalid::new("bbox.min_lat", "must not be above bbox.max_lat").into());
             }
         }
         Ok(Self {
@@ -140,7 +137,12 @@ impl Position {
 
     /// Reads a token `token` wrote.
     pub fn parse(token: &str) -> Result<Self, Error> {
-        let invalid = || Error::invalid("resume_token", "not a token of a WatchMessage");
+        let invalid = || {
+            Error::from(Invalid::new(
+                "resume_token",
+                "not a token of a WatchMessage",
+            ))
+        };
         let text = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
         let text = String::from_utf8(text).map_err(|_| invalid())?;
         let mut topics = text.strip_prefix("2;").ok_or_else(invalid)?.split(';');

@@ -289,7 +289,7 @@ async fn relearn_gives_back_what_online_learning_gave() {
     assert_eq!((reseeded.seeded, reseeded.kept), (2, 0), "{reseeded:?}");
     let answer = ingest(&mut client, vec![old]).await.unwrap();
     assert_eq!(answer.accepted, 0, "{answer:?}");
-    assert_eq!(answer.rejections[0].verdict, Verdict::OutOfOrder as i32);
+    assert_eq!(answer.rejections[0].verdict(), Verdict::OutOfOrder);
 
     // Relearn restores the places, visits and transitions.
     let progress = relearn(

@@ -536,5 +536,5 @@ async fn stays_trips_relearn_and_reseed_through_the_gateway() {
     };
     let answer = ingest(&mut client, vec![late]).await.unwrap();
     assert_eq!(answer.rejected, 1, "{answer:?}");
-    assert_eq!(answer.rejections[0].verdict, Verdict::OutOfOrder as i32);
+    assert_eq!(answer.rejections[0].verdict(), Verdict::OutOfOrder);
 }

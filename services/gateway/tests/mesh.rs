@@ -262,7 +262,7 @@ async fn bad_requests_and_rate_limits() {
     odd[1].lat = 123.0;
     let response = ingest(&mut client, odd).await.unwrap();
     assert_eq!(response.rejections[0].index, 1);
-    assert_eq!(response.rejections[0].verdict, Verdict::Invalid as i32);
+    assert_eq!(response.rejections[0].verdict(), Verdict::Invalid);
 
     // Requests per second: the bucket empties, the answer says when to come back.
     let mut limited = None;

@@ -4,8 +4,6 @@
 //! under a size limit, then calls the very `Gateway` method gRPC calls, so limits, coalescing
 //! and error meanings are the same; this module only converts.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::{
     Router,
     body::{Body, Bytes},
@@ -22,10 +20,11 @@ use tonic_types::StatusExt as _;
 use trackmesh_proto::v1::{
     DailyStat, DeleteDeviceRequest, DevicePlacesRequest, DevicePredictRequest, DeviceSummary, Fix,
     GetDailyStatsRequest, GetTrackRequest, IngestRequest, IngestResponse, ListDevicesRequest,
-    Place, PlaceLabel, SortField, Verdict, gateway_server::Gateway as _,
+    Place, PlaceLabel, SortField, gateway_server::Gateway as _,
 };
+use trackmesh_shared::domain::{Invalid, now_ms};
 
-use super::{fields::BadFix, geofences, history, ingest_json, live, osmand, owntracks};
+use super::{geofences, history, ingest_json, live, osmand, owntracks};
 use crate::{
     auth::{Scope, StreamTokens},
     export::{Encoder, Format},
@@ -131,8 +130,8 @@ impl From<Status> for Failure {
     }
 }
 
-impl From<BadFix> for Failure {
-    fn from(bad: BadFix) -> Self {
+impl From<Invalid> for Failure {
+    fn from(bad: Invalid) -> Self {
         Self::new(Code::InvalidArgument, bad.to_string())
     }
 }
@@ -219,7 +218,7 @@ impl Api {
             .await?
             .into_inner();
         for rejection in &response.rejections {
-            let verdict = Verdict::try_from(rejection.verdict).unwrap_or_default();
+            let verdict = rejection.verdict();
             metrics::counter!("gateway_http_rejected_total", "protocol" => protocol, "verdict" => verdict.as_str_name())
                 .increment(1);
         }
@@ -254,12 +253,6 @@ pub(super) async fn body(request: Request, limit: usize) -> Result<Bytes, Failur
     axum::body::to_bytes(request.into_body(), limit)
         .await
         .map_err(|_| Failure::too_large(limit))
-}
-
-pub(super) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

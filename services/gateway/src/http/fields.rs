@@ -1,24 +1,7 @@
-//! What the HTTP ingest protocols share: the error type, numbers, times and the checks that make a fix.
+//! What the HTTP ingest protocols share: numbers, times and the checks that make a fix; a
+//! value that cannot become one is an `Invalid` (field: a parameter name or a JSON path).
 
-use trackmesh_shared::ids;
-
-/// A request value that cannot become a fix: the field (a parameter name or a JSON path) and the
-/// rule it breaks. One line, e.g. `lat: not a number ("abc")`; the HTTP layer answers it with 400.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {rule}")]
-pub struct BadFix {
-    pub field: String,
-    pub rule: String,
-}
-
-impl BadFix {
-    pub fn new(field: impl Into<String>, rule: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            rule: rule.into(),
-        }
-    }
-}
+use trackmesh_shared::domain::{DeviceId, Invalid};
 
 /// How much of a client's input an error message repeats.
 const ECHO_CHARS: usize = 40;
@@ -42,39 +25,39 @@ pub fn show(value: f64) -> String {
 }
 
 /// A decimal number as apps write it in parameters (`12`, `-3.5`, `1e3`), finite.
-pub fn number(field: &str, text: &str) -> Result<f64, BadFix> {
+pub fn number(field: &str, text: &str) -> Result<f64, Invalid> {
     let value: f64 = text
         .trim()
         .parse()
-        .map_err(|_| BadFix::new(field, format!("not a number ({})", quoted(text))))?;
+        .map_err(|_| Invalid::new(field, format!("not a number ({})", quoted(text))))?;
     finite(field, value)
 }
 
 /// Refuses NaN and infinities, which parameters (`lat=NaN`) can spell but no fix can hold.
-pub fn finite(field: &str, value: f64) -> Result<f64, BadFix> {
+pub fn finite(field: &str, value: f64) -> Result<f64, Invalid> {
     if value.is_finite() {
         Ok(value)
     } else {
-        Err(BadFix::new(field, "not a finite number"))
+        Err(Invalid::new(field, "not a finite number"))
     }
 }
 
-pub fn latitude(field: &str, value: f64) -> Result<f64, BadFix> {
+pub fn latitude(field: &str, value: f64) -> Result<f64, Invalid> {
     if (-90.0..=90.0).contains(&value) {
         Ok(value)
     } else {
-        Err(BadFix::new(
+        Err(Invalid::new(
             field,
             format!("{} out of range, allowed -90..=90", show(value)),
         ))
     }
 }
 
-pub fn longitude(field: &str, value: f64) -> Result<f64, BadFix> {
+pub fn longitude(field: &str, value: f64) -> Result<f64, Invalid> {
     if (-180.0..=180.0).contains(&value) {
         Ok(value)
     } else {
-        Err(BadFix::new(
+        Err(Invalid::new(
             field,
             format!("{} out of range, allowed -180..=180", show(value)),
         ))
@@ -82,21 +65,21 @@ pub fn longitude(field: &str, value: f64) -> Result<f64, BadFix> {
 }
 
 /// A finite value for one of the fix's `float` fields: it must not overflow to infinity.
-pub fn to_f32(field: &str, value: f64) -> Result<f32, BadFix> {
+pub fn to_f32(field: &str, value: f64) -> Result<f32, Invalid> {
     let narrow = value as f32;
     if narrow.is_finite() {
         Ok(narrow)
     } else {
-        Err(BadFix::new(
+        Err(Invalid::new(
             field,
             format!("{} out of range for a 32-bit float", show(value)),
         ))
     }
 }
 
-pub fn accuracy(field: &str, value: f64) -> Result<f32, BadFix> {
+pub fn accuracy(field: &str, value: f64) -> Result<f32, Invalid> {
     if value < 0.0 {
-        return Err(BadFix::new(field, format!("{} is negative", show(value))));
+        return Err(Invalid::new(field, format!("{} is negative", show(value))));
     }
     to_f32(field, value)
 }
@@ -111,13 +94,13 @@ pub fn kmh_to_mps(kmh: f64) -> f64 {
     kmh / 3.6
 }
 
-/// A device id by the shared rules (shared/src/ids.rs), refused as `field`.
-pub fn device(field: &str, id: &str) -> Result<String, BadFix> {
-    ids::check_device(id).map_err(|rule| {
+/// A device id by the shared rules (`DeviceId`), refused as `field`.
+pub fn device(field: &str, id: &str) -> Result<String, Invalid> {
+    DeviceId::check(id).map_err(|rule| {
         if id.is_empty() {
-            BadFix::new(field, rule)
+            Invalid::new(field, rule)
         } else {
-            BadFix::new(field, format!("{rule} ({})", quoted(id)))
+            Invalid::new(field, format!("{rule} ({})", quoted(id)))
         }
     })?;
     Ok(id.to_owned())
@@ -128,11 +111,11 @@ pub fn device(field: &str, id: &str) -> Result<String, BadFix> {
 pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
 
 /// `ms` if it is a time from 1970 to 9999, else a refusal quoting `text`.
-pub fn in_time_range(field: &str, text: &str, ms: i64) -> Result<i64, BadFix> {
+pub fn in_time_range(field: &str, text: &str, ms: i64) -> Result<i64, Invalid> {
     if (0..=MAX_TIME_MS).contains(&ms) {
         Ok(ms)
     } else {
-        Err(BadFix::new(
+        Err(Invalid::new(
             field,
             format!(
                 "out of range, allowed 1970-01-01 to 9999-12-31 ({})",
@@ -145,7 +128,7 @@ pub fn in_time_range(field: &str, text: &str, ms: i64) -> Result<i64, BadFix> {
 /// A fix time in any form the OsmAnd protocol allows: Unix seconds or milliseconds (decimal,
 /// a magnitude below 10^11 is seconds, fractions allowed), ISO 8601 with a zone, or
 /// `yyyy-MM-dd HH:mm:ss` in UTC. Sub-millisecond digits are dropped, as Java's `Date` does.
-pub fn timestamp(field: &str, text: &str) -> Result<i64, BadFix> {
+pub fn timestamp(field: &str, text: &str) -> Result<i64, Invalid> {
     let text = text.trim();
     match epoch_decimal(text) {
         Some(Ok(ms)) => in_time_range(field, text, ms),
@@ -211,9 +194,9 @@ fn days_in_month(year: i64, month: u32) -> u32 {
 
 /// ISO 8601 (`2021-01-01T00:00:00Z`, a fraction, `+02:00`, `+0200` or `+02`) or
 /// `yyyy-MM-dd HH:mm:ss[.fff]` in UTC.
-fn date_time(field: &str, text: &str) -> Result<i64, BadFix> {
+fn date_time(field: &str, text: &str) -> Result<i64, Invalid> {
     let not_a_time = || {
-        BadFix::new(
+        Invalid::new(
             field,
             format!(
                 "not a time: Unix s or ms, ISO 8601 or yyyy-MM-dd HH:mm:ss ({})",
@@ -260,7 +243,7 @@ fn date_time(field: &str, text: &str) -> Result<i64, BadFix> {
     let offset_minutes: i64 = match zone {
         [] if b[10] == b' ' => 0,
         [] => {
-            return Err(BadFix::new(
+            return Err(Invalid::new(
                 field,
                 format!(
                     "ISO 8601 time without a zone, add Z or an offset like +02:00 ({})",
@@ -295,7 +278,7 @@ fn date_time(field: &str, text: &str) -> Result<i64, BadFix> {
         || minute > 59
         || second > 59
     {
-        return Err(BadFix::new(
+        return Err(Invalid::new(
             field,
             format!("not a calendar date and time ({})", quoted(text)),
         ));
@@ -310,16 +293,16 @@ fn date_time(field: &str, text: &str) -> Result<i64, BadFix> {
 pub mod json {
     use serde_json::{Map, Value};
 
-    use super::{BadFix, finite};
+    use super::{Invalid, finite};
 
-    pub fn parse(body: &[u8]) -> Result<Value, BadFix> {
-        serde_json::from_slice(body).map_err(|e| BadFix::new("body", format!("not JSON: {e}")))
+    pub fn parse(body: &[u8]) -> Result<Value, Invalid> {
+        serde_json::from_slice(body).map_err(|e| Invalid::new("body", format!("not JSON: {e}")))
     }
 
-    pub fn object<'a>(field: &str, value: &'a Value) -> Result<&'a Map<String, Value>, BadFix> {
+    pub fn object<'a>(field: &str, value: &'a Value) -> Result<&'a Map<String, Value>, Invalid> {
         value
             .as_object()
-            .ok_or_else(|| BadFix::new(field, "expected a JSON object"))
+            .ok_or_else(|| Invalid::new(field, "expected a JSON object"))
     }
 
     /// A member that may be absent; `null` counts as absent, as the tracking apps write it.
@@ -327,10 +310,10 @@ pub mod json {
         object.get(name).filter(|value| !value.is_null())
     }
 
-    pub fn number(field: &str, value: &Value) -> Result<f64, BadFix> {
+    pub fn number(field: &str, value: &Value) -> Result<f64, Invalid> {
         match value.as_f64() {
             Some(number) if value.is_number() => finite(field, number),
-            _ => Err(BadFix::new(field, "expected a number")),
+            _ => Err(Invalid::new(field, "expected a number")),
         }
     }
 
@@ -338,7 +321,7 @@ pub mod json {
         object: &Map<String, Value>,
         name: &str,
         field: &str,
-    ) -> Result<Option<f64>, BadFix> {
+    ) -> Result<Option<f64>, Invalid> {
         member(object, name)
             .map(|value| number(field, value))
             .transpose()
@@ -348,15 +331,15 @@ pub mod json {
         object: &Map<String, Value>,
         name: &str,
         field: &str,
-    ) -> Result<f64, BadFix> {
-        let value = member(object, name).ok_or_else(|| BadFix::new(field, "required"))?;
+    ) -> Result<f64, Invalid> {
+        let value = member(object, name).ok_or_else(|| Invalid::new(field, "required"))?;
         number(field, value)
     }
 
-    pub fn string<'a>(field: &str, value: &'a Value) -> Result<&'a str, BadFix> {
+    pub fn string<'a>(field: &str, value: &'a Value) -> Result<&'a str, Invalid> {
         value
             .as_str()
-            .ok_or_else(|| BadFix::new(field, "expected a string"))
+            .ok_or_else(|| Invalid::new(field, "expected a string"))
     }
 }
 

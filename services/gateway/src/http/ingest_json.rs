@@ -9,15 +9,16 @@
 
 use serde_json::{Map, Value, json};
 use trackmesh_proto::v1::{Fix, IngestRequest, IngestResponse, Verdict};
+use trackmesh_shared::domain::Invalid;
 
-use super::fields::{BadFix, quoted, show};
+use super::fields::{quoted, show};
 
 /// The request of a `/v1/ingest` body.
-pub fn parse_request(body: &[u8]) -> Result<IngestRequest, BadFix> {
+pub fn parse_request(body: &[u8]) -> Result<IngestRequest, Invalid> {
     let root = super::fields::json::parse(body)?;
     let root = root
         .as_object()
-        .ok_or_else(|| BadFix::new("body", "expected a JSON object"))?;
+        .ok_or_else(|| Invalid::new("body", "expected a JSON object"))?;
     let mut request = IngestRequest::default();
     for (name, value) in fields(root, "", &[("fixes", "fixes"), ("sequence", "sequence")])? {
         match name {
@@ -29,7 +30,7 @@ pub fn parse_request(body: &[u8]) -> Result<IngestRequest, BadFix> {
                         .map(|(i, fix)| parse_fix(&format!("fixes[{i}]"), fix))
                         .collect::<Result<_, _>>()?;
                 }
-                _ => return Err(BadFix::new("fixes", "expected an array")),
+                _ => return Err(Invalid::new("fixes", "expected an array")),
             },
             _ => request.sequence = uint64("sequence", value)?,
         }
@@ -44,7 +45,7 @@ fn fields<'a>(
     object: &'a Map<String, Value>,
     path: &str,
     names: &[(&str, &'static str)],
-) -> Result<Vec<(&'static str, &'a Value)>, BadFix> {
+) -> Result<Vec<(&'static str, &'a Value)>, Invalid> {
     let at = |name: &str| {
         if path.is_empty() {
             name.to_owned()
@@ -56,13 +57,13 @@ fn fields<'a>(
     for (name, value) in object {
         let Some(&(_, canonical)) = names.iter().find(|(json, _)| json == name) else {
             let field = if path.is_empty() { "body" } else { path };
-            return Err(BadFix::new(
+            return Err(Invalid::new(
                 field,
                 format!("unknown field {}", quoted(name)),
             ));
         };
         if found.iter().any(|(seen, _)| *seen == canonical) {
-            return Err(BadFix::new(
+            return Err(Invalid::new(
                 at(name),
                 "given twice (camelCase and snake_case)",
             ));
@@ -91,10 +92,10 @@ const FIX_FIELDS: &[(&str, &str)] = &[
     ("altitude_m", "altitude_m"),
 ];
 
-fn parse_fix(path: &str, value: &Value) -> Result<Fix, BadFix> {
+fn parse_fix(path: &str, value: &Value) -> Result<Fix, Invalid> {
     let object = value
         .as_object()
-        .ok_or_else(|| BadFix::new(path, "expected a JSON object"))?;
+        .ok_or_else(|| Invalid::new(path, "expected a JSON object"))?;
     let mut fix = Fix::default();
     for (name, value) in fields(object, path, FIX_FIELDS)? {
         let field = format!("{path}.{name}");
@@ -102,7 +103,7 @@ fn parse_fix(path: &str, value: &Value) -> Result<Fix, BadFix> {
             "device_id" => {
                 fix.device_id = value
                     .as_str()
-                    .ok_or_else(|| BadFix::new(&field, "expected a string"))?
+                    .ok_or_else(|| Invalid::new(&field, "expected a string"))?
                     .to_owned();
             }
             "time_ms" => fix.time_ms = int64(&field, value)?,
@@ -120,33 +121,33 @@ fn parse_fix(path: &str, value: &Value) -> Result<Fix, BadFix> {
 const INTEGER: &str = "expected an integer (a number or a decimal string)";
 
 /// An integral JSON number, or a decimal string, in `T`'s range.
-fn integer<T: TryFrom<i128>>(field: &str, value: &Value) -> Result<T, BadFix> {
+fn integer<T: TryFrom<i128>>(field: &str, value: &Value) -> Result<T, Invalid> {
     let wide: i128 = match value {
         Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
             (Some(i), _, _) => i128::from(i),
             (_, Some(u), _) => i128::from(u),
             // 1.5e3 is an integer too; only below 2^53 is a double exact.
             (_, _, Some(f)) if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 => f as i128,
-            _ => return Err(BadFix::new(field, INTEGER)),
+            _ => return Err(Invalid::new(field, INTEGER)),
         },
         Value::String(s) => {
             let digits = s.strip_prefix('-').unwrap_or(s);
             if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(BadFix::new(field, format!("{INTEGER} ({})", quoted(s))));
+                return Err(Invalid::new(field, format!("{INTEGER} ({})", quoted(s))));
             }
             s.parse()
-                .map_err(|_| BadFix::new(field, format!("out of range ({})", quoted(s))))?
+                .map_err(|_| Invalid::new(field, format!("out of range ({})", quoted(s))))?
         }
-        _ => return Err(BadFix::new(field, INTEGER)),
+        _ => return Err(Invalid::new(field, INTEGER)),
     };
-    T::try_from(wide).map_err(|_| BadFix::new(field, format!("{wide} out of range")))
+    T::try_from(wide).map_err(|_| Invalid::new(field, format!("{wide} out of range")))
 }
 
-fn int64(field: &str, value: &Value) -> Result<i64, BadFix> {
+fn int64(field: &str, value: &Value) -> Result<i64, Invalid> {
     integer(field, value)
 }
 
-fn uint64(field: &str, value: &Value) -> Result<u64, BadFix> {
+fn uint64(field: &str, value: &Value) -> Result<u64, Invalid> {
     integer(field, value)
 }
 
@@ -154,28 +155,28 @@ const NUMBER: &str = r#"expected a number (or "NaN", "Infinity", "-Infinity")"#;
 
 /// A JSON number or its proto3 string forms. Non-finite values pass, as they do over gRPC,
 /// where refinement answers them with INVALID.
-fn double(field: &str, value: &Value) -> Result<f64, BadFix> {
+fn double(field: &str, value: &Value) -> Result<f64, Invalid> {
     match value {
-        Value::Number(n) => n.as_f64().ok_or_else(|| BadFix::new(field, NUMBER)),
+        Value::Number(n) => n.as_f64().ok_or_else(|| Invalid::new(field, NUMBER)),
         Value::String(s) => match s.as_str() {
             "NaN" => Ok(f64::NAN),
             "Infinity" => Ok(f64::INFINITY),
             "-Infinity" => Ok(f64::NEG_INFINITY),
             _ => match s.parse::<f64>() {
                 Ok(number) if number.is_finite() => Ok(number),
-                _ => Err(BadFix::new(field, format!("{NUMBER} ({})", quoted(s)))),
+                _ => Err(Invalid::new(field, format!("{NUMBER} ({})", quoted(s)))),
             },
         },
-        _ => Err(BadFix::new(field, NUMBER)),
+        _ => Err(Invalid::new(field, NUMBER)),
     }
 }
 
 /// A `float` field: a finite value beyond f32's range is an error, not an infinity.
-fn float(field: &str, value: &Value) -> Result<f32, BadFix> {
+fn float(field: &str, value: &Value) -> Result<f32, Invalid> {
     let wide = double(field, value)?;
     let narrow = wide as f32;
     if wide.is_finite() && !narrow.is_finite() {
-        return Err(BadFix::new(
+        return Err(Invalid::new(
             field,
             format!("{} out of range for a 32-bit float", show(wide)),
         ));

@@ -18,9 +18,10 @@ use futures::StreamExt as _;
 use serde_json::json;
 use tonic::{Code, Status};
 use trackmesh_proto::v1::{BoundingBox, WatchMessage, WatchRequest, watch_message::Item};
+use trackmesh_shared::domain::now_ms;
 
 use super::{
-    api::{Answer, Api, Failure, code_name, json_response, now_ms},
+    api::{Answer, Api, Failure, code_name, json_response},
     geofences, osmand,
 };
 use crate::{auth::Scope, export::refined_json};

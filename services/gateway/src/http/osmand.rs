@@ -13,13 +13,14 @@
 //! given twice (query and form body, or repeated) keeps its last value, as in Traccar.
 
 use trackmesh_proto::v1::Fix;
+use trackmesh_shared::domain::Invalid;
 
-use super::fields::{self, BadFix, json};
+use super::fields::{self, json};
 
 /// A query string or `application/x-www-form-urlencoded` body, decoded strictly: `+` is a
 /// space, `%XX` a byte, and every name and value must be UTF-8 (a lossy decoding would store
 /// U+FFFD in a device id), else a refusal naming the parameter.
-pub fn decode_form(bytes: &[u8]) -> Result<Vec<(String, String)>, BadFix> {
+pub fn decode_form(bytes: &[u8]) -> Result<Vec<(String, String)>, Invalid> {
     let mut pairs = Vec::new();
     for pair in bytes.split(|&b| b == b'&').filter(|pair| !pair.is_empty()) {
         let (name, value) = match pair.iter().position(|&b| b == b'=') {
@@ -28,13 +29,13 @@ pub fn decode_form(bytes: &[u8]) -> Result<Vec<(String, String)>, BadFix> {
         };
         let name = String::from_utf8(percent_decode(name)).map_err(|bad| {
             let lossy = String::from_utf8_lossy(bad.as_bytes()).into_owned();
-            BadFix::new(
+            Invalid::new(
                 "parameter name",
                 format!("not valid UTF-8 ({})", fields::quoted(&lossy)),
             )
         })?;
         let value = String::from_utf8(percent_decode(value))
-            .map_err(|_| BadFix::new(field_name(&name), "not valid UTF-8"))?;
+            .map_err(|_| Invalid::new(field_name(&name), "not valid UTF-8"))?;
         pairs.push((name, value));
     }
     Ok(pairs)
@@ -82,7 +83,7 @@ struct Raw {
 }
 
 /// The fix of a request's parameters (query and form body pairs, in order: later wins).
-pub fn parse_params<I, K, V>(pairs: I, now_ms: i64) -> Result<Fix, BadFix>
+pub fn parse_params<I, K, V>(pairs: I, now_ms: i64) -> Result<Fix, Invalid>
 where
     I: IntoIterator<Item = (K, V)>,
     K: AsRef<str>,
@@ -109,7 +110,7 @@ where
             "lon" => lon = raw("lon"),
             "location" => {
                 let (la, lo) = text.split_once(',').ok_or_else(|| {
-                    BadFix::new(
+                    Invalid::new(
                         "location",
                         format!("expected lat,lon ({})", fields::quoted(text)),
                     )
@@ -135,10 +136,10 @@ where
         }
     }
 
-    let id = id.ok_or_else(|| BadFix::new("id", "required"))?;
+    let id = id.ok_or_else(|| Invalid::new("id", "required"))?;
     let device_id = fields::device(id.field, &id.text)?;
     let (Some(lat), Some(lon)) = (lat, lon) else {
-        return Err(BadFix::new(
+        return Err(Invalid::new(
             "lat",
             "required, lat and lon (or location=lat,lon)",
         ));
@@ -175,13 +176,14 @@ where
 
 /// The fix of Traccar Client's JSON body:
 /// `{"device_id", "location": {"timestamp", "coords": {…}, "battery": {"level"}}}`.
-pub fn parse_json(body: &[u8], now_ms: i64) -> Result<Fix, BadFix> {
+pub fn parse_json(body: &[u8], now_ms: i64) -> Result<Fix, Invalid> {
     let root = json::parse(body)?;
     let root = json::object("body", &root)?;
-    let id = json::member(root, "device_id").ok_or_else(|| BadFix::new("device_id", "required"))?;
+    let id =
+        json::member(root, "device_id").ok_or_else(|| Invalid::new("device_id", "required"))?;
     let device_id = fields::device("device_id", json::string("device_id", id)?)?;
     let location =
-        json::member(root, "location").ok_or_else(|| BadFix::new("location", "required"))?;
+        json::member(root, "location").ok_or_else(|| Invalid::new("location", "required"))?;
     let location = json::object("location", location)?;
     let time_ms = match json::member(location, "timestamp") {
         Some(time) => fields::timestamp(
@@ -191,12 +193,12 @@ pub fn parse_json(body: &[u8], now_ms: i64) -> Result<Fix, BadFix> {
         None => now_ms,
     };
     let coords = json::member(location, "coords")
-        .ok_or_else(|| BadFix::new("location.coords", "required"))?;
+        .ok_or_else(|| Invalid::new("location.coords", "required"))?;
     let coords = json::object("location.coords", coords)?;
     let lat = json::required_number(coords, "latitude", "location.coords.latitude")?;
     let lon = json::required_number(coords, "longitude", "location.coords.longitude")?;
     // The SDK writes -1 for a speed or heading it does not know.
-    let known = |name: &str, field: &str| -> Result<Option<f32>, BadFix> {
+    let known = |name: &str, field: &str| -> Result<Option<f32>, Invalid> {
         match json::optional_number(coords, name, field)? {
             Some(value) if value >= 0.0 => fields::to_f32(field, value).map(Some),
             _ => Ok(None),

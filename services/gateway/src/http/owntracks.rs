@@ -8,22 +8,23 @@
 
 use serde_json::Value;
 use trackmesh_proto::v1::Fix;
+use trackmesh_shared::domain::Invalid;
 
-use super::fields::{self, BadFix, json};
+use super::fields::{self, json};
 
 /// The fix of an OwnTracks message, `None` for a message that is not a location.
 /// `user_device` comes from the `X-Limit-U` and `X-Limit-D` headers: the device id is then
 /// `<user>/<device>` (the shared id rules allow `/`), else the message's `tid`.
-pub fn parse(body: &[u8], user_device: Option<(&str, &str)>) -> Result<Option<Fix>, BadFix> {
+pub fn parse(body: &[u8], user_device: Option<(&str, &str)>) -> Result<Option<Fix>, Invalid> {
     let root = json::parse(body)?;
     let root = json::object("body", &root)?;
-    let kind = json::member(root, "_type").ok_or_else(|| BadFix::new("_type", "required"))?;
+    let kind = json::member(root, "_type").ok_or_else(|| Invalid::new("_type", "required"))?;
     match json::string("_type", kind)? {
         "location" => {}
         // Acknowledging these would lose every location silently: the app counts any answer
         // as delivered, but at least shows this one in its log.
         "encrypted" => {
-            return Err(BadFix::new(
+            return Err(Invalid::new(
                 "_type",
                 "encrypted payloads are not supported, turn off encryption in the app",
             ));
@@ -34,14 +35,14 @@ pub fn parse(body: &[u8], user_device: Option<(&str, &str)>) -> Result<Option<Fi
         Some((user, device)) => fields::device("X-Limit-U/X-Limit-D", &format!("{user}/{device}"))?,
         None => {
             let tid = json::member(root, "tid").ok_or_else(|| {
-                BadFix::new("tid", "required without X-Limit-U and X-Limit-D headers")
+                Invalid::new("tid", "required without X-Limit-U and X-Limit-D headers")
             })?;
             fields::device("tid", json::string("tid", tid)?)?
         }
     };
     let lat = json::required_number(root, "lat", "lat")?;
     let lon = json::required_number(root, "lon", "lon")?;
-    let tst = json::member(root, "tst").ok_or_else(|| BadFix::new("tst", "required"))?;
+    let tst = json::member(root, "tst").ok_or_else(|| Invalid::new("tst", "required"))?;
     let time_ms = match tst {
         Value::Number(seconds) => {
             // Whole seconds exactly; a fraction (not in the spec) to the nearest millisecond,
@@ -53,7 +54,7 @@ pub fn parse(body: &[u8], user_device: Option<(&str, &str)>) -> Result<Option<Fi
             };
             fields::in_time_range("tst", &seconds.to_string(), ms)?
         }
-        _ => return Err(BadFix::new("tst", "expected a number")),
+        _ => return Err(Invalid::new("tst", "expected a number")),
     };
     let float = |name: &str, convert: fn(f64) -> f64| {
         json::optional_number(root, name, name)?
