@@ -22,6 +22,7 @@ use rdkafka::{
 };
 use tokio::sync::{Mutex, watch};
 use trackmesh_proto::v1::{Geofence, TenantGeofence};
+use trackmesh_shared::domain::Invalid;
 
 use crate::{
     error::Error,
@@ -152,7 +153,7 @@ impl Book {
             .values()
             .filter_map(|proto| match Fence::new(proto) {
                 Ok(fence) => Some(fence),
-                Err((field, rule)) => {
+                Err(Invalid { field, rule }) => {
                     // Checked at creation; a rule made stricter later skips old fences.
                     tracing::warn!(key, %field, %rule, "stored geofence no longer valid, skipped");
                     None
@@ -262,10 +263,4 @@ impl Book {
         let tenants = self.read_tenants();
         tenants.get(tenant).map_or(0, |t| t.protos.len())
     }
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -21,10 +21,15 @@ use rdkafka::{
     types::RDKafkaErrorCode,
     util::Timeout,
 };
-use trackmesh_proto::v1::{Event, Geofence, Stay, TenantEvents, TenantGeofence, Trip};
-use trackmesh_shared::fix_messages;
+use trackmesh_proto::v1::{Geofence, TenantEvents, TenantGeofence};
+use trackmesh_shared::{domain::DeviceKey, fix_messages, state::StateError};
 
-use crate::{config::LearningConfig, error::Error, service::LearningService};
+use crate::{config::LearningConfig, error::Error, model::Outcome, service::LearningService};
+
+/// A geofence's key in the geofences topic and in the book: `tenant/geofence_id`.
+pub fn geofence_key(tenant: &str, id: &str) -> String {
+    format!("{tenant}/{id}")
+}
 
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -97,24 +102,32 @@ impl Kafka {
     }
 
     /// One device's events, closed stays and trips of one observation (or of a rebuild's
-    /// chunk), acknowledged by the brokers.
-    pub async fn produce_events(
+    /// chunk), acknowledged by the brokers; nothing when there are none.
+    pub async fn produce_outcome(
         &self,
-        tenant: &str,
-        device: &str,
-        events: Vec<Event>,
-        stays: Vec<Stay>,
-        trips: Vec<Trip>,
+        key: DeviceKey<'_>,
+        outcome: &Outcome,
     ) -> Result<(), Error> {
+        if outcome.events.is_empty() && outcome.stays.is_empty() && outcome.trips.is_empty() {
+            return Ok(());
+        }
         let value = TenantEvents {
-            tenant_id: tenant.to_owned(),
-            events,
-            stays,
-            trips,
+            tenant_id: key.tenant.to_string(),
+            events: outcome.events.clone(),
+            stays: outcome
+                .stays
+                .iter()
+                .map(|s| s.to_proto(&key.device))
+                .collect(),
+            trips: outcome
+                .trips
+                .iter()
+                .map(|t| t.to_proto(&key.device))
+                .collect(),
         }
         .encode_to_vec();
-        let key = format!("{tenant}/{device}");
-        self.send(&self.events_topic, &key, Some(&value)).await
+        self.send(&self.events_topic, &key.to_string(), Some(&value))
+            .await
     }
 
     /// A fence, or its deletion (a tombstone).
@@ -131,9 +144,12 @@ impl Kafka {
             }
             .encode_to_vec()
         });
-        let key = format!("{tenant}/{id}");
-        self.send(&self.geofences_topic, &key, value.as_deref())
-            .await
+        self.send(
+            &self.geofences_topic,
+            &geofence_key(tenant, id),
+            value.as_deref(),
+        )
+        .await
     }
 
     async fn send(&self, topic: &str, key: &str, value: Option<&[u8]>) -> Result<(), Error> {
@@ -217,7 +233,7 @@ impl Kafka {
                 loop {
                     let done = if delete {
                         service
-                            .forget(&batch.tenant_id, &batch.device_id)
+                            .forget_device(&batch.tenant_id, &batch.device_id)
                             .await
                             .map(drop)
                     } else {
@@ -228,7 +244,9 @@ impl Kafka {
                     match done {
                         Ok(()) => break,
                         // Retrying cannot help these: skip rather than stall the partition.
-                        Err(err @ (Error::InvalidArgument { .. } | Error::Corrupt { .. })) => {
+                        Err(
+                            err @ (Error::Invalid(_) | Error::State(StateError::Corrupt { .. })),
+                        ) => {
                             tracing::warn!(error = %err, "fixes in the topic not observable, skipped");
                             break;
                         }

@@ -64,10 +64,10 @@ pub async fn run(
         ],
         &[],
     );
-    let settings = &config.learning;
-    let rules = settings.rules()?;
+    let settings = &config.service;
+    let rules = settings.rules();
     let redis = Redis::connect(&config.redis.target(), config.redis.redis_timeout.get())?;
-    let store = store::Store::new(redis.clone(), settings.state_ttl.get());
+    let store = store::open(redis.clone(), settings.state_ttl.get());
     let kafka = kafka::Kafka::new(settings)?;
     let events = match &kafka {
         Some(kafka) => {

@@ -5,14 +5,17 @@
 use futures::Stream;
 use tonic::{Status, Streaming};
 use trackmesh_proto::v1::{RebuildReply, RebuildRequest, RefinedFix};
-use trackmesh_shared::ids;
+use trackmesh_shared::{
+    domain::{DeviceKey, Invalid},
+    state::Decided,
+};
 
 use crate::{
     error::Error,
     kafka::Kafka,
     model::{self, Model, Rules},
-    service::{MAX_ATTEMPTS, group},
-    store::{Save, Store},
+    service::group,
+    store::Store,
 };
 
 /// What a rebuild needs of the service.
@@ -71,7 +74,7 @@ impl Rebuild {
             let (tenant, device) = match &self.device {
                 Some(ids) => ids.clone(),
                 None => {
-                    ids::device_fields(&request.tenant_id, &request.device_id)
+                    DeviceKey::parse(&request.tenant_id, &request.device_id)
                         .map_err(Error::from)?;
                     let ids = (request.tenant_id.clone(), request.device_id.clone());
                     self.device = Some(ids.clone());
@@ -84,18 +87,16 @@ impl Rebuild {
                 ("device_id", &request.device_id, &device),
             ] {
                 if !sent.is_empty() && sent != first {
-                    return Err(Error::invalid(
-                        field,
-                        format!("{sent:?} differs from the first message's {first:?}"),
-                    )
-                    .into());
+                    let rule = format!("{sent:?} differs from the first message's {first:?}");
+                    return Err(Error::from(Invalid::new(field, rule)).into());
                 }
             }
+            let key = DeviceKey::parse(&tenant, &device).map_err(Error::from)?;
             if !request.fixes.is_empty() {
-                self.learn(&tenant, &device, &request.fixes).await?;
+                self.learn(key, &request.fixes).await?;
             }
             if request.done {
-                let reply = self.finish(&tenant, &device, request.force).await?;
+                let reply = self.finish(key, request.force).await?;
                 self.finished = reply.replaced;
                 return Ok(Some(reply));
             }
@@ -108,35 +109,21 @@ impl Rebuild {
 
     /// Learns one chunk (no events) and sends the stays and trips it closed to the events
     /// topic before answering, so that a rebuild that replaced the model has sent them all.
-    async fn learn(
-        &mut self,
-        tenant: &str,
-        device: &str,
-        fixes: &[RefinedFix],
-    ) -> Result<(), Error> {
+    async fn learn(&mut self, key: DeviceKey<'_>, fixes: &[RefinedFix]) -> Result<(), Error> {
         let (mut by_device, _) = group(fixes)?;
-        if let Some(other) = by_device.keys().find(|d| **d != device) {
-            return Err(Error::invalid(
-                "fixes",
-                format!("a fix of device {other:?} in the rebuild of {device:?}"),
-            ));
+        if let Some(other) = by_device.keys().find(|d| **d != key.device) {
+            let rule = format!(
+                "a fix of device {other:?} in the rebuild of {:?}",
+                key.device
+            );
+            return Err(Invalid::new("fixes", rule).into());
         }
-        let Some((points, _)) = by_device.remove(device) else {
+        let Some((points, _)) = by_device.remove(&key.device) else {
             return Ok(());
         };
         let outcome = model::observe(&mut self.model, &points, &self.with.rules);
-        if let Some(kafka) = &self.with.kafka
-            && !(outcome.stays.is_empty() && outcome.trips.is_empty())
-        {
-            kafka
-                .produce_events(
-                    tenant,
-                    device,
-                    Vec::new(),
-                    outcome.stays.iter().map(|s| s.to_proto(device)).collect(),
-                    outcome.trips.iter().map(|t| t.to_proto(device)).collect(),
-                )
-                .await?;
+        if let Some(kafka) = &self.with.kafka {
+            kafka.produce_outcome(key, &outcome).await?;
         }
         Ok(())
     }
@@ -152,60 +139,78 @@ impl Rebuild {
     /// Replaces the stored model unless it has seen a newer fix (and not `force`d). What only
     /// live fixes with events set carries over: the fences the device is inside, and the
     /// ARRIVE sent for the stay in progress.
-    async fn finish(&self, tenant: &str, device: &str, force: bool) -> Result<RebuildReply, Error> {
-        for _ in 0..MAX_ATTEMPTS {
-            let loaded = self.with.store.load_one(tenant, device).await?;
-            let current = loaded.model;
-            if !force
-                && current.fixes_observed > 0
-                && current.watermark_ms > self.model.watermark_ms
-            {
-                tracing::debug!(tenant = %tenant, rebuilt_ms = self.model.watermark_ms, current_ms = current.watermark_ms, "rebuild behind the current model");
-                // 0 would mean "nothing needed": a rebuild that has learned nothing asks
-                // for everything after 1 ms (the client starts at its own from_ms anyway).
-                return Ok(RebuildReply {
-                    need_after_ms: self.model.watermark_ms.max(1),
-                    ..self.progress()
-                });
-            }
-            let mut model = self.model.clone();
-            model.fences = current.fences;
-            // The stay in progress is the one the live model announced (ARRIVE) already:
-            // not announced again, and its DEPART still follows.
-            if let (Some(rebuilt), Some(live)) = (model.candidate.as_mut(), &current.candidate)
-                && rebuilt.start_ms == live.start_ms
-            {
-                rebuilt.arrived_place = live.arrived_place;
-            }
-            let save = Save {
-                device,
-                expected: loaded.version,
-                model: &model,
-            };
-            if self.with.store.save(tenant, &[save]).await? == [true] {
-                let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-                tracing::info!(
-                    tenant = %tenant,
-                    fixes = model.fixes_observed,
-                    stays = model.stays,
-                    places_before = current.places.len(),
-                    places_after = model.places.len(),
-                    forced = force,
-                    "model rebuilt"
-                );
-                metrics::counter!("learning_rebuilds_total").increment(1);
-                return Ok(RebuildReply {
-                    replaced: true,
-                    places_before: count(current.places.len()),
-                    places_after: count(model.places.len()),
-                    ..self.progress()
-                });
-            }
-            // Observed meanwhile: read it again, it may now be ahead.
-            metrics::counter!("learning_cas_conflicts_total").increment(1);
+    async fn finish(&self, key: DeviceKey<'_>, force: bool) -> Result<RebuildReply, Error> {
+        let settled = self
+            .with
+            .store
+            .update(key.tenant, vec![key.device], |loaded| {
+                let decided: Vec<_> = loaded
+                    .into_iter()
+                    .map(|(device, loaded)| {
+                        let (state, reply) = self.replace(loaded.state, force);
+                        Decided {
+                            device,
+                            version: loaded.version,
+                            state,
+                            log: Vec::new(),
+                            outcome: reply,
+                        }
+                    })
+                    .collect();
+                std::future::ready(Ok::<_, Error>(decided))
+            })
+            .await?;
+        let reply = settled.into_iter().map(|(_, reply)| reply).next();
+        let reply = reply.unwrap_or_else(|| self.progress());
+        if reply.replaced {
+            tracing::info!(
+                tenant = %key.tenant,
+                fixes = reply.fixes,
+                stays = reply.stays,
+                places_before = reply.places_before,
+                places_after = reply.places_after,
+                forced = force,
+                "model rebuilt"
+            );
+            metrics::counter!("learning_rebuilds_total").increment(1);
         }
-        Err(Error::Contention {
-            device: device.to_owned(),
-        })
+        Ok(reply)
+    }
+
+    /// The model to write instead of `current` (none if that has seen a newer fix, unless
+    /// `force`d), and the reply. What only live fixes with events set carries over: the fences
+    /// the device is inside, and the ARRIVE sent for the stay in progress.
+    fn replace(&self, current: Model, force: bool) -> (Option<Model>, RebuildReply) {
+        if !force && current.fixes_observed > 0 && current.watermark_ms > self.model.watermark_ms {
+            tracing::debug!(
+                rebuilt_ms = self.model.watermark_ms,
+                current_ms = current.watermark_ms,
+                "rebuild behind the current model"
+            );
+            // 0 would mean "nothing needed": a rebuild that has learned nothing asks for
+            // everything after 1 ms (the client starts at its own from_ms anyway).
+            let reply = RebuildReply {
+                need_after_ms: self.model.watermark_ms.max(1),
+                ..self.progress()
+            };
+            return (None, reply);
+        }
+        let mut model = self.model.clone();
+        model.fences = current.fences;
+        // The stay in progress is the one the live model announced (ARRIVE) already: not
+        // announced again, and its DEPART still follows.
+        if let (Some(rebuilt), Some(live)) = (model.candidate.as_mut(), &current.candidate)
+            && rebuilt.start_ms == live.start_ms
+        {
+            rebuilt.arrived_place = live.arrived_place;
+        }
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let reply = RebuildReply {
+            replaced: true,
+            places_before: count(current.places.len()),
+            places_after: count(model.places.len()),
+            ..self.progress()
+        };
+        (Some(model), reply)
     }
 }

@@ -13,20 +13,22 @@ use trackmesh_proto::v1::{
     PredictNextRequest, PredictNextResponse, Prediction, RebuildReply, RebuildRequest, RefinedFix,
     TenantGeofence, TenantGeofencesRequest, Verdict, learning_server::Learning,
 };
-use trackmesh_shared::ids;
+use trackmesh_shared::{
+    domain::{DeviceId, DeviceKey, Invalid, TenantId, now_ms},
+    geo,
+    state::{Decided, Loaded},
+};
 
 use crate::{
     error::Error,
-    fence::Fence,
-    geofences::{Book, STALENESS, now_ms},
-    kafka::Kafka,
+    fence::{Fence, Fences},
+    geofences::{Book, STALENESS},
+    kafka::{Kafka, geofence_key},
     model::{self, Events, Model, Outcome, Point, Rules},
     rebuild::Rebuilder,
-    store::{Save, Store},
+    store::Store,
 };
 
-/// Rounds of read → learn → compare-and-set before giving up with ABORTED.
-pub(crate) const MAX_ATTEMPTS: usize = 10;
 /// Predictions when the request asks for k = 0.
 const DEFAULT_K: usize = 3;
 
@@ -65,14 +67,13 @@ impl LearningService {
     /// more).
     pub async fn observe_chunked(&self, tenant: &str, fixes: &[RefinedFix]) -> Result<(), Error> {
         for chunk in fixes.chunks(self.max_batch.max(1)) {
-            self.observe(tenant, chunk).await?;
+            self.observe_fixes(tenant, chunk).await?;
         }
         Ok(())
     }
 
-    pub async fn forget(&self, tenant: &str, device: &str) -> Result<bool, Error> {
-        ids::device_fields(tenant, device)?;
-        let existed = self.store.forget(tenant, device).await?;
+    pub async fn forget_device(&self, tenant: &str, device: &str) -> Result<bool, Error> {
+        let existed = self.store.delete(DeviceKey::parse(tenant, device)?).await?;
         tracing::info!(tenant = %tenant, existed, "device model forgotten");
         Ok(existed)
     }
@@ -81,17 +82,22 @@ impl LearningService {
         self.events.as_ref().ok_or(Error::GeofencesOff)
     }
 
-    async fn create_geofence(
-        &self,
-        tenant: &str,
-        geofence: Option<Geofence>,
-    ) -> Result<Geofence, Error> {
-        ids::tenant_field(tenant)?;
+    async fn forget(&self, request: ForgetRequest) -> Result<ForgetResponse, Error> {
+        let existed = self
+            .forget_device(&request.tenant_id, &request.device_id)
+            .await?;
+        Ok(ForgetResponse { existed })
+    }
+
+    async fn create_geofence(&self, request: TenantGeofence) -> Result<Geofence, Error> {
+        let tenant = &*TenantId::parse(&request.tenant_id)?;
         let events = self.events()?;
-        let mut geofence = geofence.ok_or_else(|| Error::invalid("geofence", "required"))?;
+        let mut geofence = request
+            .geofence
+            .ok_or_else(|| Invalid::new("geofence", "required"))?;
         geofence.geofence_id = format!("gf-{:016x}", fastrand::u64(..));
         geofence.created_ms = now_ms();
-        Fence::new(&geofence).map_err(|(field, rule)| Error::invalid(field, rule))?;
+        Fence::new(&geofence)?;
         events.book.fresh().await?;
         if events.book.count(tenant) >= events.max_geofences as usize {
             return Err(Error::TooManyGeofences(events.max_geofences));
@@ -101,7 +107,7 @@ impl LearningService {
             .produce_geofence(tenant, &geofence.geofence_id, Some(&geofence))
             .await?;
         // Here at once; the other replicas within STALENESS (see `geofences`).
-        let key = format!("{tenant}/{}", geofence.geofence_id);
+        let key = geofence_key(tenant, &geofence.geofence_id);
         let value = TenantGeofence {
             tenant_id: tenant.to_owned(),
             geofence: Some(geofence.clone()),
@@ -113,32 +119,41 @@ impl LearningService {
         Ok(geofence)
     }
 
-    async fn list_geofences(&self, tenant: &str) -> Result<Vec<Geofence>, Error> {
-        ids::tenant_field(tenant)?;
+    async fn list_geofences(
+        &self,
+        request: TenantGeofencesRequest,
+    ) -> Result<ListTenantGeofencesResponse, Error> {
+        let tenant = TenantId::parse(&request.tenant_id)?;
         let events = self.events()?;
         events.book.fresh().await?;
-        Ok(events.book.list(tenant))
+        Ok(ListTenantGeofencesResponse {
+            geofences: events.book.list(&tenant),
+        })
     }
 
-    async fn delete_geofence(&self, tenant: &str, id: &str) -> Result<bool, Error> {
-        ids::tenant_field(tenant)?;
+    async fn delete_geofence(
+        &self,
+        request: DeleteTenantGeofenceRequest,
+    ) -> Result<DeleteTenantGeofenceResponse, Error> {
+        let tenant = &*TenantId::parse(&request.tenant_id)?;
+        let id = request.geofence_id.as_str();
         let events = self.events()?;
         if id.is_empty() || id.len() > 64 {
-            return Err(Error::invalid("geofence_id", "1 to 64 characters"));
+            return Err(Invalid::new("geofence_id", "1 to 64 characters").into());
         }
         events.book.fresh().await?;
         let existed = events.book.contains(tenant, id);
         if existed {
             events.kafka.produce_geofence(tenant, id, None).await?;
-            events.book.apply(&format!("{tenant}/{id}"), None);
+            events.book.apply(&geofence_key(tenant, id), None);
             tracing::info!(tenant = %tenant, geofence = %id, "geofence deleted");
             tokio::time::sleep(STALENESS).await;
         }
-        Ok(existed)
+        Ok(DeleteTenantGeofenceResponse { existed })
     }
 
     #[tracing::instrument(name = "observe", skip_all, fields(tenant = %tenant, fixes = fixes.len()))]
-    pub async fn observe(
+    pub async fn observe_fixes(
         &self,
         tenant: &str,
         fixes: &[RefinedFix],
@@ -155,125 +170,104 @@ impl LearningService {
         tenant: &str,
         fixes: &[RefinedFix],
     ) -> Result<ObserveResponse, Error> {
-        ids::tenant_field(tenant)?;
+        let tenant = TenantId::parse(tenant)?;
         if fixes.len() > self.max_batch {
-            return Err(Error::invalid(
-                "fixes",
-                format!(
-                    "{} fixes, more than MAX_BATCH={}",
-                    fixes.len(),
-                    self.max_batch
-                ),
-            ));
+            let rule = format!(
+                "{} fixes, more than MAX_BATCH={}",
+                fixes.len(),
+                self.max_batch
+            );
+            return Err(Invalid::new("fixes", rule).into());
         }
         metrics::histogram!("learning_batch_size").record(fixes.len() as f64);
         // Everything is checked before anything is learned: a bad fix rejects the whole call.
         let (by_device, not_accepted) = group(fixes)?;
-
-        let mut response = ObserveResponse {
-            ignored: not_accepted,
-            ..ObserveResponse::default()
-        };
         // A fence created before these fixes arrived applies to them.
         let fences = match &self.events {
             Some(events) => {
                 events.book.fresh().await?;
-                events.book.fences(tenant)
+                events.book.fences(&tenant)
             }
             None => None,
         };
-        let mut todo: Vec<&str> = by_device.keys().copied().collect();
-        for _ in 0..MAX_ATTEMPTS {
-            if todo.is_empty() {
-                break;
-            }
-            let loaded = self.store.load(tenant, &todo).await?;
-            let mut decided: Vec<(&str, u64, Model, Outcome)> = Vec::with_capacity(todo.len());
-            for (device, loaded) in todo.iter().zip(loaded) {
-                let mut model = loaded.model;
-                let (points, fixes) = &by_device[device];
-                let events = self.events.as_ref().map(|events| Events {
-                    device,
-                    fences: fences.as_deref(),
-                    min_dwell_ms: events.min_dwell_ms,
-                    fixes,
-                });
-                let outcome = model::observe_with(&mut model, points, &self.rules, events.as_ref());
-                decided.push((device, loaded.version, model, outcome));
-            }
-            // Events, stays and trips leave before the models that record them are written:
-            // a failure here writes nothing, and a retry makes the same ones again (storage
-            // and Watch keep one of each).
-            if let Some(events) = &self.events {
-                let sent = decided
-                    .iter()
-                    .filter(|(_, _, _, outcome)| {
-                        !(outcome.events.is_empty()
-                            && outcome.stays.is_empty()
-                            && outcome.trips.is_empty())
-                    })
-                    .map(|(device, _, _, outcome)| {
-                        events.kafka.produce_events(
-                            tenant,
-                            device,
-                            outcome.events.clone(),
-                            outcome.stays.iter().map(|s| s.to_proto(device)).collect(),
-                            outcome.trips.iter().map(|t| t.to_proto(device)).collect(),
-                        )
-                    });
-                futures::future::try_join_all(sent).await?;
-                for (_, _, _, outcome) in &decided {
-                    for event in &outcome.events {
-                        let kind = EventType::try_from(event.r#type).unwrap_or_default();
-                        metrics::counter!("learning_events_total", "type" => kind.as_str_name())
-                            .increment(1);
-                    }
-                }
-            }
-            let saves: Vec<Save<'_>> = decided
-                .iter()
-                .filter(|(_, _, _, outcome)| outcome.changed())
-                .map(|(device, version, model, _)| Save {
-                    device,
-                    expected: *version,
-                    model,
-                })
-                .collect();
-            let mut applied = self.store.save(tenant, &saves).await?.into_iter();
-            let mut conflicts = Vec::new();
-            for (device, _, _, outcome) in decided {
-                // Nothing new for the device: the answer stands as of the read.
-                if outcome.changed() && !applied.next().unwrap_or(false) {
-                    conflicts.push(device);
-                    continue;
-                }
-                add(&mut response, device, outcome);
-            }
-            if !conflicts.is_empty() {
-                metrics::counter!("learning_cas_conflicts_total").increment(conflicts.len() as u64);
-                tracing::debug!(
-                    devices = conflicts.len(),
-                    "compare-and-set conflicts, retrying"
-                );
-            }
-            todo = conflicts;
-        }
-        if let Some(device) = todo.first() {
-            return Err(Error::Contention {
-                device: (*device).to_owned(),
-            });
+        let settled = self
+            .store
+            .update(tenant, by_device.keys().copied().collect(), |loaded| {
+                self.learn(tenant, loaded, &by_device, fences.as_deref())
+            })
+            .await?;
+        let mut response = ObserveResponse {
+            ignored: not_accepted,
+            ..ObserveResponse::default()
+        };
+        for (device, outcome) in settled {
+            add(&mut response, &device, outcome);
         }
         count(&response, not_accepted);
         Ok(response)
     }
 
-    async fn places(&self, tenant: &str, device: &str, k: u32) -> Result<GetPlacesResponse, Error> {
-        ids::device_fields(tenant, device)?;
-        let model = self.store.load_one(tenant, device).await?.model;
+    /// Learns the devices' fixes into their models. Events, stays and trips leave before the
+    /// models that record them are written: a failure here writes nothing, and a retry makes
+    /// the same ones again (storage and Watch keep one of each).
+    async fn learn<'d>(
+        &self,
+        tenant: TenantId<'_>,
+        loaded: Vec<(DeviceId<'d>, Loaded<Model>)>,
+        by_device: &BTreeMap<DeviceId<'_>, DeviceFixes<'_>>,
+        fences: Option<&Fences>,
+    ) -> Result<Vec<Decided<'d, Model, Outcome>>, Error> {
+        let mut decided = Vec::with_capacity(loaded.len());
+        for (device, loaded) in loaded {
+            let mut model = loaded.state;
+            let (points, fixes) = &by_device[&device];
+            let events = self.events.as_ref().map(|events| Events {
+                device: &device,
+                fences,
+                min_dwell_ms: events.min_dwell_ms,
+                fixes,
+            });
+            let outcome = model::observe_with(&mut model, points, &self.rules, events.as_ref());
+            decided.push(Decided {
+                device,
+                version: loaded.version,
+                // Nothing new for the device: the answer stands as of the read.
+                state: outcome.changed().then_some(model),
+                log: Vec::new(),
+                outcome,
+            });
+        }
+        if let Some(events) = &self.events {
+            let sent = decided.iter().map(|d| {
+                events
+                    .kafka
+                    .produce_outcome(DeviceKey::new(tenant, d.device), &d.outcome)
+            });
+            futures::future::try_join_all(sent).await?;
+            for event in decided.iter().flat_map(|d| &d.outcome.events) {
+                let kind = EventType::try_from(event.r#type).unwrap_or_default();
+                metrics::counter!("learning_events_total", "type" => kind.as_str_name())
+                    .increment(1);
+            }
+        }
+        Ok(decided)
+    }
+
+    async fn observe(&self, request: ObserveRequest) -> Result<ObserveResponse, Error> {
+        self.observe_fixes(&request.tenant_id, &request.fixes).await
+    }
+
+    async fn get_places(&self, request: GetPlacesRequest) -> Result<GetPlacesResponse, Error> {
+        let key = DeviceKey::parse(&request.tenant_id, &request.device_id)?;
+        let model = self.store.load_one(key).await?.state;
         let labels = model::labels(&model, &self.rules);
         let mut places: Vec<&model::PlaceState> = model.places.iter().collect();
         places.sort_by_key(|p| (std::cmp::Reverse(p.dwell_ms), p.id));
-        let k = if k == 0 { places.len() } else { k as usize };
+        let k = if request.k == 0 {
+            places.len()
+        } else {
+            request.k as usize
+        };
         Ok(GetPlacesResponse {
             places: places
                 .into_iter()
@@ -283,16 +277,18 @@ impl LearningService {
         })
     }
 
-    async fn predict(
+    async fn predict_next(
         &self,
-        tenant: &str,
-        device: &str,
-        k: u32,
+        request: PredictNextRequest,
     ) -> Result<PredictNextResponse, Error> {
-        ids::device_fields(tenant, device)?;
-        let model = self.store.load_one(tenant, device).await?.model;
+        let key = DeviceKey::parse(&request.tenant_id, &request.device_id)?;
+        let model = self.store.load_one(key).await?.state;
         let labels = model::labels(&model, &self.rules);
-        let k = if k == 0 { DEFAULT_K } else { k as usize };
+        let k = if request.k == 0 {
+            DEFAULT_K
+        } else {
+            request.k as usize
+        };
         let forecast = model::predict(&model, &self.rules, k);
         let place =
             |id| model::place_by_id(&model, id).map(|place| place.to_proto(labels.of(place.id)));
@@ -311,10 +307,11 @@ impl LearningService {
         })
     }
 
-    async fn profile(&self, tenant: &str, device: &str) -> Result<GetProfileResponse, Error> {
-        ids::device_fields(tenant, device)?;
-        let loaded = self.store.load_one(tenant, device).await?;
-        let model = &loaded.model;
+    async fn get_profile(&self, request: GetProfileRequest) -> Result<GetProfileResponse, Error> {
+        let key = DeviceKey::parse(&request.tenant_id, &request.device_id)?;
+        let device = &*key.device;
+        let loaded = self.store.load_one(key).await?;
+        let model = &loaded.state;
         let labels = model::labels(model, &self.rules);
         let place = |id: Option<u32>| {
             id.and_then(|id| model::place_by_id(model, id))
@@ -338,39 +335,30 @@ impl LearningService {
 type DeviceFixes<'a> = (Vec<Point>, Vec<&'a Fix>);
 
 /// Accepted fixes per device, checked; and how many fixes were not accepted.
-pub(crate) fn group(fixes: &[RefinedFix]) -> Result<(BTreeMap<&str, DeviceFixes<'_>>, u32), Error> {
-    let mut by_device: BTreeMap<&str, DeviceFixes<'_>> = BTreeMap::new();
+pub(crate) fn group(
+    fixes: &[RefinedFix],
+) -> Result<(BTreeMap<DeviceId<'_>, DeviceFixes<'_>>, u32), Invalid> {
+    let mut by_device: BTreeMap<DeviceId<'_>, DeviceFixes<'_>> = BTreeMap::new();
     let mut not_accepted = 0u32;
     for (index, refined) in fixes.iter().enumerate() {
-        if refined.verdict != Verdict::Accepted as i32 {
+        if refined.verdict() != Verdict::Accepted {
             not_accepted += 1;
             continue;
         }
         let field = |name: &str| format!("fixes[{index}].fix{name}");
         let Some(fix) = &refined.fix else {
-            return Err(Error::invalid(field(""), "required for an accepted fix"));
+            return Err(Invalid::new(field(""), "required for an accepted fix"));
         };
-        ids::check_device(&fix.device_id)
-            .map_err(|rule| Error::invalid(field(".device_id"), rule))?;
+        let device = DeviceId::parse(field(".device_id"), &fix.device_id)?;
         if fix.time_ms <= 0 {
-            return Err(Error::invalid(
+            return Err(Invalid::new(
                 field(".time_ms"),
                 "required, Unix epoch milliseconds",
             ));
         }
-        if !fix.lat.is_finite() || !(-90.0..=90.0).contains(&fix.lat) {
-            return Err(Error::invalid(
-                field(".lat"),
-                format!("{} is outside -90..=90", fix.lat),
-            ));
-        }
-        if !fix.lon.is_finite() || !(-180.0..=180.0).contains(&fix.lon) {
-            return Err(Error::invalid(
-                field(".lon"),
-                format!("{} is outside -180..=180", fix.lon),
-            ));
-        }
-        let (points, sent) = by_device.entry(fix.device_id.as_str()).or_default();
+        geo::check_coordinates(fix.lat, fix.lon)
+            .map_err(|(name, rule)| Invalid::new(field(&format!(".{name}")), rule))?;
+        let (points, sent) = by_device.entry(device).or_default();
         points.push(Point {
             time_ms: fix.time_ms,
             lat: fix.lat,
@@ -418,90 +406,16 @@ fn count(response: &ObserveResponse, not_accepted: u32) {
     }
 }
 
-#[tonic::async_trait]
-impl Learning for LearningService {
-    async fn observe(
-        &self,
-        request: Request<ObserveRequest>,
-    ) -> Result<Response<ObserveResponse>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(
-            self.observe(&request.tenant_id, &request.fixes).await?,
-        ))
-    }
-
-    async fn get_places(
-        &self,
-        request: Request<GetPlacesRequest>,
-    ) -> Result<Response<GetPlacesResponse>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(
-            self.places(&request.tenant_id, &request.device_id, request.k)
-                .await?,
-        ))
-    }
-
-    async fn predict_next(
-        &self,
-        request: Request<PredictNextRequest>,
-    ) -> Result<Response<PredictNextResponse>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(
-            self.predict(&request.tenant_id, &request.device_id, request.k)
-                .await?,
-        ))
-    }
-
-    async fn get_profile(
-        &self,
-        request: Request<GetProfileRequest>,
-    ) -> Result<Response<GetProfileResponse>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(
-            self.profile(&request.tenant_id, &request.device_id).await?,
-        ))
-    }
-
-    async fn forget(
-        &self,
-        request: Request<ForgetRequest>,
-    ) -> Result<Response<ForgetResponse>, Status> {
-        let request = request.into_inner();
-        let existed = self.forget(&request.tenant_id, &request.device_id).await?;
-        Ok(Response::new(ForgetResponse { existed }))
-    }
-
-    async fn create_geofence(
-        &self,
-        request: Request<TenantGeofence>,
-    ) -> Result<Response<Geofence>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(
-            self.create_geofence(&request.tenant_id, request.geofence)
-                .await?,
-        ))
-    }
-
-    async fn list_geofences(
-        &self,
-        request: Request<TenantGeofencesRequest>,
-    ) -> Result<Response<ListTenantGeofencesResponse>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(ListTenantGeofencesResponse {
-            geofences: self.list_geofences(&request.tenant_id).await?,
-        }))
-    }
-
-    async fn delete_geofence(
-        &self,
-        request: Request<DeleteTenantGeofenceRequest>,
-    ) -> Result<Response<DeleteTenantGeofenceResponse>, Status> {
-        let request = request.into_inner();
-        Ok(Response::new(DeleteTenantGeofenceResponse {
-            existed: self
-                .delete_geofence(&request.tenant_id, &request.geofence_id)
-                .await?,
-        }))
+trackmesh_shared::unary_methods! {
+    impl Learning for LearningService {
+        observe(ObserveRequest) -> ObserveResponse;
+        get_places(GetPlacesRequest) -> GetPlacesResponse;
+        predict_next(PredictNextRequest) -> PredictNextResponse;
+        get_profile(GetProfileRequest) -> GetProfileResponse;
+        forget(ForgetRequest) -> ForgetResponse;
+        create_geofence(TenantGeofence) -> Geofence;
+        list_geofences(TenantGeofencesRequest) -> ListTenantGeofencesResponse;
+        delete_geofence(DeleteTenantGeofenceRequest) -> DeleteTenantGeofenceResponse;
     }
 
     type RebuildStream =

@@ -1,104 +1,62 @@
-//! Device models in Redis: one hash per device (version + prost-encoded model) under a key
-//! with the hash tag `{tenant/device}`, written by versioned compare-and-set.
+//! Learning's device models in Redis: the shared versioned store of `Model`, under keys with
+//! the hash tag `{tenant/device}` like refinement's.
 
 use std::time::Duration;
 
-use prost::Message as _;
-use trackmesh_shared::redis::{Redis, Write};
+use trackmesh_shared::{redis::Redis, state::StateStore};
 
-use crate::{error::Error, model::Model};
+use crate::model::Model;
 
-/// A device's model as read, with the version a write must expect (0: none stored).
-pub struct Loaded {
-    pub version: u64,
-    pub model: Model,
-}
+pub type Store = StateStore<Model>;
 
-/// A changed model to write back.
-pub struct Save<'a> {
-    pub device: &'a str,
-    pub expected: u64,
-    pub model: &'a Model,
-}
-
-#[derive(Clone)]
-pub struct Store {
-    redis: Redis,
-    ttl: Duration,
-}
-
-impl Store {
-    pub fn new(redis: Redis, ttl: Duration) -> Self {
-        Self { redis, ttl }
-    }
-
-    /// The models of `devices`, in order, in one round trip.
-    pub async fn load(&self, tenant: &str, devices: &[&str]) -> Result<Vec<Loaded>, Error> {
-        let keys: Vec<String> = devices.iter().map(|d| key(tenant, d)).collect();
-        let values = self.redis.read(&keys).await?;
-        devices
-            .iter()
-            .zip(values)
-            .map(|(device, value)| {
-                let model = match value.data {
-                    Some(bytes) => {
-                        Model::decode(bytes.as_slice()).map_err(|err| Error::Corrupt {
-                            device: (*device).to_owned(),
-                            reason: err.to_string(),
-                        })?
-                    }
-                    None => Model::default(),
-                };
-                Ok(Loaded {
-                    version: value.version,
-                    model,
-                })
-            })
-            .collect()
-    }
-
-    pub async fn load_one(&self, tenant: &str, device: &str) -> Result<Loaded, Error> {
-        self.load(tenant, &[device])
-            .await?
-            .pop()
-            .ok_or_else(|| Error::Corrupt {
-                device: device.to_owned(),
-                reason: "no reply for the device".into(),
-            })
-    }
-
-    /// Compare-and-set of each model; `false` where another replica got there first.
-    /// Each write renews the model's time to live.
-    pub async fn save(&self, tenant: &str, saves: &[Save<'_>]) -> Result<Vec<bool>, Error> {
-        let writes: Vec<Write> = saves
-            .iter()
-            .map(|save| Write {
-                key: key(tenant, save.device),
-                expected: save.expected,
-                data: save.model.encode_to_vec(),
-                ttl: self.ttl,
-                log: None,
-            })
-            .collect();
-        Ok(self.redis.write(&writes).await?)
-    }
-
-    pub async fn forget(&self, tenant: &str, device: &str) -> Result<bool, Error> {
-        Ok(self.redis.delete(&[key(tenant, device)]).await?)
-    }
-}
-
-// The hash tag keeps a device's key in one Redis Cluster slot, like refinement's keys.
-fn key(tenant: &str, device: &str) -> String {
-    format!("tm:learn:{{{tenant}/{device}}}")
+pub fn open(redis: Redis, ttl: Duration) -> Store {
+    StateStore::new(redis, "tm:learn:", ttl, "learning_cas_conflicts_total")
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use prost::Message as _;
+    use trackmesh_shared::{domain::DeviceKey, redis::Target};
 
+    use super::*;
+    use crate::model;
+
+    #[tokio::test]
+    async fn key_carries_the_hash_tag() {
+        let target = Target::Single("redis://127.0.0.1:1".into());
+        let store = open(
+            Redis::connect(&target, Duration::from_secs(1)).unwrap(),
+            Duration::ZERO,
+        );
+        assert_eq!(
+            store.key(DeviceKey::parse("demo", "v1").unwrap()),
+            "tm:learn:{demo/v1}"
+        );
+        assert_eq!(store.log_key(DeviceKey::parse("demo", "v1").unwrap()), None);
+    }
+
+    /// A model as the release before the shared store wrote it: three days between two
+    /// places, in the first place again at the end.
     #[test]
-    fn key_carries_the_hash_tag() {
-        assert_eq!(key("demo", "v1"), "tm:learn:{demo/v1}");
+    fn a_model_written_by_the_previous_release_decodes() {
+        let model = Model::decode(&include_bytes!("../tests/fixtures/model.bin")[..]).unwrap();
+        assert_eq!((model.fixes_observed, model.stays), (595, 6));
+        assert_eq!(model.watermark_ms, 1_704_330_000_000);
+        assert_eq!(model.places.len(), 2);
+        assert_eq!((model.places[0].id, model.places[0].visits), (1, 3));
+        assert_eq!(model.places[1].dwell_ms, 162_000_000);
+        let transitions: Vec<(u32, u32, u32)> = model
+            .transitions
+            .iter()
+            .map(|t| (t.from, t.to, t.count))
+            .collect();
+        assert_eq!(transitions, [(1, 2, 3), (2, 1, 2)]);
+        assert_eq!(model.last_stay.as_ref().map(|s| s.place_id), Some(2));
+        assert_eq!(model.candidate.as_ref().map(|c| c.fixes), Some(13));
+        assert_eq!(
+            model.trip.as_ref().map(|t| t.start_ms),
+            Some(1_704_326_400_000)
+        );
+        assert_eq!(model::novelty(&model), 3.0 / 8.0);
     }
 }
