@@ -4,6 +4,7 @@
 #![allow(clippy::print_stderr)]
 
 use std::{
+    f64::consts::PI,
     future::Future,
     net::SocketAddr,
     path::PathBuf,
@@ -12,6 +13,9 @@ use std::{
 };
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 /// The value of a variable `scripts/test` exports, with a hint when it is missing.
 pub fn env(var: &str) -> String {
@@ -92,6 +96,18 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A Redis of this test only, which it may stop and restart, and the settings that reach it
+/// (a 500 ms timeout: an outage shows promptly).
+pub fn private_redis() -> (Backend, trackmesh_shared::redis::RedisConfig) {
+    let redis = Backend::start(Kind::Redis);
+    let config = trackmesh_shared::redis::RedisConfig {
+        redis_addr: redis.addr(),
+        redis_timeout: trackmesh_shared::config::Duration::from_millis(500),
+        ..Default::default()
+    };
+    (redis, config)
 }
 
 /// Which server a [`Backend`] runs (via `scripts/backend run`).
@@ -240,6 +256,36 @@ impl Service {
     /// Polls `GET /ready` until it answers `status` (200 or 503), or panics after `timeout`.
     pub async fn wait_ready(&self, status: u16, timeout: Duration) {
         wait_http_status(self.addr, "/ready", status, timeout).await;
+    }
+
+    /// The gRPC health of `name` (`""`: the whole server).
+    pub async fn grpc_health(&self, name: &str) -> ServingStatus {
+        let channel = tonic::transport::Channel::from_shared(self.url()).unwrap();
+        let mut client = HealthClient::new(channel.connect().await.unwrap());
+        let request = HealthCheckRequest {
+            service: name.into(),
+        };
+        client.check(request).await.unwrap().into_inner().status()
+    }
+
+    /// Kills `redis` under this service: `request` (one that needs Redis, not yet polled)
+    /// fails UNAVAILABLE promptly, `/ready` turns 503 and the health of `name` NOT_SERVING.
+    pub async fn lose_redis<T: std::fmt::Debug>(
+        &self,
+        redis: &mut Backend,
+        name: &str,
+        request: impl Future<Output = Result<T, tonic::Status>>,
+    ) {
+        redis.stop();
+        let started = Instant::now();
+        let err = request.await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "answered promptly, not hung"
+        );
+        self.wait_ready(503, Duration::from_secs(5)).await;
+        assert_eq!(self.grpc_health(name).await, ServingStatus::NotServing);
     }
 }
 
@@ -425,5 +471,58 @@ impl Process {
     /// The running child's process id, e.g. to read its `/proc/<pid>/status`.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(tokio::process::Child::id)
+    }
+}
+
+/// splitmix64: seeded randomness without a dependency, the same on every run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [low, high).
+    pub fn range(&mut self, low: f64, high: f64) -> f64 {
+        low + self.uniform() * (high - low)
+    }
+
+    pub fn between(&mut self, low: i64, high: i64) -> i64 {
+        low + (self.uniform() * (high - low) as f64) as i64
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u = self.uniform().max(f64::MIN_POSITIVE);
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
+    }
+
+    /// A closed ring of `[lon, lat]`, star-shaped around a centre (so simple, often concave):
+    /// `vertices` at most `size_m` from it; `at(north_m, east_m)` places an offset from it.
+    pub fn star(
+        &mut self,
+        vertices: usize,
+        size_m: f64,
+        at: impl Fn(f64, f64) -> (f64, f64),
+    ) -> Vec<[f64; 2]> {
+        let mut ring: Vec<[f64; 2]> = (0..vertices)
+            .map(|k| {
+                let a = (k as f64 + self.range(0.1, 0.9)) / vertices as f64 * 2.0 * PI;
+                let r = size_m * self.range(0.3, 1.0);
+                let (lat, lon) = at(r * a.sin(), r * a.cos());
+                [lon, lat]
+            })
+            .collect();
+        ring.push(ring[0]);
+        ring
     }
 }

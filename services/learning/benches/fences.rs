@@ -5,10 +5,11 @@
 //! fence count.
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
-use std::{f64::consts::PI, hint::black_box, time::Instant};
+use std::{hint::black_box, time::Instant};
 
 use learning::fence::{Fence, Fences, evaluate};
 use serde_json::json;
+use testkit::Rng;
 use trackmesh_proto::v1::{Circle, Fix, Geofence};
 
 /// South-west corner of the square.
@@ -20,21 +21,6 @@ const M_PER_DEG: f64 = 111_195.08;
 const FIXES: usize = 200_000;
 const STEP_M: f64 = 75.0;
 const WARM_UP: usize = 2_000;
-
-/// Splitmix64: reproducible randomness without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (self.next() >> 11) as f64 / (1u64 << 53) as f64 * (hi - lo)
-    }
-}
 
 /// (lat, lon) of the point `north_m`, `east_m` from the square's south-west corner.
 fn at(north_m: f64, east_m: f64) -> (f64, f64) {
@@ -64,16 +50,8 @@ fn fences(count: usize) -> Fences {
                     radius_m: size,
                 });
             } else {
-                let vertices = 4 + (rng.next() % 37) as usize;
-                let mut ring: Vec<[f64; 2]> = (0..vertices)
-                    .map(|k| {
-                        let a = (k as f64 + rng.range(0.1, 0.9)) / vertices as f64 * 2.0 * PI;
-                        let r = size * rng.range(0.3, 1.0);
-                        let (lat, lon) = at(n + r * a.sin(), e + r * a.cos());
-                        [lon, lat]
-                    })
-                    .collect();
-                ring.push(ring[0]);
+                let vertices = 4 + (rng.u64() % 37) as usize;
+                let ring = rng.star(vertices, size, |dn, de| at(n + dn, e + de));
                 proto.polygon_geojson =
                     json!({"type": "Polygon", "coordinates": [ring]}).to_string();
             }

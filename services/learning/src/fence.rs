@@ -35,7 +35,6 @@ pub const MAX_POLYGON_BYTES: usize = 256 * 1024;
 /// Metres per degree of latitude (and of longitude at the equator) on `geo`'s sphere.
 const M_PER_DEG: f64 = geo::EARTH_RADIUS_M * PI / 180.0;
 
-
 /// Where a fix is relative to a fence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Where {
@@ -703,6 +702,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+    use testkit::Rng;
     use trackmesh_proto::v1::Circle;
 
     const T0: i64 = 1_750_000_000_000;
@@ -870,88 +870,63 @@ mod tests {
         assert!(Fence::new(&circle_proto("c", 90.0, 180.0, 1_000_000.0)).is_ok());
 
         let p = "polygon_geojson";
-        rejects(&raw_polygon("{"), p, "not valid JSON");
-        rejects(
-            &raw_polygon("[1, 2]"),
-            p,
-            "must be a GeoJSON Polygon object",
-        );
-        rejects(
-            &raw_polygon(r#"{"type":"Point","coordinates":[1,2]}"#),
-            p,
-            "\"type\" must be \"Polygon\", not \"Point\"",
-        );
-        rejects(&raw_polygon(r#"{"coordinates":[]}"#), p, "\"type\"");
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon"}"#),
-            p,
-            "\"coordinates\" must be an array",
-        );
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon","coordinates":[]}"#),
-            p,
-            "no ring",
-        );
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[0,0]]]}"#),
-            p,
-            "ring 0 has 3 positions; a ring needs at least 4",
-        );
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1],[0,1]]]}"#),
-            p,
-            "ring 0 is not closed: its first position [0, 0] differs from its last [0, 1]",
-        );
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[1,"0"],[1,1],[0,0]]]}"#),
-            p,
-            "ring 0 position 1 must be [lon, lat]",
-        );
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[1,0,2,3],[1,1],[0,0]]]}"#),
-            p,
-            "ring 0 position 1 must be [lon, lat]",
-        );
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,91],[0,0]]]}"#),
-            p,
-            "ring 0 position 2 [1, 91] is out of range",
-        );
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,0],[0,0]]]}"#),
-            p,
-            "fewer than 3 distinct vertices",
-        );
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[0,0],[0,0],[0,0]]]}"#),
-            p,
-            "ring 0 has fewer than 3 distinct vertices",
-        );
-        // A bow tie.
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[1,1],[1,0],[0,1],[0,0]]]}"#),
-            p,
-            "ring 0 intersects itself: edge 0 [0, 0] → [1, 1] meets edge 2",
-        );
-        // A spike doubling back along its own edge.
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[2,0],[1,0],[1,1],[0,0]]]}"#),
-            p,
-            "ring 0 intersects itself",
-        );
-        // Collinear: no area, and it doubles back.
-        rejects(
-            &raw_polygon(r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[2,0],[0,0]]]}"#),
-            p,
-            "ring 0 intersects itself",
-        );
-        rejects(
-            &raw_polygon(
-                r#"{"type":"Polygon","coordinates":[[[179,0],[-179,0],[-179,1],[179,0]]]}"#,
+        for (geojson, rule) in [
+            ("{", "not valid JSON"),
+            ("[1, 2]", "must be a GeoJSON Polygon object"),
+            (
+                r#"{"type":"Point","coordinates":[1,2]}"#,
+                r#""type" must be "Polygon", not "Point""#,
             ),
-            p,
-            "ring 0 edge 0 [179, 0] → [-179, 0] crosses the antimeridian",
-        );
+            (r#"{"coordinates":[]}"#, r#""type""#),
+            (r#"{"type":"Polygon"}"#, r#""coordinates" must be an array"#),
+            (r#"{"type":"Polygon","coordinates":[]}"#, "no ring"),
+        ] {
+            rejects(&raw_polygon(geojson), p, rule);
+        }
+        // A polygon of one ring, its positions as written.
+        for (ring, rule) in [
+            (
+                "[0,0],[1,0],[0,0]",
+                "ring 0 has 3 positions; a ring needs at least 4",
+            ),
+            (
+                "[0,0],[1,0],[1,1],[0,1]",
+                "ring 0 is not closed: its first position [0, 0] differs from its last [0, 1]",
+            ),
+            (
+                r#"[0,0],[1,"0"],[1,1],[0,0]"#,
+                "ring 0 position 1 must be [lon, lat]",
+            ),
+            (
+                "[0,0],[1,0,2,3],[1,1],[0,0]",
+                "ring 0 position 1 must be [lon, lat]",
+            ),
+            (
+                "[0,0],[1,0],[1,91],[0,0]",
+                "ring 0 position 2 [1, 91] is out of range",
+            ),
+            ("[0,0],[1,0],[1,0],[0,0]", "fewer than 3 distinct vertices"),
+            (
+                "[0,0],[0,0],[0,0],[0,0]",
+                "ring 0 has fewer than 3 distinct vertices",
+            ),
+            // A bow tie.
+            (
+                "[0,0],[1,1],[1,0],[0,1],[0,0]",
+                "ring 0 intersects itself: edge 0 [0, 0] → [1, 1] meets edge 2",
+            ),
+            // A spike doubling back along its own edge.
+            ("[0,0],[2,0],[1,0],[1,1],[0,0]", "ring 0 intersects itself"),
+            // Collinear: no area, and it doubles back.
+            ("[0,0],[1,0],[2,0],[0,0]", "ring 0 intersects itself"),
+            (
+                "[179,0],[-179,0],[-179,1],[179,0]",
+                "ring 0 edge 0 [179, 0] → [-179, 0] crosses the antimeridian",
+            ),
+        ] {
+            let geojson = format!(r#"{{"type":"Polygon","coordinates":[[{ring}]]}}"#);
+            rejects(&raw_polygon(&geojson), p, rule);
+        }
         let outer = square(0.0, 0.0, 1000.0);
         rejects(
             &polygon_proto("p", &[outer.clone(), square(2000.0, 0.0, 100.0)]),
@@ -1298,34 +1273,10 @@ mod tests {
         );
     }
 
-    /// Splitmix64: reproducible randomness without a dependency.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn range(&mut self, lo: f64, hi: f64) -> f64 {
-            lo + (self.next() >> 11) as f64 / (1u64 << 53) as f64 * (hi - lo)
-        }
-    }
-
-    /// A star-shaped (so simple, often concave) polygon of `n` vertices around a centre.
+    /// A star-shaped polygon of 3 to 22 vertices around a centre.
     fn star(rng: &mut Rng, id: &str, lat: f64, lon: f64, size_m: f64) -> Geofence {
-        let n = 3 + (rng.next() % 20) as usize;
-        let mut ring: Vec<[f64; 2]> = (0..n)
-            .map(|k| {
-                let a = (k as f64 + rng.range(0.1, 0.9)) / n as f64 * 2.0 * PI;
-                let r = size_m * rng.range(0.3, 1.0);
-                let (la, lo) = offset(lat, lon, r * a.sin(), r * a.cos());
-                [lo, la]
-            })
-            .collect();
-        ring.push(ring[0]);
-        polygon_proto(id, &[ring])
+        let n = 3 + (rng.u64() % 20) as usize;
+        polygon_proto(id, &[rng.star(n, size_m, |n, e| offset(lat, lon, n, e))])
     }
 
     /// The R-tree path gives what testing every fence gives, on tracks with accuracies, also
@@ -1351,7 +1302,7 @@ mod tests {
                 };
                 let id = format!("f{:03}", list.len());
                 let size = rng.range(50.0, 3000.0);
-                let proto = if rng.next().is_multiple_of(2) {
+                let proto = if rng.u64().is_multiple_of(2) {
                     circle_proto(&id, lat, lon, size)
                 } else {
                     star(&mut rng, &id, lat, lon, size)
@@ -1374,7 +1325,7 @@ mod tests {
                 } else if lon < -180.0 {
                     lon += 360.0;
                 }
-                let accuracy = match rng.next() % 3 {
+                let accuracy = match rng.u64() % 3 {
                     0 => None,
                     1 => Some(rng.range(1.0, 50.0) as f32),
                     _ => Some(rng.range(50.0, 1500.0) as f32),

@@ -3,11 +3,9 @@
 use std::time::Duration;
 
 use refinement::{Config, run};
-use testkit::{Backend, Kind, Service};
+use testkit::Service;
 use tonic::{Code, transport::Channel};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 use trackmesh_proto::v1::{
     Fix, GetDeviceStateRequest, RefineRequest, RefineResponse, RefinedFix, ResetDeviceRequest,
     SeedRequest, SeedResponse, Verdict, refinement_client::RefinementClient,
@@ -651,60 +649,23 @@ async fn invalid_requests_name_the_field() {
 
 #[tokio::test]
 async fn redis_restart_mid_run() {
-    let mut redis = Backend::start(Kind::Redis);
-    let mut config = config(RedisConfig {
-        redis_addr: redis.addr(),
-        redis_timeout: ConfigDuration::from_millis(500),
-        ..RedisConfig::default()
-    });
-    config.common.readiness_interval = ConfigDuration::from_millis(100);
-    let (service, mut client) = start(config).await;
+    let (mut redis, redis_config) = testkit::private_redis();
+    let (service, mut client) = start(config(redis_config)).await;
     service.wait_ready(200, Duration::from_secs(5)).await;
-    let channel = Channel::from_shared(service.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
-    let health_of = |name: &str| HealthCheckRequest {
-        service: name.into(),
-    };
     let tenant = testkit::unique("t");
     let fixes = track("a", 30, T0);
     refine(&mut client, &tenant, &fixes[..10]).await;
 
-    redis.stop();
-    let started = std::time::Instant::now();
-    let err = client
-        .refine(RefineRequest {
-            tenant_id: tenant.clone(),
-            fixes: fixes[10..20].to_vec(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "answered promptly, not hung"
-    );
-    service.wait_ready(503, Duration::from_secs(5)).await;
-    let status = health
-        .check(health_of("trackmesh.v1.Refinement"))
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(status, ServingStatus::NotServing as i32);
-
+    let request = client.refine(RefineRequest {
+        tenant_id: tenant.clone(),
+        fixes: fixes[10..20].to_vec(),
+    });
+    service
+        .lose_redis(&mut redis, "trackmesh.v1.Refinement", request)
+        .await;
     redis.restart();
     service.wait_ready(200, Duration::from_secs(10)).await;
-    let status = health
-        .check(health_of(""))
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(status, ServingStatus::Serving as i32);
+    assert_eq!(service.grpc_health("").await, ServingStatus::Serving);
     // Redis lost its memory (no persistence): the device starts over, nothing is rejected.
     let after = refine(&mut client, &tenant, &fixes[10..20]).await;
     assert!(
