@@ -1,7 +1,10 @@
 //! The domain every service shares: checked tenant and device ids, the device key they make,
-//! and `Invalid`, the one shape of bad input (field and rule) each service maps to a status.
+//! `Invalid` (the one shape of bad input, which each service maps to a status), and fixes as
+//! they are persisted in Redis and Kafka, with an encoding of their own.
 
 use std::{fmt, ops::Deref};
+
+use trackmesh_proto::v1 as proto;
 
 /// The server clock in Unix epoch milliseconds, the unit of every fix's time.
 pub fn now_ms() -> i64 {
@@ -118,6 +121,94 @@ impl fmt::Display for DeviceKey<'_> {
     }
 }
 
+/// A fix as persisted (refinement's state, the fixes topic). Its protobuf tags are its own and
+/// only ever added to: version 1 has the tags `common.proto`'s `Fix` had when the two were
+/// split, so values written before decode (see the fixtures), and the public API may change
+/// without changing stored data.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Fix {
+    #[prost(string, tag = "1")]
+    pub device_id: String,
+    #[prost(int64, tag = "2")]
+    pub time_ms: i64,
+    #[prost(double, tag = "3")]
+    pub lat: f64,
+    #[prost(double, tag = "4")]
+    pub lon: f64,
+    #[prost(float, optional, tag = "5")]
+    pub accuracy_m: Option<f32>,
+    #[prost(float, optional, tag = "6")]
+    pub speed_mps: Option<f32>,
+    #[prost(float, optional, tag = "7")]
+    pub heading_deg: Option<f32>,
+    #[prost(float, optional, tag = "8")]
+    pub altitude_m: Option<f32>,
+}
+
+/// What refinement decided about a fix; the numbers are part of the persisted encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Verdict {
+    Unspecified = 0,
+    Accepted = 1,
+    Invalid = 2,
+    NullIsland = 3,
+    Future = 4,
+    Inaccurate = 5,
+    Duplicate = 6,
+    OutOfOrder = 7,
+    Speed = 8,
+    Stationary = 9,
+}
+
+impl Verdict {
+    /// The name in the public API (`ACCEPTED`, `NULL_ISLAND`, …), for metrics and logs.
+    pub fn name(self) -> &'static str {
+        proto::Verdict::try_from(self as i32).map_or("UNKNOWN", |v| v.as_str_name())
+    }
+}
+
+/// A fix with its verdict and, when accepted, its annotations relative to the device's previous
+/// accepted fix; persisted like [`Fix`], tags as `common.proto`'s `RefinedFix` had at the split.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Refined {
+    #[prost(message, optional, tag = "1")]
+    pub fix: Option<Fix>,
+    #[prost(enumeration = "Verdict", tag = "2")]
+    pub verdict: i32,
+    #[prost(bool, tag = "3")]
+    pub replay: bool,
+    #[prost(uint32, tag = "4")]
+    pub segment: u32,
+    #[prost(double, tag = "5")]
+    pub distance_m: f64,
+    #[prost(int64, tag = "6")]
+    pub dt_ms: i64,
+    #[prost(double, tag = "7")]
+    pub speed_kmh: f64,
+    #[prost(string, tag = "8")]
+    pub detail: String,
+    #[prost(bool, tag = "9")]
+    pub reanchored: bool,
+}
+
+// Field by field, by value: the two sides may diverge, and nothing is copied on the way.
+macro_rules! convert {
+    ($($a:ty => $b:ty { $($field:ident),* } $(map $m:ident)?;)*) => {$(
+        impl From<$a> for $b {
+            fn from(from: $a) -> Self {
+                Self { $($field: from.$field,)* $($m: from.$m.map(Into::into),)? }
+            }
+        }
+    )*};
+}
+convert! {
+    proto::Fix => Fix { device_id, time_ms, lat, lon, accuracy_m, speed_mps, heading_deg, altitude_m };
+    Fix => proto::Fix { device_id, time_ms, lat, lon, accuracy_m, speed_mps, heading_deg, altitude_m };
+    proto::RefinedFix => Refined { verdict, replay, segment, distance_m, dt_ms, speed_kmh, detail, reanchored } map fix;
+    Refined => proto::RefinedFix { verdict, replay, segment, distance_m, dt_ms, speed_kmh, detail, reanchored } map fix;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +239,36 @@ mod tests {
         let key = DeviceKey::parse("demo", "truck/7").unwrap();
         assert_eq!(key.to_string(), "demo/truck/7");
         assert_eq!(&*key.device, "truck/7");
+    }
+
+    /// Version 1 of the persisted encoding is the public messages' encoding at the split.
+    #[test]
+    fn fixes_convert_both_ways_and_encode_as_the_public_messages() {
+        use prost::Message as _;
+        let public = proto::RefinedFix {
+            fix: Some(proto::Fix {
+                device_id: "truck/7".into(),
+                time_ms: 1_764_547_200_000,
+                lat: 40.64,
+                lon: -74.07,
+                accuracy_m: Some(4.0),
+                speed_mps: None,
+                heading_deg: Some(180.0),
+                altitude_m: Some(-2.5),
+            }),
+            verdict: proto::Verdict::Speed as i32,
+            replay: true,
+            segment: 3,
+            distance_m: 11.1,
+            dt_ms: 10_000,
+            speed_kmh: 4.0,
+            detail: "why".into(),
+            reanchored: true,
+        };
+        let stored = Refined::from(public.clone());
+        assert_eq!(stored.verdict(), Verdict::Speed);
+        assert_eq!(stored.encode_to_vec(), public.encode_to_vec());
+        assert_eq!(proto::RefinedFix::from(stored), public);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The verdict chain: pure decisions on one device's fixes given its state, no I/O.
 
-use trackmesh_proto::v1::{Fix, RefinedFix, Verdict};
+pub use trackmesh_shared::domain::{Fix, Refined, Verdict};
 use trackmesh_shared::geo;
 
 /// The cleaning rules, in the units the decisions use.
@@ -15,12 +15,12 @@ pub struct Rules {
     pub reanchor_after: usize,
 }
 
-/// What Redis keeps per device between calls.
+/// What Redis keeps per device between calls, in the domain's own encoding.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct DeviceState {
     /// The last accepted fix with its annotations.
     #[prost(message, optional, tag = "1")]
-    pub last: Option<RefinedFix>,
+    pub last: Option<Refined>,
     #[prost(uint64, tag = "2")]
     pub accepted_count: u64,
     /// Consecutive, mutually consistent SPEED rejections since the last accepted fix.
@@ -29,7 +29,7 @@ pub struct DeviceState {
     /// The latest re-anchor run as accepted, the fix that completed it last: a retry of that
     /// fix answers the others as recovered again, or they would never reach storage.
     #[prost(message, repeated, tag = "4")]
-    pub reanchor_run: Vec<RefinedFix>,
+    pub reanchor_run: Vec<Refined>,
 }
 
 /// Verdicts 1–4, which need no device state. `Err` holds the verdict and why.
@@ -74,12 +74,12 @@ pub fn check_fix(fix: &Fix, now_ms: i64, rules: &Rules) -> Result<(), (Verdict, 
     Ok(())
 }
 
-pub fn rejected(fix: &Fix, verdict: Verdict, detail: String) -> RefinedFix {
-    RefinedFix {
+pub fn rejected(fix: &Fix, verdict: Verdict, detail: String) -> Refined {
+    Refined {
         fix: Some(fix.clone()),
         verdict: verdict as i32,
         detail,
-        ..RefinedFix::default()
+        ..Refined::default()
     }
 }
 
@@ -98,7 +98,7 @@ pub struct Record {
 impl Record {
     pub const SIZE: usize = 45;
 
-    pub fn of(accepted: &RefinedFix) -> Self {
+    pub fn of(accepted: &Refined) -> Self {
         let fix = accepted
             .fix
             .as_ref()
@@ -150,8 +150,8 @@ impl Record {
         self.time_ms == fix.time_ms && same_position(self.lat, self.lon, fix)
     }
 
-    fn replay(&self, fix: &Fix) -> RefinedFix {
-        RefinedFix {
+    fn replay(&self, fix: &Fix) -> Refined {
+        Refined {
             fix: Some(fix.clone()),
             verdict: Verdict::Accepted as i32,
             replay: true,
@@ -177,9 +177,9 @@ pub struct NeedHistory;
 #[derive(Debug)]
 pub struct Outcome {
     /// Input index and result, per fix.
-    pub results: Vec<(usize, RefinedFix)>,
+    pub results: Vec<(usize, Refined)>,
     /// Earlier SPEED rejections accepted by a re-anchor.
-    pub recovered: Vec<RefinedFix>,
+    pub recovered: Vec<Refined>,
     pub state: DeviceState,
     /// Records to append to the device's replay log.
     pub appended: Vec<Record>,
@@ -231,7 +231,7 @@ struct Device<'a> {
 }
 
 impl Device<'_> {
-    fn step(&mut self, fix: &Fix) -> Result<RefinedFix, NeedHistory> {
+    fn step(&mut self, fix: &Fix) -> Result<Refined, NeedHistory> {
         let Some(last) = self.outcome.state.last.clone() else {
             return Ok(self.accept(fix, 1, 0.0, 0, false));
         };
@@ -280,11 +280,7 @@ impl Device<'_> {
     }
 
     /// An earlier accepted fix identical to `fix`, answered again as a replay.
-    fn find_accepted(
-        &self,
-        fix: &Fix,
-        last: &RefinedFix,
-    ) -> Result<Option<RefinedFix>, NeedHistory> {
+    fn find_accepted(&self, fix: &Fix, last: &Refined) -> Result<Option<Refined>, NeedHistory> {
         let last_fix = last.fix.as_ref();
         if last_fix.is_some_and(|l| l.time_ms == fix.time_ms && same_position(l.lat, l.lon, fix)) {
             let mut replay = last.clone();
@@ -312,7 +308,7 @@ impl Device<'_> {
             .as_ref()
             .is_some_and(|c| c.time_ms == fix.time_ms && same_position(c.lat, c.lon, fix))
         {
-            let again = earlier.iter().map(|accepted| RefinedFix {
+            let again = earlier.iter().map(|accepted| Refined {
                 replay: true,
                 ..accepted.clone()
             });
@@ -323,11 +319,11 @@ impl Device<'_> {
     fn speed_outlier(
         &mut self,
         fix: &Fix,
-        last: &RefinedFix,
+        last: &Refined,
         distance_m: f64,
         dt_ms: i64,
         speed: f64,
-    ) -> RefinedFix {
+    ) -> Refined {
         let mut outlier = rejected(
             fix,
             Verdict::Speed,
@@ -382,8 +378,8 @@ impl Device<'_> {
         distance_m: f64,
         dt_ms: i64,
         reanchored: bool,
-    ) -> RefinedFix {
-        let accepted = RefinedFix {
+    ) -> Refined {
+        let accepted = Refined {
             fix: Some(fix.clone()),
             verdict: Verdict::Accepted as i32,
             replay: false,

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use trackmesh_proto::v1::{
-    Fix, GetDeviceStateRequest, GetDeviceStateResponse, RefineRequest, RefineResponse, RefinedFix,
-    ResetDeviceRequest, ResetDeviceResponse, SeedRequest, SeedResponse, Verdict,
+    GetDeviceStateRequest, GetDeviceStateResponse, RefineRequest, RefineResponse,
+    ResetDeviceRequest, ResetDeviceResponse, SeedRequest, SeedResponse,
     refinement_server::Refinement,
 };
 use trackmesh_shared::{
@@ -15,7 +15,7 @@ use trackmesh_shared::{
 
 use crate::{
     error::Error,
-    refine::{self, DeviceState, NeedHistory, Outcome, Record, Rules},
+    refine::{self, DeviceState, Fix, NeedHistory, Outcome, Record, Refined, Rules, Verdict},
     store::{self, Store},
 };
 
@@ -51,8 +51,8 @@ impl RefinementService {
 
     #[tracing::instrument(name = "refine", skip_all, fields(tenant = %request.tenant_id, fixes = request.fixes.len()))]
     async fn refine(&self, request: RefineRequest) -> Result<RefineResponse, Error> {
-        let fixes = &request.fixes;
-        let tenant = self.check_call(&request.tenant_id, fixes.len())?;
+        let tenant = self.check_call(&request.tenant_id, request.fixes.len())?;
+        let fixes: Vec<Fix> = request.fixes.into_iter().map(Fix::from).collect();
         let devices = fixes
             .iter()
             .enumerate()
@@ -63,7 +63,7 @@ impl RefinementService {
         metrics::histogram!("refinement_batch_size").record(fixes.len() as f64);
 
         let now_ms = now_ms();
-        let mut results: Vec<Option<RefinedFix>> = vec![None; fixes.len()];
+        let mut results: Vec<Option<Refined>> = vec![None; fixes.len()];
         let mut by_device = ByDevice::new();
         for (index, (fix, device)) in fixes.iter().zip(devices).enumerate() {
             match refine::check_fix(fix, now_ms, &self.rules) {
@@ -87,9 +87,12 @@ impl RefinementService {
             }
             recovered.extend(outcome.recovered);
         }
-        let results: Vec<RefinedFix> = results.into_iter().map(Option::unwrap_or_default).collect();
+        let results: Vec<Refined> = results.into_iter().map(Option::unwrap_or_default).collect();
         count(&results, &recovered);
-        Ok(RefineResponse { results, recovered })
+        Ok(RefineResponse {
+            results: results.into_iter().map(Into::into).collect(),
+            recovered: recovered.into_iter().map(Into::into).collect(),
+        })
     }
 
     /// Anchors each device without state on its given last stored fix, so that a late older
@@ -97,8 +100,8 @@ impl RefinementService {
     /// at least as recent as storage (refinement decides before storage writes).
     #[tracing::instrument(name = "seed", skip_all, fields(tenant = %request.tenant_id, fixes = request.fixes.len()))]
     async fn seed(&self, request: SeedRequest) -> Result<SeedResponse, Error> {
-        let fixes = &request.fixes;
-        let tenant = self.check_call(&request.tenant_id, fixes.len())?;
+        let tenant = self.check_call(&request.tenant_id, request.fixes.len())?;
+        let fixes: Vec<Refined> = request.fixes.into_iter().map(Refined::from).collect();
         // Everything is checked before anything is written: a bad request changes nothing.
         let mut first_of: BTreeMap<DeviceId<'_>, usize> = BTreeMap::new();
         let mut devices = Vec::with_capacity(fixes.len());
@@ -130,9 +133,9 @@ impl RefinementService {
         }
 
         let loaded = self.store.load(tenant, &devices).await?;
-        let states: Vec<(DeviceId<'_>, DeviceState, &RefinedFix)> = devices
+        let states: Vec<(DeviceId<'_>, DeviceState, &Refined)> = devices
             .into_iter()
-            .zip(fixes)
+            .zip(&fixes)
             .zip(loaded)
             .filter(|(_, loaded)| loaded.version == 0)
             .map(|((device, seed), _)| {
@@ -173,7 +176,7 @@ impl RefinementService {
         let loaded = self.store.load_one(key).await?;
         Ok(GetDeviceStateResponse {
             found: loaded.version > 0,
-            last_accepted: loaded.state.last,
+            last_accepted: loaded.state.last.map(Into::into),
             accepted_count: loaded.state.accepted_count,
             pending_speed_rejections: u32::try_from(loaded.state.pending.len()).unwrap_or(u32::MAX),
             version: loaded.version,
@@ -256,7 +259,7 @@ trackmesh_shared::unary_methods! {
 }
 
 /// Verdict counters, one increment per verdict and batch rather than per fix.
-fn count(results: &[RefinedFix], recovered: &[RefinedFix]) {
+fn count(results: &[Refined], recovered: &[Refined]) {
     let mut counts = [0u64; 10];
     let mut replays = 0u64;
     for result in results {
@@ -273,7 +276,7 @@ fn count(results: &[RefinedFix], recovered: &[RefinedFix]) {
             let name = i32::try_from(verdict)
                 .ok()
                 .and_then(|v| Verdict::try_from(v).ok())
-                .map_or("UNKNOWN", |v| v.as_str_name());
+                .map_or("UNKNOWN", Verdict::name);
             metrics::counter!("refinement_verdicts_total", "verdict" => name).increment(n);
         }
     }

@@ -51,10 +51,10 @@ pub fn encode(records: &[Record]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use prost::Message as _;
-    use trackmesh_proto::v1::Verdict;
     use trackmesh_shared::redis::Target;
 
     use super::*;
+    use crate::refine::Verdict;
 
     #[tokio::test]
     async fn keys_share_the_hash_tag() {

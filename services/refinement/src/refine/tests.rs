@@ -37,8 +37,8 @@ struct Harness {
 
 impl Harness {
     /// Runs a batch like the service does: static checks, then the device's chain.
-    fn run(&mut self, batch: &[Fix], rules: &Rules) -> (Vec<RefinedFix>, Vec<RefinedFix>) {
-        let mut results: Vec<Option<RefinedFix>> = vec![None; batch.len()];
+    fn run(&mut self, batch: &[Fix], rules: &Rules) -> (Vec<Refined>, Vec<Refined>) {
+        let mut results: Vec<Option<Refined>> = vec![None; batch.len()];
         let mut passed = Vec::new();
         for (index, fix) in batch.iter().enumerate() {
             match check_fix(fix, NOW_MS, rules) {
@@ -63,12 +63,12 @@ impl Harness {
         )
     }
 
-    fn one(&mut self, fix: Fix) -> RefinedFix {
+    fn one(&mut self, fix: Fix) -> Refined {
         self.run(&[fix], &rules()).0.remove(0)
     }
 }
 
-fn verdict(result: &RefinedFix) -> Verdict {
+fn verdict(result: &Refined) -> Verdict {
     Verdict::try_from(result.verdict).unwrap()
 }
 
@@ -545,7 +545,7 @@ fn split(fixes: &[Fix], cuts: &[usize]) -> Vec<Vec<Fix>> {
     batches
 }
 
-fn run_batches(batches: &[Vec<Fix>]) -> (Harness, Vec<RefinedFix>, Vec<RefinedFix>) {
+fn run_batches(batches: &[Vec<Fix>]) -> (Harness, Vec<Refined>, Vec<Refined>) {
     let mut h = Harness::default();
     let (mut results, mut recovered) = (Vec::new(), Vec::new());
     for batch in batches {
@@ -556,8 +556,8 @@ fn run_batches(batches: &[Vec<Fix>]) -> (Harness, Vec<RefinedFix>, Vec<RefinedFi
     (h, results, recovered)
 }
 
-fn accepted_sequence(results: &[RefinedFix], recovered: &[RefinedFix]) -> Vec<RefinedFix> {
-    let mut accepted: Vec<RefinedFix> = results
+fn accepted_sequence(results: &[Refined], recovered: &[Refined]) -> Vec<Refined> {
+    let mut accepted: Vec<Refined> = results
         .iter()
         .chain(recovered)
         .filter(|r| verdict(r) == Verdict::Accepted && !r.replay)
@@ -595,7 +595,7 @@ proptest! {
         prop_assert_eq!(results, split_results);
         // A fix re-sent in a later batch may bring its re-anchor run back as replays (for
         // storage, which drops what it has); the first acceptances are the same.
-        let first = |recovered: Vec<RefinedFix>| -> Vec<RefinedFix> {
+        let first = |recovered: Vec<Refined>| -> Vec<Refined> {
             recovered.into_iter().filter(|r| !r.replay).collect()
         };
         prop_assert_eq!(first(recovered), first(split_recovered));
