@@ -1,9 +1,15 @@
-//! gateway settings, from the environment.
+//! gateway settings, from the environment: checked and parsed once into the typed values the
+//! rest of the gateway uses (addresses, credentials, limits).
 
 use serde::Deserialize;
-use trackmesh_shared::config::{self, CommonConfig, ConfigError, Duration, Validate, check_range};
+use trackmesh_shared::config::{
+    self, CommonConfig, ConfigError, Duration, Secret, Validate, check_range,
+};
 
-use crate::auth::{ApiKeys, Credentials};
+use crate::{
+    auth::{ApiKeys, Credentials},
+    downstream::Target,
+};
 
 pub const DEFAULT_PORT: u16 = 50050;
 
@@ -11,18 +17,48 @@ pub const DEFAULT_PORT: u16 = 50050;
 pub struct Config {
     pub common: CommonConfig,
     pub gateway: GatewayConfig,
+    /// REFINEMENT_ADDR, LEARNING_ADDR and STORAGE_ADDR.
+    pub refinement: Vec<Target>,
+    pub learning: Vec<Target>,
+    pub storage: Vec<Target>,
+    /// API_KEYS(_FILE) and INGEST_TOKENS(_FILE).
+    pub credentials: Credentials,
+    /// TENANT_MAX_CONCURRENT_REQUESTS, or its default (0: off).
+    pub tenant_requests: u32,
 }
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
-        let config = Self {
-            common: CommonConfig::from_env(DEFAULT_PORT)?,
-            gateway: config::from_env()?,
+        Self::from_vars(std::env::vars().collect())
+    }
+
+    fn from_vars(vars: Vec<(String, String)>) -> Result<Self, ConfigError> {
+        let common = CommonConfig::from_vars(DEFAULT_PORT, vars.clone())?;
+        let gateway: GatewayConfig = config::from_vars(vars)?;
+        let credentials = Credentials {
+            keys: keys("API_KEYS", &gateway.api_keys, &gateway.api_keys_file)?,
+            ingest: keys(
+                "INGEST_TOKENS",
+                &gateway.ingest_tokens,
+                &gateway.ingest_tokens_file,
+            )?,
         };
-        config
-            .gateway
-            .tenant_max_concurrent_requests(&config.common)?;
-        Ok(config)
+        if credentials.keys.is_empty() {
+            return Err(ConfigError::new(
+                "API_KEYS",
+                "",
+                "no API keys: set API_KEYS=tenant:key,… or API_KEYS_FILE",
+            ));
+        }
+        Ok(Self {
+            refinement: Target::list("REFINEMENT_ADDR", &gateway.refinement_addr)?,
+            learning: Target::list("LEARNING_ADDR", &gateway.learning_addr)?,
+            storage: Target::list("STORAGE_ADDR", &gateway.storage_addr)?,
+            credentials,
+            tenant_requests: gateway.tenant_requests(&common)?,
+            common,
+            gateway,
+        })
     }
 }
 
@@ -32,23 +68,24 @@ impl AsRef<CommonConfig> for Config {
     }
 }
 
-/// Downstreams, API keys, limits and resilience settings (README, "Configuration").
-#[derive(Clone, Deserialize)]
+/// Downstreams, API keys, limits and resilience settings (README, "Configuration"); the
+/// private ones are read once, into `Config`.
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default)]
 pub struct GatewayConfig {
     /// Each: `host:port`, a URL, or a comma list; a name resolving to several addresses
     /// (a headless Service) is balanced per request.
-    pub refinement_addr: String,
-    pub learning_addr: String,
-    pub storage_addr: String,
-    /// `tenant:key,tenant:key`. Never logged.
-    pub api_keys: Option<String>,
+    refinement_addr: String,
+    learning_addr: String,
+    storage_addr: String,
+    /// `tenant:key,tenant:key`.
+    api_keys: Option<Secret>,
     /// A file of `tenant:key` entries (lines or commas), e.g. a mounted Secret.
-    pub api_keys_file: Option<String>,
+    api_keys_file: Option<String>,
     /// Write-only tokens for devices, `tenant:token` like API keys: they can send fixes
     /// (`Ingest`, `IngestStream`, `/osmand/<token>`, `/owntracks`, `/v1/ingest`) and nothing else.
-    pub ingest_tokens: Option<String>,
-    pub ingest_tokens_file: Option<String>,
+    ingest_tokens: Option<Secret>,
+    ingest_tokens_file: Option<String>,
     /// Most fixes per Ingest request.
     pub max_batch: u32,
     /// Per tenant; 0 turns the limit off. The requests default fits a fleet of 20 000 devices
@@ -71,7 +108,7 @@ pub struct GatewayConfig {
     /// Unary calls (and GetTrack streams) in flight per tenant; 0 turns the limit off. Unset:
     /// 512, or half of MAX_CONCURRENT_REQUESTS if that is less, so that one tenant never holds
     /// every slot.
-    pub tenant_max_concurrent_requests: Option<u32>,
+    tenant_max_concurrent_requests: Option<u32>,
     /// IngestStream calls open per tenant; 0 turns the limit off. Streams hold no
     /// MAX_CONCURRENT_REQUESTS permit: they are bounded by this and by the two timeouts below.
     pub tenant_max_streams: u32,
@@ -92,42 +129,9 @@ pub struct GatewayConfig {
     /// Lifetime of a read-only stream token from `POST /v1/live/token`.
     pub live_token_ttl: Duration,
     /// Signs stream tokens; every replica needs the same. Unset: derived from the API keys.
-    pub live_token_secret: Option<String>,
+    pub live_token_secret: Option<Secret>,
     /// Basemap tiles of the web console (`{z}/{x}/{y}` URL template), loaded by the browser.
     pub console_tile_url: String,
-}
-
-impl std::fmt::Debug for GatewayConfig {
-    // By hand, so that API keys never reach a log line.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatewayConfig")
-            .field("refinement_addr", &self.refinement_addr)
-            .field("learning_addr", &self.learning_addr)
-            .field("storage_addr", &self.storage_addr)
-            .field("api_keys", &self.api_keys.as_ref().map(|_| "<redacted>"))
-            .field("api_keys_file", &self.api_keys_file)
-            .field(
-                "ingest_tokens",
-                &self.ingest_tokens.as_ref().map(|_| "<redacted>"),
-            )
-            .field("ingest_tokens_file", &self.ingest_tokens_file)
-            .field("max_batch", &self.max_batch)
-            .field("coalesce_max_fixes", &self.coalesce_max_fixes())
-            .field("coalesce_max_in_flight", &self.coalesce_max_in_flight)
-            .field(
-                "tenant_max_concurrent_requests",
-                &self.tenant_max_concurrent_requests,
-            )
-            .field("tenant_max_streams", &self.tenant_max_streams)
-            .field("stream_idle_timeout", &self.stream_idle_timeout)
-            .field("stream_max_duration", &self.stream_max_duration)
-            .field("kafka_brokers", &self.kafka_brokers)
-            .field("kafka_topic", &self.kafka_topic)
-            .field("kafka_events_topic", &self.kafka_events_topic)
-            .field("watch_buffer", &self.watch_buffer)
-            .field("live_token_ttl", &self.live_token_ttl)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Default for GatewayConfig {
@@ -166,31 +170,6 @@ impl Default for GatewayConfig {
 }
 
 impl GatewayConfig {
-    /// The API keys from `API_KEYS` and `API_KEYS_FILE` together.
-    pub fn api_keys(&self) -> Result<ApiKeys, ConfigError> {
-        keys(
-            "API_KEYS",
-            self.api_keys.as_deref(),
-            self.api_keys_file.as_deref(),
-        )
-    }
-
-    /// The ingest tokens from `INGEST_TOKENS` and `INGEST_TOKENS_FILE` together.
-    pub fn ingest_tokens(&self) -> Result<ApiKeys, ConfigError> {
-        keys(
-            "INGEST_TOKENS",
-            self.ingest_tokens.as_deref(),
-            self.ingest_tokens_file.as_deref(),
-        )
-    }
-
-    pub fn credentials(&self) -> Result<Credentials, ConfigError> {
-        Ok(Credentials {
-            keys: self.api_keys()?,
-            ingest: self.ingest_tokens()?,
-        })
-    }
-
     /// The size that makes a coalesced batch depart: COALESCE_MAX_FIXES, or MAX_BATCH.
     pub fn coalesce_max_fixes(&self) -> u32 {
         self.coalesce_max_fixes.unwrap_or(self.max_batch)
@@ -198,10 +177,7 @@ impl GatewayConfig {
 
     /// The per-tenant limit of calls in flight (0: off). It must stay below the server's
     /// MAX_CONCURRENT_REQUESTS, or one tenant could hold every slot and lock the others out.
-    pub fn tenant_max_concurrent_requests(
-        &self,
-        common: &CommonConfig,
-    ) -> Result<u32, ConfigError> {
+    fn tenant_requests(&self, common: &CommonConfig) -> Result<u32, ConfigError> {
         let global = common.max_concurrent_requests;
         match self.tenant_max_concurrent_requests {
             None => Ok(512.min(global / 2).max(1)),
@@ -218,8 +194,8 @@ impl GatewayConfig {
 }
 
 /// `tenant:key` entries from the setting `var` and the file of `{var}_FILE`.
-fn keys(var: &'static str, text: Option<&str>, file: Option<&str>) -> Result<ApiKeys, ConfigError> {
-    let mut text = text.unwrap_or_default().to_owned();
+fn keys(var: &str, text: &Option<Secret>, file: &Option<String>) -> Result<ApiKeys, ConfigError> {
+    let mut text = text.as_ref().map_or("", Secret::expose).to_owned();
     if let Some(path) = file {
         let file = std::fs::read_to_string(path).map_err(|err| {
             ConfigError::new(
@@ -236,31 +212,22 @@ fn keys(var: &'static str, text: Option<&str>, file: Option<&str>) -> Result<Api
 
 impl Validate for GatewayConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        for (var, value) in [
-            ("REFINEMENT_ADDR", &self.refinement_addr),
-            ("LEARNING_ADDR", &self.learning_addr),
-            ("STORAGE_ADDR", &self.storage_addr),
-        ] {
-            for addr in value.split(',') {
-                let url = config::url(var, addr.trim(), "http")?;
-                if url.port().is_none() {
-                    return Err(ConfigError::new(
-                        var,
-                        value,
-                        "needs a port, e.g. refinement-api:50051",
-                    ));
-                }
-            }
+        // Tables: one setting a line.
+        #[rustfmt::skip]
+        let counts = [
+            ("MAX_BATCH", self.max_batch, 1..=1_000_000),
+            ("COALESCE_MAX_IN_FLIGHT", self.coalesce_max_in_flight, 1..=1024),
+            ("RATE_LIMIT_FIXES_PER_SEC", self.rate_limit_fixes_per_sec, 0..=100_000_000),
+            ("RATE_LIMIT_REQUESTS_PER_SEC", self.rate_limit_requests_per_sec, 0..=10_000_000),
+            ("RETRY_ATTEMPTS", self.retry_attempts, 1..=10),
+            ("BREAKER_FAILURES", self.breaker_failures, 1..=1000),
+            ("TENANT_MAX_CONCURRENT_REQUESTS", self.tenant_max_concurrent_requests.unwrap_or(0), 0..=1_000_000),
+            ("TENANT_MAX_STREAMS", self.tenant_max_streams, 0..=1_000_000),
+            ("WATCH_BUFFER", self.watch_buffer, 16..=1_000_000),
+        ];
+        for (var, value, range) in counts {
+            check_range(var, value, range)?;
         }
-        self.ingest_tokens()?;
-        if self.api_keys()?.is_empty() {
-            return Err(ConfigError::new(
-                "API_KEYS",
-                "",
-                "no API keys: set API_KEYS=tenant:key,… or API_KEYS_FILE",
-            ));
-        }
-        check_range("MAX_BATCH", self.max_batch, 1..=1_000_000)?;
         if let Some(fixes) = self.coalesce_max_fixes {
             // Refinement refuses a Refine of more than its MAX_BATCH, which MAX_BATCH mirrors.
             if !(1..=self.max_batch).contains(&fixes) {
@@ -271,52 +238,19 @@ impl Validate for GatewayConfig {
                 ));
             }
         }
-        check_range(
-            "COALESCE_MAX_IN_FLIGHT",
-            self.coalesce_max_in_flight,
-            1..=1024,
-        )?;
-        check_range(
-            "RATE_LIMIT_FIXES_PER_SEC",
-            self.rate_limit_fixes_per_sec,
-            0..=100_000_000,
-        )?;
-        check_range(
-            "RATE_LIMIT_REQUESTS_PER_SEC",
-            self.rate_limit_requests_per_sec,
-            0..=10_000_000,
-        )?;
-        check_range(
-            "DOWNSTREAM_TIMEOUT",
-            self.downstream_timeout,
-            Duration::from_millis(10)..=Duration::from_secs(600),
-        )?;
-        check_range(
-            "RESOLVE_INTERVAL",
-            self.resolve_interval,
-            Duration::from_millis(50)..=Duration::from_secs(600),
-        )?;
-        check_range("RETRY_ATTEMPTS", self.retry_attempts, 1..=10)?;
-        check_range("BREAKER_FAILURES", self.breaker_failures, 1..=1000)?;
-        check_range(
-            "BREAKER_COOL_DOWN",
-            self.breaker_cool_down,
-            Duration::from_millis(10)..=Duration::from_secs(3600),
-        )?;
-        if let Some(limit) = self.tenant_max_concurrent_requests {
-            check_range("TENANT_MAX_CONCURRENT_REQUESTS", limit, 0..=1_000_000)?;
+        let (ms, s, day) = (Duration::from_millis, Duration::from_secs, 24 * 3600);
+        #[rustfmt::skip]
+        let durations = [
+            ("DOWNSTREAM_TIMEOUT", self.downstream_timeout, ms(10)..=s(600)),
+            ("RESOLVE_INTERVAL", self.resolve_interval, ms(50)..=s(600)),
+            ("BREAKER_COOL_DOWN", self.breaker_cool_down, ms(10)..=s(3600)),
+            ("STREAM_IDLE_TIMEOUT", self.stream_idle_timeout, ms(100)..=s(day)),
+            ("STREAM_MAX_DURATION", self.stream_max_duration, s(1)..=s(7 * day)),
+            ("LIVE_TOKEN_TTL", self.live_token_ttl, s(10)..=s(7 * day)),
+        ];
+        for (var, value, range) in durations {
+            check_range(var, value, range)?;
         }
-        check_range("TENANT_MAX_STREAMS", self.tenant_max_streams, 0..=1_000_000)?;
-        check_range(
-            "STREAM_IDLE_TIMEOUT",
-            self.stream_idle_timeout,
-            Duration::from_millis(100)..=Duration::from_secs(24 * 3600),
-        )?;
-        check_range(
-            "STREAM_MAX_DURATION",
-            self.stream_max_duration,
-            Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600),
-        )?;
         if let Some(brokers) = &self.kafka_brokers {
             config::kafka_brokers("KAFKA_BROKERS", brokers)?;
         }
@@ -324,14 +258,8 @@ impl Validate for GatewayConfig {
             ("KAFKA_TOPIC", &self.kafka_topic),
             ("KAFKA_EVENTS_TOPIC", &self.kafka_events_topic),
         ])?;
-        check_range("WATCH_BUFFER", self.watch_buffer, 16..=1_000_000)?;
-        check_range(
-            "LIVE_TOKEN_TTL",
-            self.live_token_ttl,
-            Duration::from_secs(10)..=Duration::from_secs(7 * 24 * 3600),
-        )?;
         if let Some(secret) = &self.live_token_secret
-            && secret.len() < 16
+            && secret.expose().len() < 16
         {
             return Err(ConfigError::new(
                 "LIVE_TOKEN_SECRET",
@@ -347,20 +275,25 @@ impl Validate for GatewayConfig {
 mod tests {
     use super::*;
 
-    fn load(pairs: &[(&str, &str)]) -> Result<GatewayConfig, ConfigError> {
-        config::from_vars(
-            pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        )
+    fn load(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+        Config::from_vars(vars.collect())
     }
 
     #[test]
     fn keys_are_required_and_never_printed() {
         let err = load(&[]).unwrap_err().to_string();
         assert!(err.contains("API_KEYS"), "{err}");
-        let config = load(&[("API_KEYS", "demo:s3cret-key")]).unwrap();
-        assert!(!format!("{config:?}").contains("s3cret"));
+        let config = load(&[
+            ("API_KEYS", "demo:s3cret-key"),
+            ("INGEST_TOKENS", "demo:s3cret-token"),
+            ("LIVE_TOKEN_SECRET", "s3cret-s3cret-s3cret"),
+        ])
+        .unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
     }
 
     #[test]
@@ -372,7 +305,7 @@ mod tests {
             ("API_KEYS", "demo:demo-key-0"),
         ])
         .unwrap();
-        assert_eq!(config.api_keys().unwrap().len(), 3);
+        assert_eq!(config.credentials.keys.len(), 3);
         std::fs::remove_file(&path).unwrap();
         let err = load(&[("API_KEYS_FILE", "/nonexistent/keys")])
             .unwrap_err()
@@ -389,34 +322,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("STORAGE_ADDR=storage: needs a port"), "{err}");
-        assert!(
-            load(&[
-                ("API_KEYS", "a:a-long-key"),
-                ("REFINEMENT_ADDR", "a:1,b:2,http://c:3")
-            ])
-            .is_ok()
-        );
+        let config = load(&[
+            ("API_KEYS", "a:a-long-key"),
+            ("REFINEMENT_ADDR", "a:1,b:2,http://c:3"),
+        ])
+        .unwrap();
+        assert_eq!(config.refinement, Target::list("X", "a:1,b:2,c:3").unwrap());
     }
 
     #[test]
     fn tenant_limit_stays_below_the_global_one() {
-        let common = |global: &str| {
-            CommonConfig::from_vars(
-                DEFAULT_PORT,
-                [("MAX_CONCURRENT_REQUESTS".into(), global.into())],
-            )
-            .unwrap()
+        let load = |more: &[(&str, &str)]| {
+            let mut pairs = vec![("API_KEYS", "a:a-long-key")];
+            pairs.extend_from_slice(more);
+            load(&pairs)
         };
-        let base = ("API_KEYS", "a:a-long-key");
-        let unset = load(&[base]).unwrap();
-        assert_eq!(
-            unset.tenant_max_concurrent_requests(&common("1024")),
-            Ok(512)
-        );
-        assert_eq!(unset.tenant_max_concurrent_requests(&common("100")), Ok(50));
-        let set = load(&[base, ("TENANT_MAX_CONCURRENT_REQUESTS", "1024")]).unwrap();
-        let err = set
-            .tenant_max_concurrent_requests(&common("1024"))
+        let limit = |global, tenant: &[(&str, &str)]| {
+            let mut pairs = vec![("MAX_CONCURRENT_REQUESTS", global)];
+            pairs.extend_from_slice(tenant);
+            load(&pairs).map(|config| config.tenant_requests)
+        };
+        assert_eq!(limit("1024", &[]), Ok(512));
+        assert_eq!(limit("100", &[]), Ok(50));
+        let err = limit("1024", &[("TENANT_MAX_CONCURRENT_REQUESTS", "1024")])
             .unwrap_err()
             .to_string();
         assert!(
@@ -425,22 +353,20 @@ mod tests {
             ),
             "{err}"
         );
-        let off = load(&[base, ("TENANT_MAX_CONCURRENT_REQUESTS", "0")]).unwrap();
-        assert_eq!(off.tenant_max_concurrent_requests(&common("10")), Ok(0));
-        let err = load(&[base, ("COALESCE_MAX_FIXES", "20000")])
+        assert_eq!(
+            limit("10", &[("TENANT_MAX_CONCURRENT_REQUESTS", "0")]),
+            Ok(0)
+        );
+        let err = load(&[("COALESCE_MAX_FIXES", "20000")])
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("COALESCE_MAX_FIXES=20000: must be 1..=MAX_BATCH=10000"),
             "{err}"
         );
-        assert_eq!(
-            load(&[base, ("MAX_BATCH", "500")])
-                .unwrap()
-                .coalesce_max_fixes(),
-            500
-        );
-        let err = load(&[base, ("STREAM_IDLE_TIMEOUT", "1ms")])
+        let config = load(&[("MAX_BATCH", "500")]).unwrap();
+        assert_eq!(config.gateway.coalesce_max_fixes(), 500);
+        let err = load(&[("STREAM_IDLE_TIMEOUT", "1ms")])
             .unwrap_err()
             .to_string();
         assert!(

@@ -24,7 +24,7 @@ use tonic_health::pb::{
 };
 use trackmesh_shared::{
     breaker::{Breaker, Permit},
-    config::CommonConfig,
+    config::{self, CommonConfig, ConfigError},
     grpc::Deadline,
     tls,
 };
@@ -45,34 +45,40 @@ pub struct Downstream {
 }
 
 /// One `host:port` to resolve.
-#[derive(Clone, Debug)]
-struct Target {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
     host: String,
     port: u16,
 }
 
+impl Target {
+    /// The setting `var`: a comma list of `host:port` or URLs, each with its port.
+    pub fn list(var: &str, value: &str) -> Result<Vec<Self>, ConfigError> {
+        let target = |addr: &str| {
+            let url = config::url(var, addr.trim(), "http")?;
+            let port = url.port().ok_or_else(|| {
+                ConfigError::new(var, value, "needs a port, e.g. refinement-api:50051")
+            })?;
+            let host = url.host_str().unwrap_or_default().trim_matches(['[', ']']);
+            Ok(Self {
+                host: host.to_owned(),
+                port,
+            })
+        };
+        value.split(',').map(target).collect()
+    }
+}
+
 impl Downstream {
-    /// Starts watching `addrs` (a comma list of `host:port` or URLs) in the background; an
-    /// endpoint takes calls while it reports SERVING for the gRPC health name `health`.
+    /// Starts watching `targets` in the background; an endpoint takes calls while it reports
+    /// SERVING for the gRPC health name `health`.
     pub fn start(
         name: &'static str,
         health: &'static str,
-        addrs: &str,
+        targets: Vec<Target>,
         common: &CommonConfig,
         config: &GatewayConfig,
     ) -> anyhow::Result<Arc<Self>> {
-        let mut targets = Vec::new();
-        for addr in addrs.split(',') {
-            let url = trackmesh_shared::config::url(name, addr.trim(), "http")?;
-            targets.push(Target {
-                host: url
-                    .host_str()
-                    .unwrap_or_default()
-                    .trim_matches(['[', ']'])
-                    .to_owned(),
-                port: url.port().unwrap_or(80),
-            });
-        }
         let tls = tls::client_tls(common)?;
         let (channel, changes) = Channel::balance_channel::<SocketAddr>(64);
         let healthy = Arc::new(AtomicUsize::new(0));
@@ -352,18 +358,11 @@ mod tests {
                 .add_service(health)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let config = GatewayConfig {
-            resolve_interval: trackmesh_shared::config::Duration::from_millis(20),
-            ..GatewayConfig::default()
-        };
-        let downstream = Downstream::start(
-            "test",
-            "",
-            &addr.to_string(),
-            &CommonConfig::default(),
-            &config,
-        )
-        .unwrap();
+        let mut config = GatewayConfig::default();
+        config.resolve_interval = trackmesh_shared::config::Duration::from_millis(20);
+        let targets = Target::list("TEST_ADDR", &addr.to_string()).unwrap();
+        let downstream =
+            Downstream::start("test", "", targets, &CommonConfig::default(), &config).unwrap();
         while downstream.healthy_endpoints() == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

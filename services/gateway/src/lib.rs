@@ -48,38 +48,33 @@ pub async fn run(
         &["gateway_learning_failures_total"],
         &["gateway_batches_in_flight"],
     );
-    let settings = &config.gateway;
-    let keys = settings.credentials()?;
+    let Config {
+        common,
+        gateway: settings,
+        refinement,
+        learning,
+        storage,
+        credentials: keys,
+        tenant_requests,
+    } = config;
+    let settings = &settings;
     // Every replica derives the same secret from the same keys unless one is set.
     let stream_tokens = auth::StreamTokens::new(
         &settings.live_token_secret.as_ref().map_or_else(
             || keys.keys.fingerprint().to_vec(),
-            |s| s.as_bytes().to_vec(),
+            |s| s.expose().as_bytes().to_vec(),
         ),
         settings.live_token_ttl.get(),
     );
-    let tenant_requests = settings.tenant_max_concurrent_requests(&config.common)?;
     let downstreams = Downstreams {
-        refinement: Downstream::start(
-            "refinement",
-            "",
-            &settings.refinement_addr,
-            &config.common,
-            settings,
-        )?,
-        learning: Downstream::start(
-            "learning",
-            "",
-            &settings.learning_addr,
-            &config.common,
-            settings,
-        )?,
+        refinement: Downstream::start("refinement", "", refinement, &common, settings)?,
+        learning: Downstream::start("learning", "", learning, &common, settings)?,
         // Ingest needs Store only, which works while ClickHouse is down (Kafka buffers).
         storage: Downstream::start(
             "storage",
             trackmesh_proto::STORE_HEALTH_NAME,
-            &settings.storage_addr,
-            &config.common,
+            storage,
+            &common,
             settings,
         )?,
     };
@@ -174,7 +169,7 @@ pub async fn run(
         }
     };
     let served = server::serve_with(
-        &config.common,
+        &common,
         listener,
         server::Service {
             name: SERVICE_NAME,

@@ -520,7 +520,10 @@ mod tests {
     use trackmesh_shared::config::CommonConfig;
 
     use super::*;
-    use crate::{config::GatewayConfig, downstream::Downstream};
+    use crate::{
+        config::GatewayConfig,
+        downstream::{Downstream, Target},
+    };
 
     /// Storage and learning in one: `fixes` stored (times 1..=n), served in chunks of 3; a
     /// rebuild learns what it is sent and, on `done` without `force`, asks for the fixes after
@@ -751,12 +754,12 @@ mod tests {
                 .add_service(LearningServer::new(fake))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let config = GatewayConfig {
-            resolve_interval: trackmesh_shared::config::Duration::from_millis(20),
-            ..GatewayConfig::default()
+        let mut config = GatewayConfig::default();
+        config.resolve_interval = trackmesh_shared::config::Duration::from_millis(20);
+        let targets = Target::list("TEST_ADDR", &addr).unwrap();
+        let start = |name| {
+            Downstream::start(name, "", targets.clone(), &CommonConfig::default(), &config).unwrap()
         };
-        let start =
-            |name| Downstream::start(name, "", &addr, &CommonConfig::default(), &config).unwrap();
         let downstreams = Downstreams {
             refinement: start("refinement"),
             learning: start("learning"),
