@@ -7,13 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config, start};
+use common::{Topic, config, start, start_with_events};
 use prost::Message as _;
-use rdkafka::{
-    ClientConfig,
-    producer::{FutureProducer, FutureRecord},
-    util::Timeout,
-};
 use testkit::{Backend, Kind};
 use tonic::{Code, transport::Channel};
 use trackmesh_proto::v1::{
@@ -23,31 +18,14 @@ use trackmesh_proto::v1::{
 
 const T0: i64 = 1_750_000_000_000;
 
-fn producer() -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", testkit::kafka_brokers())
-        .create()
-        .unwrap()
-}
-
-/// Produces one message as learning does: key `tenant/device`, a `TenantEvents` value.
-async fn produce(producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) {
-    let record = FutureRecord::to(topic).key(key).payload(payload);
-    producer
-        .send(record, Timeout::After(Duration::from_secs(10)))
-        .await
-        .unwrap();
-}
-
-async fn produce_events(producer: &FutureProducer, topic: &str, tenant: &str, events: &[Event]) {
-    let device = &events[0].device_id;
-    let payload = TenantEvents {
+/// Produces `events` (of one device) as learning does.
+async fn produce_events(topic: &Topic, tenant: &str, events: &[Event]) {
+    let message = TenantEvents {
         tenant_id: tenant.into(),
         events: events.to_vec(),
         ..TenantEvents::default()
-    }
-    .encode_to_vec();
-    produce(producer, topic, &format!("{tenant}/{device}"), &payload).await;
+    };
+    topic.send_events(&events[0].device_id, message, None).await;
 }
 
 /// An event at `T0 + offset_ms`, with its triggering fix.
@@ -112,11 +90,8 @@ async fn wait_for(client: &mut StorageClient<Channel>, tenant: &str, last: &Even
 
 #[tokio::test]
 async fn events_are_stored_once_and_filtered_by_device_time_and_type_within_the_tenant() {
-    let config = config();
-    let topic = config.storage.kafka_events_topic.clone();
-    let (_service, mut client) = start(config).await;
+    let (_service, mut client, events) = start_with_events().await;
     let (a, b) = (testkit::unique("ta"), testkit::unique("tb"));
-    let producer = producer();
     let d1_enter = event(EventType::Enter, "d1", "g1", 1000);
     let d1_arrive = event(EventType::Arrive, "d1", "p1", 3000);
     let d1_exit = event(EventType::Exit, "d1", "g1", 5000);
@@ -128,28 +103,26 @@ async fn events_are_stored_once_and_filtered_by_device_time_and_type_within_the_
     let b_enter = event(EventType::Enter, "d1", "g9", 1000);
 
     let first = [d1_enter.clone(), d1_arrive.clone()];
-    produce_events(&producer, &topic, &a, &first).await;
+    produce_events(&events, &a, &first).await;
     // The same event twice in one message, and again in a second one.
     produce_events(
-        &producer,
-        &topic,
+        &events,
         &a,
         &[d1_enter.clone(), d1_exit.clone(), d1_exit.clone()],
     )
     .await;
     produce_events(
-        &producer,
-        &topic,
+        &events,
         &a,
         &[d2_depart.clone(), d2_enter.clone(), d2_enter_g2.clone()],
     )
     .await;
-    produce_events(&producer, &topic, &b, std::slice::from_ref(&b_enter)).await;
+    produce_events(&events, &b, std::slice::from_ref(&b_enter)).await;
     // The whole first message again (a producer's retry), then the last event of d1.
-    produce_events(&producer, &topic, &a, &first).await;
-    produce_events(&producer, &topic, &a, std::slice::from_ref(&d1_depart)).await;
+    produce_events(&events, &a, &first).await;
+    produce_events(&events, &a, std::slice::from_ref(&d1_depart)).await;
     // d2's partition: its first message again, after the original.
-    produce_events(&producer, &topic, &a, std::slice::from_ref(&d2_enter)).await;
+    produce_events(&events, &a, std::slice::from_ref(&d2_enter)).await;
 
     wait_for(&mut client, &a, &d1_depart).await;
     wait_for(&mut client, &a, &d2_enter_g2).await;
@@ -243,27 +216,28 @@ async fn events_are_stored_once_and_filtered_by_device_time_and_type_within_the_
 
 #[tokio::test]
 async fn an_undecodable_message_is_skipped_and_later_events_are_stored() {
-    let config = config();
-    let topic = config.storage.kafka_events_topic.clone();
-    let (_service, mut client) = start(config).await;
+    let (_service, mut client, events) = start_with_events().await;
     let tenant = testkit::unique("t");
-    let producer = producer();
     let key = format!("{tenant}/d1");
     // Not protobuf at all, then a TenantEvents without a valid tenant.
-    produce(&producer, &topic, &key, b"\xff\xff\xff not an event").await;
+    events
+        .send(&key, b"\xff\xff\xff not an event", None, None)
+        .await;
     let no_tenant = TenantEvents {
         tenant_id: String::new(),
         events: vec![event(EventType::Enter, "d1", "g0", 0)],
         ..TenantEvents::default()
     };
-    produce(&producer, &topic, &key, &no_tenant.encode_to_vec()).await;
+    events
+        .send(&key, &no_tenant.encode_to_vec(), None, None)
+        .await;
     // An event of an unknown type beside a good one: the good one is stored.
     let mut unknown = event(EventType::Exit, "d1", "g1", 500);
     unknown.r#type = 42;
     let good = event(EventType::Enter, "d1", "g1", 1000);
-    produce_events(&producer, &topic, &tenant, &[unknown, good.clone()]).await;
+    produce_events(&events, &tenant, &[unknown, good.clone()]).await;
     let later = event(EventType::Exit, "d1", "g1", 2000);
-    produce_events(&producer, &topic, &tenant, std::slice::from_ref(&later)).await;
+    produce_events(&events, &tenant, std::slice::from_ref(&later)).await;
 
     wait_for(&mut client, &tenant, &later).await;
     assert_eq!(get(&mut client, request(&tenant)).await, [good, later]);
@@ -278,17 +252,16 @@ async fn clickhouse_outages_delay_events_but_lose_none() {
     let mut config = config();
     config.storage.clickhouse_url = clickhouse.addr();
     config.common.shutdown_grace = trackmesh_shared::config::Duration::from_secs(3);
-    let topic = config.storage.kafka_events_topic.clone();
+    let events = Topic::new(&config.storage.kafka_events_topic);
     let (service, mut client) = start(config.clone()).await;
     let tenant = testkit::unique("t");
-    let producer = producer();
     let first = event(EventType::Enter, "v", "g1", 1000);
-    produce_events(&producer, &topic, &tenant, std::slice::from_ref(&first)).await;
+    produce_events(&events, &tenant, std::slice::from_ref(&first)).await;
     wait_for(&mut client, &tenant, &first).await;
 
     clickhouse.stop();
     let second = event(EventType::Exit, "v", "g1", 2000);
-    produce_events(&producer, &topic, &tenant, std::slice::from_ref(&second)).await;
+    produce_events(&events, &tenant, std::slice::from_ref(&second)).await;
     // The consumer holds the event and retries its insert.
     tokio::time::sleep(Duration::from_secs(3)).await;
     clickhouse.restart();
@@ -296,7 +269,7 @@ async fn clickhouse_outages_delay_events_but_lose_none() {
 
     clickhouse.stop();
     let third = event(EventType::Enter, "v", "g2", 3000);
-    produce_events(&producer, &topic, &tenant, std::slice::from_ref(&third)).await;
+    produce_events(&events, &tenant, std::slice::from_ref(&third)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     service.shutdown().await.unwrap();
     clickhouse.restart();
@@ -311,15 +284,12 @@ async fn clickhouse_outages_delay_events_but_lose_none() {
 
 #[tokio::test]
 async fn delete_device_removes_its_events() {
-    let config = config();
-    let topic = config.storage.kafka_events_topic.clone();
-    let (_service, mut client) = start(config).await;
+    let (_service, mut client, events) = start_with_events().await;
     let tenant = testkit::unique("t");
-    let producer = producer();
     let gone = event(EventType::Arrive, "gone", "p1", 1000);
     let kept = event(EventType::Arrive, "kept", "p1", 1000);
-    produce_events(&producer, &topic, &tenant, std::slice::from_ref(&gone)).await;
-    produce_events(&producer, &topic, &tenant, std::slice::from_ref(&kept)).await;
+    produce_events(&events, &tenant, std::slice::from_ref(&gone)).await;
+    produce_events(&events, &tenant, std::slice::from_ref(&kept)).await;
     wait_for(&mut client, &tenant, &gone).await;
     wait_for(&mut client, &tenant, &kept).await;
 

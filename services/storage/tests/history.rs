@@ -7,13 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config, start};
-use prost::Message as _;
-use rdkafka::{
-    ClientConfig,
-    producer::{FutureProducer, FutureRecord},
-    util::Timeout,
-};
+use common::{Topic, config, start, start_with_events};
 use tonic::{Code, transport::Channel};
 use trackmesh_proto::v1::{
     DeleteHistoryRequest, DeleteStoredDeviceRequest, Place, Stay, StoredHistoryRequest,
@@ -25,39 +19,22 @@ const MIN: i64 = 60_000;
 /// Kafka message timestamps: well before now, so a message without one (now) wins over them.
 const TS: i64 = 1_760_000_000_000;
 
-fn producer() -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", testkit::kafka_brokers())
-        .create()
-        .unwrap()
-}
-
 /// One message as learning produces it (key `tenant/device`), with the Kafka timestamp `ts`.
 async fn produce(
-    producer: &FutureProducer,
-    topic: &str,
+    events: &Topic,
     tenant: &str,
     device: &str,
     stays: &[Stay],
     trips: &[Trip],
     ts: i64,
 ) {
-    let payload = TenantEvents {
+    let message = TenantEvents {
         tenant_id: tenant.into(),
         events: vec![],
         stays: stays.to_vec(),
         trips: trips.to_vec(),
-    }
-    .encode_to_vec();
-    let key = format!("{tenant}/{device}");
-    let record = FutureRecord::to(topic)
-        .key(&key)
-        .payload(&payload)
-        .timestamp(ts);
-    producer
-        .send(record, Timeout::After(Duration::from_secs(10)))
-        .await
-        .unwrap();
+    };
+    events.send_events(device, message, Some(ts)).await;
 }
 
 /// A stay of `device` from `T0 + start_min` to `T0 + end_min` minutes.
@@ -138,11 +115,8 @@ async fn wait_for(client: &mut StorageClient<Channel>, tenant: &str, last: &Stay
 
 #[tokio::test]
 async fn stays_and_trips_are_stored_once_the_latest_produced_winning_within_the_tenant() {
-    let config = config();
-    let topic = config.storage.kafka_events_topic.clone();
-    let (_service, mut client) = start(config).await;
+    let (_service, mut client, events) = start_with_events().await;
     let (a, b) = (testkit::unique("ta"), testkit::unique("tb"));
-    let producer = producer();
     let home = stay("d1", "home", 0, 60);
     let work = stay("d1", "work", 90, 300);
     let commute = trip(&home, &work);
@@ -153,35 +127,17 @@ async fn stays_and_trips_are_stored_once_the_latest_produced_winning_within_the_
     commute_again.distance_m += 123.0;
     commute_again.fixes = 8;
 
-    produce(
-        &producer,
-        &topic,
-        &a,
-        "d1",
-        std::slice::from_ref(&home),
-        &[],
-        TS,
-    )
-    .await;
+    produce(&events, &a, "d1", std::slice::from_ref(&home), &[], TS).await;
     // Twice in one message, and the whole message again (a producer's retry).
     let closing = [work.clone(), work.clone()];
     let closing_trip = std::slice::from_ref(&commute);
-    produce(&producer, &topic, &a, "d1", &closing, closing_trip, TS + 1).await;
-    produce(&producer, &topic, &a, "d1", &closing, closing_trip, TS + 1).await;
+    produce(&events, &a, "d1", &closing, closing_trip, TS + 1).await;
+    produce(&events, &a, "d1", &closing, closing_trip, TS + 1).await;
     let relearned_trip = std::slice::from_ref(&commute_again);
     let relearned = std::slice::from_ref(&work_again);
-    produce(
-        &producer,
-        &topic,
-        &a,
-        "d1",
-        relearned,
-        relearned_trip,
-        TS + 5000,
-    )
-    .await;
+    produce(&events, &a, "d1", relearned, relearned_trip, TS + 5000).await;
     // The original again, after the relearned one but stamped before it: it loses.
-    produce(&producer, &topic, &a, "d1", &closing, closing_trip, TS + 1).await;
+    produce(&events, &a, "d1", &closing, closing_trip, TS + 1).await;
     // An invalid stay and trip beside good ones: the good ones are stored.
     let mut backwards = stay("d1", "x", 500, 510);
     backwards.end_ms = backwards.start_ms - 1;
@@ -190,8 +146,7 @@ async fn stays_and_trips_are_stored_once_the_latest_produced_winning_within_the_
     let gym = stay("d1", "gym", 400, 450);
     let to_gym = trip(&work_again, &gym);
     produce(
-        &producer,
-        &topic,
+        &events,
         &a,
         "d1",
         &[backwards, gym.clone()],
@@ -201,16 +156,7 @@ async fn stays_and_trips_are_stored_once_the_latest_produced_winning_within_the_
     .await;
     // The other tenant, the same device name.
     let elsewhere = stay("d1", "elsewhere", 0, 30);
-    produce(
-        &producer,
-        &topic,
-        &b,
-        "d1",
-        std::slice::from_ref(&elsewhere),
-        &[],
-        TS,
-    )
-    .await;
+    produce(&events, &b, "d1", std::slice::from_ref(&elsewhere), &[], TS).await;
 
     wait_for(&mut client, &a, &gym).await;
     wait_for(&mut client, &b, &elsewhere).await;
@@ -247,26 +193,31 @@ fn day(device: &str) -> (Vec<Stay>, Vec<Trip>) {
     (stays, trips)
 }
 
+/// A day of each device, produced and stored.
+async fn stored_days<const N: usize>(
+    client: &mut StorageClient<Channel>,
+    events: &Topic,
+    tenant: &str,
+    devices: [&str; N],
+) -> [(Vec<Stay>, Vec<Trip>); N] {
+    let days = devices.map(day);
+    for (device, (stays, trips)) in devices.iter().zip(&days) {
+        produce(events, tenant, device, stays, trips, TS).await;
+    }
+    for (stays, _) in &days {
+        wait_for(client, tenant, &stays[2]).await;
+    }
+    days
+}
+
 #[tokio::test]
 async fn get_stays_and_trips_return_those_overlapping_the_range_in_start_order() {
-    let config = config();
-    let topic = config.storage.kafka_events_topic.clone();
-    let (_service, mut client) = start(config).await;
+    let (_service, mut client, events) = start_with_events().await;
     let tenant = testkit::unique("t");
-    let producer = producer();
     let (s, t) = day("d");
     // Out of start order over two messages.
-    produce(
-        &producer,
-        &topic,
-        &tenant,
-        "d",
-        &[s[2].clone()],
-        &[t[1].clone()],
-        TS,
-    )
-    .await;
-    produce(&producer, &topic, &tenant, "d", &s[..2], &t[..1], TS).await;
+    produce(&events, &tenant, "d", &[s[2].clone()], &[t[1].clone()], TS).await;
+    produce(&events, &tenant, "d", &s[..2], &t[..1], TS).await;
     wait_for(&mut client, &tenant, &s[1]).await;
 
     let at = |min: i64| T0 + min * MIN;
@@ -294,17 +245,10 @@ async fn get_stays_and_trips_return_those_overlapping_the_range_in_start_order()
 
 #[tokio::test]
 async fn delete_history_removes_from_a_time_on_and_a_relearn_stores_again() {
-    let config = config();
-    let topic = config.storage.kafka_events_topic.clone();
-    let (_service, mut client) = start(config).await;
+    let (_service, mut client, events) = start_with_events().await;
     let tenant = testkit::unique("t");
-    let producer = producer();
-    let (s, t) = day("d");
-    let (other_s, other_t) = day("other");
-    produce(&producer, &topic, &tenant, "d", &s, &t, TS).await;
-    produce(&producer, &topic, &tenant, "other", &other_s, &other_t, TS).await;
-    wait_for(&mut client, &tenant, &s[2]).await;
-    wait_for(&mut client, &tenant, &other_s[2]).await;
+    let [(s, t), (other_s, other_t)] =
+        stored_days(&mut client, &events, &tenant, ["d", "other"]).await;
 
     // From the second stay's start: the first trip (it starts before) stays.
     client
@@ -325,8 +269,7 @@ async fn delete_history_removes_from_a_time_on_and_a_relearn_stores_again() {
     let mut again = s[2].clone();
     again.place_id = "p3-relearned".into();
     produce(
-        &producer,
-        &topic,
+        &events,
         &tenant,
         "d",
         std::slice::from_ref(&again),
@@ -357,17 +300,9 @@ async fn delete_history_removes_from_a_time_on_and_a_relearn_stores_again() {
 
 #[tokio::test]
 async fn delete_device_removes_its_stays_and_trips() {
-    let config = config();
-    let topic = config.storage.kafka_events_topic.clone();
-    let (_service, mut client) = start(config).await;
+    let (_service, mut client, events) = start_with_events().await;
     let tenant = testkit::unique("t");
-    let producer = producer();
-    let (gone_s, gone_t) = day("gone");
-    let (kept_s, kept_t) = day("kept");
-    produce(&producer, &topic, &tenant, "gone", &gone_s, &gone_t, TS).await;
-    produce(&producer, &topic, &tenant, "kept", &kept_s, &kept_t, TS).await;
-    wait_for(&mut client, &tenant, &gone_s[2]).await;
-    wait_for(&mut client, &tenant, &kept_s[2]).await;
+    let [_, (kept_s, kept_t)] = stored_days(&mut client, &events, &tenant, ["gone", "kept"]).await;
 
     client
         .delete_device(DeleteStoredDeviceRequest {

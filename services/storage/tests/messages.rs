@@ -7,15 +7,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::start;
+use common::{Topic, start};
 use futures::StreamExt as _;
 use prost::Message as _;
 use rdkafka::{
     ClientConfig,
     consumer::{BaseConsumer, Consumer as _},
-    message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
-    util::Timeout,
 };
 use storage::partition_of;
 use tonic::transport::Channel;
@@ -142,10 +139,7 @@ async fn a_store_of_many_devices_is_one_message_per_partition() {
 async fn one_device_messages_of_earlier_releases_are_stored_on_the_devices_partition() {
     let (_service, mut client, topic, partitions) = start_storage().await;
     let tenant = testkit::unique("t");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", testkit::kafka_brokers())
-        .create()
-        .unwrap();
+    let topic = Topic::new(&topic);
     let devices: Vec<String> = (0..20).map(|d| format!("old-{d}")).collect();
     for device in &devices {
         let key = format!("{tenant}/{device}");
@@ -155,18 +149,8 @@ async fn one_device_messages_of_earlier_releases_are_stored_on_the_devices_parti
             fixes: vec![fix(device, 0)],
         }
         .encode_to_vec();
-        let record = FutureRecord::to(&topic)
-            .key(&key)
-            .payload(&payload)
-            .headers(OwnedHeaders::new().insert(Header {
-                key: "schema-version",
-                value: Some("1"),
-            }));
-        let delivery = producer
-            .send(record, Timeout::After(Duration::from_secs(10)))
-            .await
-            .unwrap();
-        assert_eq!(delivery.partition, partition_of(&key, partitions), "{key}");
+        let partition = topic.send(&key, &payload, None, Some("1")).await;
+        assert_eq!(partition, partition_of(&key, partitions), "{key}");
     }
     testkit::wait_until(
         Duration::from_secs(60),

@@ -7,14 +7,13 @@ use std::{
 
 mod common;
 
-use common::{config, start};
+use common::{Topic, config, start};
 use futures::StreamExt as _;
 use prost::Message as _;
 use rdkafka::{
     ClientConfig, Message as _,
     consumer::{Consumer as _, StreamConsumer},
-    message::{Header, Headers as _, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    message::Headers as _,
 };
 use storage::Config;
 use testkit::{Backend, Kind, Service};
@@ -23,8 +22,8 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 use trackmesh_proto::v1::{
-    DailyStatsRequest, DeleteStoredDeviceRequest, Fix, ListStoredDevicesRequest, QueryTrackRequest,
-    RefinedFix, SortField, StoreRequest, Verdict, storage_client::StorageClient,
+    DailyStatsRequest, DeleteStoredDeviceRequest, DeviceSummary, Fix, ListStoredDevicesRequest,
+    QueryTrackRequest, RefinedFix, SortField, StoreRequest, Verdict, storage_client::StorageClient,
 };
 use trackmesh_shared::config::Duration as ConfigDuration;
 
@@ -109,6 +108,15 @@ async fn wait_for_track(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+async fn track_len(
+    client: &mut StorageClient<Channel>,
+    tenant: &str,
+    device: &str,
+    n: usize,
+) -> usize {
+    wait_for_track(client, tenant, device, n).await.len()
 }
 
 fn times(fixes: &[RefinedFix]) -> Vec<i64> {
@@ -376,15 +384,7 @@ async fn injection_attempts_are_rejected_or_stored_verbatim() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // Everything still there.
-    let listed = client
-        .list_devices(ListStoredDevicesRequest {
-            tenant_id: tenant.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(listed.devices.len(), nasty.len());
+    assert_eq!(device_page(&mut client, &tenant).await.len(), nasty.len());
 }
 
 #[tokio::test]
@@ -409,15 +409,7 @@ async fn list_devices_shows_each_devices_last_position() {
     expected.sort_by(|a, b| a.0.cmp(&b.0));
     let start = Instant::now();
     let listed = loop {
-        let listed = client
-            .list_devices(ListStoredDevicesRequest {
-                tenant_id: tenant.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .devices;
+        let listed = device_page(&mut client, &tenant).await;
         let complete = listed.len() == devices.len() && listed.iter().all(|d| d.fixes == 1800);
         if complete || start.elapsed() > Duration::from_secs(60) {
             break listed;
@@ -435,10 +427,7 @@ async fn list_devices_shows_each_devices_last_position() {
 async fn list_devices_counts_todays_fixes_and_distance() {
     let (_service, mut client) = start(config()).await;
     let tenant = testkit::unique("t");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now_ms = trackmesh_shared::domain::now_ms();
     let today_ms = now_ms - now_ms.rem_euclid(86_400_000);
     // 10 fixes a minute apart yesterday, then 5 fixes today (a millisecond apart, so that
     // they are in the past whenever the test runs).
@@ -449,15 +438,7 @@ async fn list_devices_counts_todays_fixes_and_distance() {
     store(&mut client, &tenant, &fixes).await.unwrap();
     let start = Instant::now();
     let device = loop {
-        let listed = client
-            .list_devices(ListStoredDevicesRequest {
-                tenant_id: tenant.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .devices;
+        let listed = device_page(&mut client, &tenant).await;
         if let Some(device) = listed.into_iter().find(|d| d.fixes == 15) {
             break device;
         }
@@ -590,16 +571,23 @@ fn clickhouse(config: &Config) -> clickhouse::Client {
         .with_validation(false)
 }
 
-async fn list_totals(client: &mut StorageClient<Channel>, tenant: &str) -> Vec<(String, u64)> {
+/// The first page of the tenant's devices, in the default order.
+async fn device_page(client: &mut StorageClient<Channel>, tenant: &str) -> Vec<DeviceSummary> {
+    let request = ListStoredDevicesRequest {
+        tenant_id: tenant.into(),
+        ..Default::default()
+    };
     client
-        .list_devices(ListStoredDevicesRequest {
-            tenant_id: tenant.into(),
-            ..Default::default()
-        })
+        .list_devices(request)
         .await
         .unwrap()
         .into_inner()
         .devices
+}
+
+async fn list_totals(client: &mut StorageClient<Channel>, tenant: &str) -> Vec<(String, u64)> {
+    let devices = device_page(client, tenant).await;
+    devices
         .into_iter()
         .map(|d| (d.device_id, d.fixes))
         .collect()
@@ -608,43 +596,20 @@ async fn list_totals(client: &mut StorageClient<Channel>, tenant: &str) -> Vec<(
 #[tokio::test]
 async fn poison_message_goes_to_the_dead_letter_topic() {
     let config = config();
-    let (topic, dlq) = (
-        config.storage.kafka_topic.clone(),
-        config.storage.kafka_dlq_topic.clone(),
-    );
+    let topic = Topic::new(&config.storage.kafka_topic);
+    let dlq = config.storage.kafka_dlq_topic.clone();
     let (_service, mut client) = start(config).await;
     let tenant = testkit::unique("t");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", testkit::kafka_brokers())
-        .create()
-        .unwrap();
     store(&mut client, &tenant, &track("before", 10, T0))
         .await
         .unwrap();
-    producer
-        .send(
-            FutureRecord::to(&topic)
-                .key("poison/key")
-                .payload(b"\xff\xfe not protobuf".as_slice()),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+    let poison = b"\xff\xfe not protobuf";
+    topic.send("poison/key", poison, None, None).await;
     store(&mut client, &tenant, &track("after", 10, T0))
         .await
         .unwrap();
-    assert_eq!(
-        wait_for_track(&mut client, &tenant, "before", 10)
-            .await
-            .len(),
-        10
-    );
-    assert_eq!(
-        wait_for_track(&mut client, &tenant, "after", 10)
-            .await
-            .len(),
-        10
-    );
+    assert_eq!(track_len(&mut client, &tenant, "before", 10).await, 10);
+    assert_eq!(track_len(&mut client, &tenant, "after", 10).await, 10);
 
     let (payload, reason) = dead_letters(&dlq, 1).await.remove(0);
     assert_eq!(payload, b"\xff\xfe not protobuf");
@@ -763,19 +728,9 @@ async fn rows_clickhouse_refuses_go_to_the_dead_letter_topic_and_the_rest_is_sto
         .await
         .unwrap();
 
-    assert_eq!(
-        wait_for_track(&mut client, &tenant, "clean", 50)
-            .await
-            .len(),
-        50
-    );
-    assert_eq!(
-        wait_for_track(&mut client, &tenant, "after", 20)
-            .await
-            .len(),
-        20,
-        "consumption goes on"
-    );
+    assert_eq!(track_len(&mut client, &tenant, "clean", 50).await, 50);
+    let after = track_len(&mut client, &tenant, "after", 20).await;
+    assert_eq!(after, 20, "consumption goes on");
     let read = wait_for_track(&mut client, &tenant, "mixed", 49).await;
     let mut expected = times(&mixed);
     expected.remove(17);
@@ -914,15 +869,11 @@ async fn fixes_still_in_kafka_at_delete_device_are_deleted_too() {
     let mut config = config();
     // One partition, so that a sentinel read back means everything before it was consumed.
     config.storage.kafka_partitions = 1;
-    let topic = config.storage.kafka_topic.clone();
+    let topic = Topic::new(&config.storage.kafka_topic);
     // Creates the topic and the schema, then stops: nothing consumes while the fixes wait.
     let (service, _) = start(config.clone()).await;
     service.shutdown().await.unwrap();
     let tenant = testkit::unique("t");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", testkit::kafka_brokers())
-        .create()
-        .unwrap();
     for device in ["gone", "kept"] {
         let batch = trackmesh_proto::v1::FixBatch {
             tenant_id: tenant.clone(),
@@ -930,20 +881,9 @@ async fn fixes_still_in_kafka_at_delete_device_are_deleted_too() {
             fixes: track(device, 30, T0),
         };
         let key = format!("{tenant}/{device}");
-        let payload = batch.encode_to_vec();
-        producer
-            .send(
-                FutureRecord::to(&topic)
-                    .key(&key)
-                    .payload(&payload)
-                    .headers(OwnedHeaders::new().insert(Header {
-                        key: "schema-version",
-                        value: Some("1"),
-                    })),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
+        topic
+            .send(&key, &batch.encode_to_vec(), None, Some("1"))
+            .await;
     }
     // A consumer starts, holding what it reads for 5 s, and the device is deleted before
     // its fixes are stored.
@@ -963,10 +903,7 @@ async fn fixes_still_in_kafka_at_delete_device_are_deleted_too() {
         .await
         .unwrap();
     wait_for_track(&mut client, &tenant, "sentinel", 1).await;
-    assert_eq!(
-        wait_for_track(&mut client, &tenant, "kept", 30).await.len(),
-        30
-    );
+    assert_eq!(track_len(&mut client, &tenant, "kept", 30).await, 30);
     testkit::wait_until(
         Duration::from_secs(30),
         "fixes in kafka at the delete were stored after it",

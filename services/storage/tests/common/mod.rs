@@ -1,12 +1,22 @@
-//! Helpers shared by storage's integration tests: a storage of its own (database, topic and
-//! group no other test uses), run in-process on port 0 against the shared backends.
+//! Helpers shared by storage's integration tests: a storage of its own (database, topics and
+//! group no other test uses), run in-process on port 0 against the shared backends, and a
+//! producer writing to its topics as learning or an earlier release would.
+
+// Each test binary uses some of these.
+#![allow(dead_code)]
 
 use std::time::Duration;
 
+use prost::Message as _;
+use rdkafka::{
+    ClientConfig,
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
 use storage::{Config, StorageConfig, run};
 use testkit::Service;
 use tonic::transport::Channel;
-use trackmesh_proto::v1::storage_client::StorageClient;
+use trackmesh_proto::v1::{TenantEvents, storage_client::StorageClient};
 use trackmesh_shared::config::{CommonConfig, Duration as ConfigDuration};
 
 /// A storage config of its own: database, topic and group no other test uses.
@@ -44,4 +54,62 @@ pub async fn start(config: Config) -> (Service, StorageClient<Channel>) {
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
     (service, client)
+}
+
+/// A storage of its own, a client of it, and its events topic.
+pub async fn start_with_events() -> (Service, StorageClient<Channel>, Topic) {
+    let config = config();
+    let events = Topic::new(&config.storage.kafka_events_topic);
+    let (service, client) = start(config).await;
+    (service, client, events)
+}
+
+/// A topic a test writes to as another service would.
+pub struct Topic {
+    pub name: String,
+    producer: FutureProducer,
+}
+
+impl Topic {
+    pub fn new(name: &str) -> Self {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", testkit::kafka_brokers())
+            .create()
+            .unwrap();
+        Self {
+            name: name.to_owned(),
+            producer,
+        }
+    }
+
+    /// Sends one message, with the Kafka timestamp `ts` and the `schema-version` header when
+    /// given; returns its partition.
+    pub async fn send(
+        &self,
+        key: &str,
+        payload: &[u8],
+        ts: Option<i64>,
+        schema: Option<&str>,
+    ) -> i32 {
+        let headers = schema.map(|version| {
+            OwnedHeaders::new().insert(Header {
+                key: "schema-version",
+                value: Some(version),
+            })
+        });
+        let record = FutureRecord {
+            timestamp: ts,
+            headers,
+            ..FutureRecord::to(&self.name).key(key).payload(payload)
+        };
+        let delivery = self.producer.send(record, Duration::from_secs(10)).await;
+        delivery.unwrap().partition
+    }
+
+    /// Sends `message` as learning does: key `tenant/device`, with the Kafka timestamp `ts`
+    /// when given.
+    pub async fn send_events(&self, device: &str, message: TenantEvents, ts: Option<i64>) {
+        let key = format!("{}/{device}", message.tenant_id);
+        self.send(&key, &message.encode_to_vec(), ts, None).await;
+    }
 }
