@@ -53,6 +53,14 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
+/// [`register`] with the names written as words: `zero_metrics! { counter … ; gauge … }`.
+#[macro_export]
+macro_rules! zero_metrics {
+    ($($counter:ident)* $(; $($gauge:ident)*)?) => {
+        $crate::metrics::register(&[$(stringify!($counter)),*], &[$($(stringify!($gauge)),*)?])
+    };
+}
+
 /// Makes counters and gauges visible at 0 before their first event, so that `rate()` and
 /// `increase()` see that first event too.
 pub fn register(counters: &[&'static str], gauges: &[&'static str]) {

@@ -148,6 +148,15 @@ impl Redis {
         })
     }
 
+    /// The readiness check of a service whose only dependency is this Redis.
+    pub fn ready_check(&self) -> crate::server::ReadyCheck {
+        let redis = self.clone();
+        crate::server::ready_check(move || {
+            let redis = redis.clone();
+            async move { redis.ping().await }
+        })
+    }
+
     /// For readiness: `Err` says what is wrong.
     pub async fn ping(&self) -> Result<(), String> {
         let reply: RedisResult<String> = match &self.connection {

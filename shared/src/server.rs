@@ -33,6 +33,18 @@ where
     Arc::new(move || Box::pin(check()))
 }
 
+/// The routes of a generated tonic server, with the message size limits every service uses.
+#[macro_export]
+macro_rules! routes {
+    ($server:expr) => {
+        tonic::service::Routes::new(
+            $server
+                .max_decoding_message_size($crate::server::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size($crate::server::MAX_MESSAGE_BYTES),
+        )
+    };
+}
+
 /// What a service hands to [`serve`].
 pub struct Service {
     /// Full gRPC name reported by the health service, e.g. `trackmesh.v1.Refinement`.

@@ -36,12 +36,8 @@ use std::{
 };
 
 use tokio::net::TcpListener;
-use tonic::service::Routes;
 use trackmesh_proto::v1::learning_server::{LearningServer, SERVICE_NAME};
-use trackmesh_shared::{
-    redis::Redis,
-    server::{self, ready_check},
-};
+use trackmesh_shared::{redis::Redis, server};
 
 pub use config::{Config, DEFAULT_PORT, LearningConfig};
 pub use error::Error;
@@ -52,18 +48,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    trackmesh_shared::metrics::register(
-        &[
-            "learning_stays_detected_total",
-            "learning_trips_total",
-            "learning_rebuilds_total",
-            "learning_places_created_total",
-            "learning_places_evicted_total",
-            "learning_cas_conflicts_total",
-            "learning_stream_messages_total",
-        ],
-        &[],
-    );
+    trackmesh_shared::zero_metrics! {
+        learning_stays_detected_total learning_trips_total learning_rebuilds_total
+        learning_places_created_total learning_places_evicted_total learning_cas_conflicts_total
+        learning_stream_messages_total
+    }
     let settings = &config.service;
     let rules = settings.rules();
     let redis = Redis::connect(&config.redis.target(), config.redis.redis_timeout.get())?;
@@ -92,19 +81,10 @@ pub async fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let consumer =
         kafka.map(|kafka| tokio::spawn(kafka.observe_fixes(service.clone(), stop.clone())));
-    let routes = Routes::new(
-        LearningServer::from_arc(service)
-            .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(server::MAX_MESSAGE_BYTES),
-    );
-    let ready = ready_check(move || {
-        let redis = redis.clone();
-        async move { redis.ping().await }
-    });
     let service = server::Service {
         name: SERVICE_NAME,
-        routes,
-        ready,
+        routes: trackmesh_shared::routes!(LearningServer::from_arc(service)),
+        ready: redis.ready_check(),
     };
     let shutdown = async move {
         shutdown.await;

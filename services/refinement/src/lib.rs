@@ -15,12 +15,8 @@ mod store;
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tonic::service::Routes;
 use trackmesh_proto::v1::refinement_server::{RefinementServer, SERVICE_NAME};
-use trackmesh_shared::{
-    redis::Redis,
-    server::{self, ready_check},
-};
+use trackmesh_shared::{redis::Redis, server};
 
 pub use config::{Config, DEFAULT_PORT, RefinementConfig};
 pub use error::Error;
@@ -31,15 +27,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    trackmesh_shared::metrics::register(
-        &[
-            "refinement_cas_conflicts_total",
-            "refinement_replays_total",
-            "refinement_recovered_total",
-            "refinement_seeded_total",
-        ],
-        &[],
-    );
+    trackmesh_shared::zero_metrics! {
+        refinement_cas_conflicts_total refinement_replays_total refinement_recovered_total
+        refinement_seeded_total
+    }
     let redis = Redis::connect(&config.redis.target(), config.redis.redis_timeout.get())?;
     let settings = &config.service;
     let store = store::open(
@@ -49,19 +40,10 @@ pub async fn run(
     );
     let service =
         service::RefinementService::new(store, settings.rules(), settings.max_batch as usize);
-    let routes = Routes::new(
-        RefinementServer::new(service)
-            .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(server::MAX_MESSAGE_BYTES),
-    );
-    let ready = ready_check(move || {
-        let redis = redis.clone();
-        async move { redis.ping().await }
-    });
     let service = server::Service {
         name: SERVICE_NAME,
-        routes,
-        ready,
+        routes: trackmesh_shared::routes!(RefinementServer::new(service)),
+        ready: redis.ready_check(),
     };
     server::serve(&config.common, listener, service, shutdown).await
 }

@@ -19,7 +19,6 @@ mod service;
 use std::{future::Future, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
-use tonic::service::Routes;
 use trackmesh_proto::v1::storage_server::{SERVICE_NAME, StorageServer};
 use trackmesh_shared::server::{self, ready_check};
 
@@ -37,22 +36,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    trackmesh_shared::metrics::register(
-        &[
-            "storage_dlq_messages_total",
-            "storage_duplicates_dropped_total",
-            "storage_events_inserted_total",
-            "storage_events_insert_failures_total",
-            "storage_events_invalid_total",
-            "storage_events_undecodable_total",
-            "storage_insert_failures_total",
-            "storage_produce_failures_total",
-            "storage_rows_written_total",
-            "storage_stays_inserted_total",
-            "storage_trips_inserted_total",
-        ],
-        &["storage_breaker_open", "storage_assigned_partitions"],
-    );
+    trackmesh_shared::zero_metrics! {
+        storage_dlq_messages_total storage_duplicates_dropped_total storage_events_inserted_total
+        storage_events_insert_failures_total storage_events_invalid_total
+        storage_events_undecodable_total storage_insert_failures_total
+        storage_produce_failures_total storage_rows_written_total storage_stays_inserted_total
+        storage_trips_inserted_total;
+        storage_breaker_open storage_assigned_partitions
+    }
     let db = Db::new(&config.storage);
     let kafka = Kafka::new(&config.storage)?;
     let health = SinkHealth::default();
@@ -78,11 +69,7 @@ pub async fn run(
     };
 
     let service = service::StorageService::new(&config.storage, db.clone(), kafka.clone());
-    let routes = Routes::new(
-        StorageServer::new(service)
-            .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(server::MAX_MESSAGE_BYTES),
-    );
+    let routes = trackmesh_shared::routes!(StorageServer::new(service));
     let store_kafka = kafka.clone();
     let ready = ready_check(move || {
         let (db, kafka, health) = (db.clone(), kafka.clone(), health.clone());
@@ -105,18 +92,12 @@ pub async fn run(
         health_parts: vec![(trackmesh_proto::STORE_HEALTH_NAME, store_ready)],
         ..server::Options::default()
     };
-    let served = server::serve_with(
-        &config.common,
-        listener,
-        server::Service {
-            name: SERVICE_NAME,
-            routes,
-            ready,
-        },
-        options,
-        shutdown,
-    )
-    .await;
+    let service = server::Service {
+        name: SERVICE_NAME,
+        routes,
+        ready,
+    };
+    let served = server::serve_with(&config.common, listener, service, options, shutdown).await;
     // The server may also have ended on its own (an error): stop the consumer then too.
     let asked = stop_asked
         .get()
