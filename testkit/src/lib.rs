@@ -472,6 +472,19 @@ impl Process {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(tokio::process::Child::id)
     }
+
+    /// SIGTERM, as an orchestrator stops it.
+    pub fn terminate(&self) {
+        let pid = self.pid().unwrap().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    }
+
+    /// How it exits (within 30 s).
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        let child = self.child.as_mut().unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        status.unwrap().unwrap().code()
+    }
 }
 
 /// splitmix64: seeded randomness without a dependency, the same on every run.

@@ -190,11 +190,7 @@ mod tests {
     use crate::calendar::HOUR_MS;
 
     fn load(pairs: &[(&str, &str)]) -> Result<LearningConfig, ConfigError> {
-        config::from_vars(
-            pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        )
+        config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
 
     #[test]

@@ -44,7 +44,7 @@ fn config(redis: RedisConfig) -> Config {
     config
 }
 
-async fn start(config: Config) -> (Service, LearningClient<Channel>) {
+async fn start(config: Config) -> (Service, Client) {
     let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
     let client = LearningClient::connect(service.url()).await.unwrap();
     (service, client)
@@ -91,22 +91,15 @@ fn commute(device: &str) -> Vec<RefinedFix> {
     fixes
 }
 
-async fn observe(
-    client: &mut LearningClient<Channel>,
-    tenant: &str,
-    fixes: &[RefinedFix],
-) -> ObserveResponse {
-    client
-        .observe(ObserveRequest {
-            tenant_id: tenant.into(),
-            fixes: fixes.to_vec(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+type Client = LearningClient<Channel>;
+
+async fn observe(client: &mut Client, tenant: &str, fixes: &[RefinedFix]) -> ObserveResponse {
+    let (tenant_id, fixes) = (tenant.into(), fixes.to_vec());
+    let request = ObserveRequest { tenant_id, fixes };
+    client.observe(request).await.unwrap().into_inner()
 }
 
-async fn places(client: &mut LearningClient<Channel>, tenant: &str, device: &str) -> Vec<Place> {
+async fn places(client: &mut Client, tenant: &str, device: &str) -> Vec<Place> {
     let response: GetPlacesResponse = client
         .get_places(GetPlacesRequest {
             tenant_id: tenant.into(),
@@ -119,27 +112,16 @@ async fn places(client: &mut LearningClient<Channel>, tenant: &str, device: &str
     response.places
 }
 
-async fn profile(
-    client: &mut LearningClient<Channel>,
-    tenant: &str,
-    device: &str,
-) -> GetProfileResponse {
-    client
-        .get_profile(GetProfileRequest {
-            tenant_id: tenant.into(),
-            device_id: device.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+async fn profile(client: &mut Client, tenant: &str, device: &str) -> GetProfileResponse {
+    let (tenant_id, device_id) = (tenant.into(), device.into());
+    let request = GetProfileRequest {
+        tenant_id,
+        device_id,
+    };
+    client.get_profile(request).await.unwrap().into_inner()
 }
 
-async fn predict(
-    client: &mut LearningClient<Channel>,
-    tenant: &str,
-    device: &str,
-    k: u32,
-) -> PredictNextResponse {
+async fn predict(client: &mut Client, tenant: &str, device: &str, k: u32) -> PredictNextResponse {
     client
         .predict_next(PredictNextRequest {
             tenant_id: tenant.into(),
@@ -395,9 +377,7 @@ async fn concurrent_replicas_agree_with_serial(redis: RedisConfig) {
     fixes.sort_by_key(|f| f.fix.as_ref().map_or(0, |f| f.time_ms));
     let batches = shuffled_batches(&fixes, 1_000, 3);
 
-    let send = |mut client: LearningClient<Channel>,
-                batches: Vec<Vec<RefinedFix>>,
-                tenant: String| async move {
+    let send = |mut client: Client, batches: Vec<Vec<RefinedFix>>, tenant: String| async move {
         let mut total = ObserveResponse::default();
         for batch in batches {
             let response = observe(&mut client, &tenant, &batch).await;
@@ -760,8 +740,6 @@ async fn redis_restart_mid_run() {
 mod process {
     //! The `learning-api` binary itself: exit codes and signals.
 
-    use std::process::{Command, Stdio};
-
     use super::*;
 
     #[test]
@@ -804,36 +782,20 @@ mod process {
 
     #[tokio::test]
     async fn serves_until_sigterm() {
-        let port = testkit::free_port();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_learning-api"))
-            .env("SERVER_HOST", "127.0.0.1")
-            .env("SERVER_PORT", port.to_string())
-            .env("REDIS_ADDR", testkit::redis_addr())
-            .env("STAY_MIN_DURATION", "200m")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        testkit::wait_http_status(addr, "/ready", 200, Duration::from_secs(20)).await;
-        let mut client = LearningClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+        let env = [
+            ("REDIS_ADDR", testkit::redis_addr()),
+            ("STAY_MIN_DURATION", "200m".into()),
+        ];
+        let mut process = testkit::Process::start("learning-api", &env).await;
+        let mut client = LearningClient::connect(process.url()).await.unwrap();
         let tenant = testkit::unique("t");
         // STAY_MIN_DURATION=200m from the environment: the 4 h at work is a stay, the 3 h
         // at home before is not.
         let response = observe(&mut client, &tenant, &commute("car")).await;
         assert_eq!(response.stays_closed, 1);
         assert_eq!(response.stays[0].start_ms, MONDAY + 3 * HOUR_MS);
-        Command::new("kill")
-            .args(["-TERM", &child.id().unwrap().to_string()])
-            .status()
-            .unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(status.code(), Some(0));
+        process.terminate();
+        assert_eq!(process.exit_code().await, Some(0));
     }
 }
 
@@ -978,7 +940,7 @@ struct Rebuilding {
 }
 
 impl Rebuilding {
-    async fn start(client: &mut LearningClient<Channel>, tenant: &str, device: &str) -> Self {
+    async fn start(client: &mut Client, tenant: &str, device: &str) -> Self {
         let (requests, inbound) = mpsc::unbounded();
         requests
             .unbounded_send(RebuildRequest {

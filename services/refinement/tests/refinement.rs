@@ -23,7 +23,7 @@ fn config(redis: RedisConfig) -> Config {
     config
 }
 
-async fn start(config: Config) -> (Service, RefinementClient<Channel>) {
+async fn start(config: Config) -> (Service, Client) {
     let service = Service::spawn(|listener, shutdown| run(config, listener, shutdown)).await;
     let client = RefinementClient::connect(service.url()).await.unwrap();
     (service, client)
@@ -42,30 +42,19 @@ fn track(device: &str, n: usize, start_ms: i64) -> Vec<Fix> {
         .collect()
 }
 
-async fn refine(
-    client: &mut RefinementClient<Channel>,
-    tenant: &str,
-    fixes: &[Fix],
-) -> RefineResponse {
-    client
-        .refine(RefineRequest {
-            tenant_id: tenant.into(),
-            fixes: fixes.to_vec(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+type Client = RefinementClient<Channel>;
+
+async fn refine(client: &mut Client, tenant: &str, fixes: &[Fix]) -> RefineResponse {
+    let (tenant_id, fixes) = (tenant.into(), fixes.to_vec());
+    let request = RefineRequest { tenant_id, fixes };
+    client.refine(request).await.unwrap().into_inner()
 }
 
 fn verdicts(results: &[RefinedFix]) -> Vec<Verdict> {
     results.iter().map(RefinedFix::verdict).collect()
 }
 
-async fn accepted_count(
-    client: &mut RefinementClient<Channel>,
-    tenant: &str,
-    device: &str,
-) -> (bool, u64) {
+async fn accepted_count(client: &mut Client, tenant: &str, device: &str) -> (bool, u64) {
     let state = client
         .get_device_state(GetDeviceStateRequest {
             tenant_id: tenant.into(),
@@ -325,7 +314,7 @@ async fn concurrent_replicas_agree_with_serial(redis: RedisConfig) {
                 .collect()
         })
         .collect();
-    let send = |mut client: RefinementClient<Channel>, batches: Vec<Vec<Fix>>, tenant: String| async move {
+    let send = |mut client: Client, batches: Vec<Vec<Fix>>, tenant: String| async move {
         let mut results = Vec::new();
         for batch in batches {
             results.extend(refine(&mut client, &tenant, &batch).await.results);
@@ -418,7 +407,7 @@ fn stored(device: &str, time_ms: i64, lat: f64, segment: u32) -> RefinedFix {
 }
 
 async fn seed(
-    client: &mut RefinementClient<Channel>,
+    client: &mut Client,
     tenant: &str,
     fixes: Vec<RefinedFix>,
 ) -> Result<SeedResponse, tonic::Status> {
@@ -679,8 +668,6 @@ async fn redis_restart_mid_run() {
 mod process {
     //! The `refinement-api` binary itself: exit codes and signals.
 
-    use std::process::{Command, Stdio};
-
     use super::*;
 
     #[test]
@@ -711,21 +698,12 @@ mod process {
 
     #[tokio::test]
     async fn sigterm_lets_in_flight_requests_finish() {
-        let port = testkit::free_port();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_refinement-api"))
-            .env("SERVER_HOST", "127.0.0.1")
-            .env("SERVER_PORT", port.to_string())
-            .env("REDIS_ADDR", testkit::redis_addr())
-            .env("SHUTDOWN_GRACE", "30s")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        testkit::wait_http_status(addr, "/ready", 200, Duration::from_secs(20)).await;
-        let client = RefinementClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+        let env = [
+            ("REDIS_ADDR", testkit::redis_addr()),
+            ("SHUTDOWN_GRACE", "30s".into()),
+        ];
+        let mut process = testkit::Process::start("refinement-api", &env).await;
+        let client = RefinementClient::connect(process.url()).await.unwrap();
         let tenant = testkit::unique("t");
 
         // Many large batches at once, so that most are still in flight when the signal comes.
@@ -748,10 +726,7 @@ mod process {
         drop(done_tx);
         let first = done_rx.recv().await.unwrap();
         assert_eq!(first.unwrap(), 10_000);
-        Command::new("kill")
-            .args(["-TERM", &child.id().unwrap().to_string()])
-            .status()
-            .unwrap();
+        process.terminate();
 
         let mut after_signal = 0;
         while let Some(result) = done_rx.recv().await {
@@ -762,10 +737,6 @@ mod process {
             after_signal > 0,
             "all requests had finished before the signal; the test proved nothing"
         );
-        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(status.code(), Some(0));
+        assert_eq!(process.exit_code().await, Some(0));
     }
 }
