@@ -1,5 +1,6 @@
 //! Test support: the shared backends `scripts/test` started, private backend processes a test
-//! may stop and restart, and services run in-process on port 0.
+//! may stop and restart, services run in-process on port 0 or as their binaries, and seeded
+//! randomness for tests and benches.
 #![forbid(unsafe_code)]
 #![allow(clippy::print_stderr)]
 
