@@ -311,19 +311,18 @@ impl Storage for StorageService {
     ) -> Result<Response<GetEventsResponse>, Status> {
         let request = request.into_inner();
         TenantId::parse(&request.tenant_id).map_err(Error::from)?;
-        let device = if request.device_id.is_empty() {
-            None
-        } else {
-            DeviceKey::parse(&request.tenant_id, &request.device_id).map_err(Error::from)?;
-            Some(request.device_id.as_str())
-        };
+        // Empty: every device of the tenant.
+        let device = (!request.device_id.is_empty())
+            .then(|| DeviceId::parse("device_id", &request.device_id))
+            .transpose()
+            .map_err(Error::from)?;
         let (from_ms, to_ms) = range(request.from_ms, request.to_ms).map_err(Error::from)?;
         let types = event_types(&request.types).map_err(Error::from)?;
         let rows = self
             .db
             .events(&EventFilter {
                 tenant: &request.tenant_id,
-                device,
+                device: device.as_deref(),
                 from_ms,
                 to_ms,
                 types: &types,
