@@ -2,7 +2,7 @@
 //! Refine → Store + Observe), and scoped queries. The tenant always comes from the API key,
 //! checked by `guard` before the request reached this service.
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt as _};
 use tonic::{
@@ -80,7 +80,7 @@ pub(crate) async fn unary<C, Req, Resp, Fut>(
 ) -> Result<Resp, Status>
 where
     Req: Clone,
-    Fut: std::future::Future<Output = Result<Response<Resp>, Status>>,
+    Fut: Future<Output = Result<Response<Resp>, Status>>,
 {
     downstream
         .call(deadline, |channel, timeout, _| {
@@ -179,6 +179,25 @@ impl GatewayService {
             tenant,
             Deadline::from_metadata(request.metadata(), self.inner.timeout),
         ))
+    }
+
+    /// A query of the caller's tenant: rate-limited, made by `query` from the request (which
+    /// checks its input), and sent to one downstream method.
+    async fn forward<T, Q: Clone, C, R, Fut>(
+        &self,
+        request: Request<T>,
+        query: impl FnOnce(String, T) -> Result<Q, Error>,
+        downstream: &Downstream,
+        client: fn(Channel) -> C,
+        call: impl Fn(C, Request<Q>) -> Fut,
+    ) -> Result<R, Status>
+    where
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
+        let (tenant, deadline) = self.caller(&request)?;
+        self.limit(&tenant, 0)?;
+        let query = query(tenant, request.into_inner())?;
+        unary(downstream, deadline, client, &query, call).await
     }
 
     fn limit(&self, tenant: &str, fixes: usize) -> Result<(), Error> {
@@ -406,11 +425,57 @@ where
     })
 }
 
+/// The Gateway methods that only pass a query on: the listed fields of the caller's request
+/// (`@`: the device it is about, checked first) and the caller's tenant become the message of
+/// one downstream method, whose answer is the caller's. Written out the way `async_trait`
+/// writes the methods of `impl Gateway`, inside which this expands.
+macro_rules! forward {
+    ($($method:ident($from:ident { $(@$device:ident,)? $($field:ident),* })
+        => $downstream:ident.$call:ident($to:ident) -> $response:ident;)*) => {$(
+        fn $method<'life0, 'async_trait>(
+            &'life0 self,
+            request: Request<$from>,
+        ) -> Pin<Box<dyn Future<Output = Result<Response<$response>, Status>> + Send + 'async_trait>>
+        where
+            'life0: 'async_trait,
+            Self: 'async_trait,
+        {
+            let query = |tenant_id, request: $from| -> Result<$to, Error> {
+                $(device(&request.$device)?;)?
+                Ok($to { tenant_id, $($device: request.$device,)? $($field: request.$field),* })
+            };
+            let downstream = &self.inner.downstreams.$downstream;
+            Box::pin(async move {
+                let answer = self.forward(request, query, downstream, $downstream, |mut c, r| {
+                    async move { c.$call(r).await }
+                });
+                Ok(Response::new(answer.await?))
+            })
+        }
+    )*};
+}
+
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     type IngestStreamStream = BoxStream<IngestResponse>;
     type GetTrackStream = BoxStream<TrackChunk>;
     type WatchStream = WatchStream;
+    type RelearnStream = RelearnStream;
+
+    forward! {
+        get_daily_stats(GetDailyStatsRequest { @device_id, from_ms, to_ms })
+            => storage.daily_stats(DailyStatsRequest) -> DailyStatsResponse;
+        list_devices(ListDevicesRequest { sort, page_size, page_token })
+            => storage.list_devices(ListStoredDevicesRequest) -> ListDevicesResponse;
+        get_places(DevicePlacesRequest { @device_id, k })
+            => learning.get_places(GetPlacesRequest) -> GetPlacesResponse;
+        predict_next(DevicePredictRequest { @device_id, k })
+            => learning.predict_next(PredictNextRequest) -> PredictNextResponse;
+        get_stays(GetStaysRequest { @device_id, from_ms, to_ms })
+            => storage.get_stays(StoredHistoryRequest) -> GetStaysResponse;
+        get_trips(GetTripsRequest { @device_id, from_ms, to_ms })
+            => storage.get_trips(StoredHistoryRequest) -> GetTripsResponse;
+    }
 
     async fn ingest(
         &self,
@@ -484,97 +549,28 @@ impl Gateway for GatewayService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn get_daily_stats(
+    async fn get_events(
         &self,
-        request: Request<GetDailyStatsRequest>,
-    ) -> Result<Response<DailyStatsResponse>, Status> {
-        let (tenant, deadline) = self.caller(&request)?;
-        self.limit(&tenant, 0)?;
-        let request = request.into_inner();
-        device(&request.device_id)?;
-        let query = DailyStatsRequest {
-            tenant_id: tenant,
-            device_id: request.device_id,
-            from_ms: request.from_ms,
-            to_ms: request.to_ms,
+        request: Request<GetEventsRequest>,
+    ) -> Result<Response<GetEventsResponse>, Status> {
+        // The tenant's events, or one device's.
+        let query = |tenant_id, request: GetEventsRequest| {
+            if !request.device_id.is_empty() {
+                device(&request.device_id)?;
+            }
+            Ok(StoredEventsRequest {
+                tenant_id,
+                device_id: request.device_id,
+                from_ms: request.from_ms,
+                to_ms: request.to_ms,
+                types: request.types,
+            })
         };
-        let stats = unary(
-            &self.inner.downstreams.storage,
-            deadline,
-            storage,
-            &query,
-            |mut c, r| async move { c.daily_stats(r).await },
-        );
-        Ok(Response::new(stats.await?))
-    }
-
-    async fn list_devices(
-        &self,
-        request: Request<ListDevicesRequest>,
-    ) -> Result<Response<ListDevicesResponse>, Status> {
-        let (tenant, deadline) = self.caller(&request)?;
-        self.limit(&tenant, 0)?;
-        let request = request.into_inner();
-        let query = ListStoredDevicesRequest {
-            tenant_id: tenant,
-            sort: request.sort,
-            page_size: request.page_size,
-            page_token: request.page_token,
-        };
-        let devices = unary(
-            &self.inner.downstreams.storage,
-            deadline,
-            storage,
-            &query,
-            |mut c, r| async move { c.list_devices(r).await },
-        );
-        Ok(Response::new(devices.await?))
-    }
-
-    async fn get_places(
-        &self,
-        request: Request<DevicePlacesRequest>,
-    ) -> Result<Response<GetPlacesResponse>, Status> {
-        let (tenant, deadline) = self.caller(&request)?;
-        self.limit(&tenant, 0)?;
-        let request = request.into_inner();
-        device(&request.device_id)?;
-        let query = GetPlacesRequest {
-            tenant_id: tenant,
-            device_id: request.device_id,
-            k: request.k,
-        };
-        let places = unary(
-            &self.inner.downstreams.learning,
-            deadline,
-            learning,
-            &query,
-            |mut c, r| async move { c.get_places(r).await },
-        );
-        Ok(Response::new(places.await?))
-    }
-
-    async fn predict_next(
-        &self,
-        request: Request<DevicePredictRequest>,
-    ) -> Result<Response<PredictNextResponse>, Status> {
-        let (tenant, deadline) = self.caller(&request)?;
-        self.limit(&tenant, 0)?;
-        let request = request.into_inner();
-        device(&request.device_id)?;
-        let query = PredictNextRequest {
-            tenant_id: tenant,
-            device_id: request.device_id,
-            k: request.k,
-        };
-        let predictions = unary(
-            &self.inner.downstreams.learning,
-            deadline,
-            learning,
-            &query,
-            |mut c, r| async move { c.predict_next(r).await },
-        );
-        Ok(Response::new(predictions.await?))
+        let to = &self.inner.downstreams.storage;
+        let events = self.forward(request, query, to, storage, |mut c, r| async move {
+            c.get_events(r).await
+        });
+        Ok(Response::new(events.await?))
     }
 
     async fn delete_device(
@@ -633,89 +629,18 @@ impl Gateway for GatewayService {
         &self,
         request: Request<Geofence>,
     ) -> Result<Response<Geofence>, Status> {
-        let (tenant, deadline) = self.caller(&request)?;
-        self.limit(&tenant, 0)?;
         // Learning assigns the id and the creation time.
-        let create = TenantGeofence {
-            tenant_id: tenant,
-            geofence: Some(request.into_inner()),
+        let query = |tenant_id, geofence| {
+            Ok(TenantGeofence {
+                tenant_id,
+                geofence: Some(geofence),
+            })
         };
-        let created = unary(
-            &self.inner.downstreams.learning,
-            deadline,
-            learning,
-            &create,
-            |mut c, r| async move { c.create_geofence(r).await },
-        );
+        let to = &self.inner.downstreams.learning;
+        let created = self.forward(request, query, to, learning, |mut c, r| async move {
+            c.create_geofence(r).await
+        });
         Ok(Response::new(created.await?))
-    }
-
-    async fn list_geofences(
-        &self,
-        request: Request<ListGeofencesRequest>,
-    ) -> Result<Response<ListGeofencesResponse>, Status> {
-        let (tenant, deadline) = self.caller(&request)?;
-        self.limit(&tenant, 0)?;
-        let query = TenantGeofencesRequest { tenant_id: tenant };
-        let listed = unary(
-            &self.inner.downstreams.learning,
-            deadline,
-            learning,
-            &query,
-            |mut c, r| async move { c.list_geofences(r).await },
-        );
-        Ok(Response::new(ListGeofencesResponse {
-            geofences: listed.await?.geofences,
-        }))
-    }
-
-    async fn delete_geofence(
-        &self,
-        request: Request<DeleteGeofenceRequest>,
-    ) -> Result<Response<DeleteGeofenceResponse>, Status> {
-        let (tenant, deadline) = self.caller(&request)?;
-        self.limit(&tenant, 0)?;
-        let delete = DeleteTenantGeofenceRequest {
-            tenant_id: tenant,
-            geofence_id: request.into_inner().geofence_id,
-        };
-        let deleted = unary(
-            &self.inner.downstreams.learning,
-            deadline,
-            learning,
-            &delete,
-            |mut c, r| async move { c.delete_geofence(r).await },
-        );
-        Ok(Response::new(DeleteGeofenceResponse {
-            existed: deleted.await?.existed,
-        }))
-    }
-
-    async fn get_events(
-        &self,
-        request: Request<GetEventsRequest>,
-    ) -> Result<Response<GetEventsResponse>, Status> {
-        let (tenant, deadline) = self.caller(&request)?;
-        self.limit(&tenant, 0)?;
-        let request = request.into_inner();
-        if !request.device_id.is_empty() {
-            device(&request.device_id)?;
-        }
-        let query = StoredEventsRequest {
-            tenant_id: tenant,
-            device_id: request.device_id,
-            from_ms: request.from_ms,
-            to_ms: request.to_ms,
-            types: request.types,
-        };
-        let events = unary(
-            &self.inner.downstreams.storage,
-            deadline,
-            storage,
-            &query,
-            |mut c, r| async move { c.get_events(r).await },
-        );
-        Ok(Response::new(events.await?))
     }
 
     async fn watch(
@@ -727,38 +652,17 @@ impl Gateway for GatewayService {
         Ok(Response::new(stream))
     }
 
-    type RelearnStream = RelearnStream;
-
-    async fn get_stays(
+    async fn list_geofences(
         &self,
-        request: Request<GetStaysRequest>,
-    ) -> Result<Response<GetStaysResponse>, Status> {
-        let r = request.get_ref();
-        let (query, deadline) = self.history_query(&request, &r.device_id, r.from_ms, r.to_ms)?;
-        let stays = unary(
-            &self.inner.downstreams.storage,
-            deadline,
-            storage,
-            &query,
-            |mut c, r| async move { c.get_stays(r).await },
-        );
-        Ok(Response::new(stays.await?))
-    }
-
-    async fn get_trips(
-        &self,
-        request: Request<GetTripsRequest>,
-    ) -> Result<Response<GetTripsResponse>, Status> {
-        let r = request.get_ref();
-        let (query, deadline) = self.history_query(&request, &r.device_id, r.from_ms, r.to_ms)?;
-        let trips = unary(
-            &self.inner.downstreams.storage,
-            deadline,
-            storage,
-            &query,
-            |mut c, r| async move { c.get_trips(r).await },
-        );
-        Ok(Response::new(trips.await?))
+        request: Request<ListGeofencesRequest>,
+    ) -> Result<Response<ListGeofencesResponse>, Status> {
+        let query = |tenant_id, _| Ok(TenantGeofencesRequest { tenant_id });
+        let to = &self.inner.downstreams.learning;
+        let listed = self.forward(request, query, to, learning, |mut c, r| async move {
+            c.list_geofences(r).await
+        });
+        let geofences = listed.await?.geofences;
+        Ok(Response::new(ListGeofencesResponse { geofences }))
     }
 
     async fn relearn(
@@ -769,6 +673,25 @@ impl Gateway for GatewayService {
         Ok(Response::new(
             self.relearn_as(tenant, request.into_inner())?,
         ))
+    }
+
+    async fn delete_geofence(
+        &self,
+        request: Request<DeleteGeofenceRequest>,
+    ) -> Result<Response<DeleteGeofenceResponse>, Status> {
+        let query = |tenant_id, request: DeleteGeofenceRequest| {
+            let geofence_id = request.geofence_id;
+            Ok(DeleteTenantGeofenceRequest {
+                tenant_id,
+                geofence_id,
+            })
+        };
+        let to = &self.inner.downstreams.learning;
+        let deleted = self.forward(request, query, to, learning, |mut c, r| async move {
+            c.delete_geofence(r).await
+        });
+        let existed = deleted.await?.existed;
+        Ok(Response::new(DeleteGeofenceResponse { existed }))
     }
 
     async fn reseed(
@@ -817,26 +740,6 @@ impl GatewayService {
 }
 
 impl GatewayService {
-    /// A stays or trips query of the caller's tenant for storage.
-    fn history_query<T>(
-        &self,
-        request: &Request<T>,
-        device_id: &str,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<(StoredHistoryRequest, Deadline), Status> {
-        let (tenant, deadline) = self.caller(request)?;
-        self.limit(&tenant, 0)?;
-        device(device_id)?;
-        let query = StoredHistoryRequest {
-            tenant_id: tenant,
-            device_id: device_id.to_owned(),
-            from_ms,
-            to_ms,
-        };
-        Ok((query, deadline))
-    }
-
     /// The Watch stream of `tenant` (gRPC and SSE); it ends after STREAM_MAX_DURATION, and
     /// the client resumes with its last token.
     pub fn watch_as(&self, tenant: String, request: WatchRequest) -> Result<WatchStream, Error> {
