@@ -20,7 +20,7 @@ use tonic_types::StatusExt as _;
 use trackmesh_proto::v1::{
     DailyStat, DeleteDeviceRequest, DevicePlacesRequest, DevicePredictRequest, DeviceSummary, Fix,
     GetDailyStatsRequest, GetTrackRequest, IngestRequest, IngestResponse, ListDevicesRequest,
-    Place, PlaceLabel, SortField, gateway_server::Gateway as _,
+    Place, PlaceLabel, Prediction, SortField, gateway_server::Gateway as _,
 };
 use trackmesh_shared::domain::{Invalid, now_ms};
 
@@ -363,11 +363,12 @@ pub(super) fn json_response(value: &Value) -> Response {
 }
 
 /// A query route's caller: its tenant (API keys only), its slot, and the query parameters
-/// (strictly decoded: a bad one is a 400 naming it).
+/// (strictly decoded: a bad one is a 400 naming it); with the service it asks.
 pub(super) struct Caller {
     pub(super) tenant: String,
     params: Vec<(String, String)>,
     _slot: Slot,
+    pub(super) service: GatewayService,
 }
 
 /// Extracted first, so that a caller without an API key is refused before anything else.
@@ -380,6 +381,7 @@ impl FromRequestParts<Api> for Caller {
             tenant,
             params: osmand::decode_form(parts.uri.query().unwrap_or_default().as_bytes())?,
             _slot: slot,
+            service: api.service.clone(),
         })
     }
 }
@@ -409,13 +411,34 @@ impl Caller {
         })
     }
 
+    /// `from` and `to`: a time range in Unix ms.
+    pub(super) fn range(&self) -> Result<(i64, i64), Failure> {
+        Ok((self.number("from")?, self.number("to")?))
+    }
+
     pub(super) fn request<T>(&self, message: T) -> tonic::Request<T> {
         request(self.tenant.clone(), message)
     }
+
+    /// The answer of a gateway method (`call`) to the caller's `message`.
+    pub(super) async fn ask<T, R>(
+        &self,
+        message: T,
+        call: impl AsyncFnOnce(&GatewayService, tonic::Request<T>) -> Result<tonic::Response<R>, Status>,
+    ) -> Result<R, Failure> {
+        Ok(call(&self.service, self.request(message))
+            .await?
+            .into_inner())
+    }
+}
+
+/// `{"<name>": [each item as JSON]}`.
+pub(super) fn json_list<T>(name: &str, items: &[T], json: fn(&T) -> Value) -> Response {
+    json_response(&json!({ name: items.iter().map(json).collect::<Vec<_>>() }))
 }
 
 /// `GET /v1/devices?page_size=&page_token=&sort=-last_ms,device_id` (`-`: descending).
-async fn list_devices(State(api): State<Api>, caller: Caller) -> Answer {
+async fn list_devices(caller: Caller) -> Answer {
     let sort = caller
         .param("sort")
         .unwrap_or_default()
@@ -431,11 +454,8 @@ async fn list_devices(State(api): State<Api>, caller: Caller) -> Answer {
         page_size: caller.number("page_size")?,
         page_token: caller.param("page_token").unwrap_or_default().to_owned(),
     };
-    let response = api
-        .service
-        .list_devices(caller.request(message))
-        .await?
-        .into_inner();
+    let response = caller.ask(message, async |s, r| s.list_devices(r).await);
+    let response = response.await?;
     Ok(json_response(&json!({
         "devices": response.devices.iter().map(device_json).collect::<Vec<_>>(),
         "nextPageToken": response.next_page_token,
@@ -446,7 +466,7 @@ async fn list_devices(State(api): State<Api>, caller: Caller) -> Answer {
 /// streamed, one chunk from storage at a time. An error after the first byte can only cut the
 /// body short. `simplify` (0 or absent: every fix) is gRPC's `simplify_m`: Douglas–Peucker
 /// per segment, first and last fix kept (crate::simplify).
-async fn track(State(api): State<Api>, caller: Caller, Path(device_id): Path<String>) -> Answer {
+async fn track(caller: Caller, Path(device_id): Path<String>) -> Answer {
     let format: Format = caller.param("format").unwrap_or("json").parse().map_err(
         |err: crate::export::UnknownFormat| Failure::new(Code::InvalidArgument, err.to_string()),
     )?;
@@ -466,18 +486,16 @@ async fn track(State(api): State<Api>, caller: Caller, Path(device_id): Path<Str
                 )
             })?,
     };
+    let (from_ms, to_ms) = caller.range()?;
     let message = GetTrackRequest {
         device_id: device_id.clone(),
-        from_ms: caller.number("from")?,
-        to_ms: caller.number("to")?,
+        from_ms,
+        to_ms,
         simplify_m,
         ..GetTrackRequest::default()
     };
-    let chunks = api
-        .service
-        .get_track(caller.request(message))
-        .await?
-        .into_inner();
+    let chunks = caller.ask(message, async |s, r| s.get_track(r).await);
+    let chunks = chunks.await?;
     let encoder = Encoder::new(format, &device_id);
     // State: the chunks, the encoder (None once done), the caller (its slot held as long as
     // the body lives), whether the document has begun.
@@ -521,67 +539,43 @@ async fn track(State(api): State<Api>, caller: Caller, Path(device_id): Path<Str
 }
 
 /// `GET /v1/devices/{id}/stats?from=&to=`: daily stats (UTC days).
-async fn stats(State(api): State<Api>, caller: Caller, Path(device_id): Path<String>) -> Answer {
+async fn stats(caller: Caller, Path(device_id): Path<String>) -> Answer {
+    let (from_ms, to_ms) = caller.range()?;
     let message = GetDailyStatsRequest {
         device_id,
-        from_ms: caller.number("from")?,
-        to_ms: caller.number("to")?,
+        from_ms,
+        to_ms,
     };
-    let days = api
-        .service
-        .get_daily_stats(caller.request(message))
-        .await?
-        .into_inner()
-        .days;
-    Ok(json_response(
-        &json!({ "days": days.iter().map(day_json).collect::<Vec<_>>() }),
-    ))
+    let answer = caller.ask(message, async |s, r| s.get_daily_stats(r).await);
+    Ok(json_list("days", &answer.await?.days, day_json))
 }
 
 /// `GET /v1/devices/{id}/places?k=`: learned places, most dwell first.
-async fn places(State(api): State<Api>, caller: Caller, Path(device_id): Path<String>) -> Answer {
-    let message = DevicePlacesRequest {
-        device_id,
-        k: caller.number("k")?,
-    };
-    let places = api
-        .service
-        .get_places(caller.request(message))
-        .await?
-        .into_inner()
-        .places;
-    Ok(json_response(
-        &json!({ "places": places.iter().map(place_json).collect::<Vec<_>>() }),
-    ))
+async fn places(caller: Caller, Path(device_id): Path<String>) -> Answer {
+    let k = caller.number("k")?;
+    let message = DevicePlacesRequest { device_id, k };
+    let answer = caller.ask(message, async |s, r| s.get_places(r).await);
+    Ok(json_list("places", &answer.await?.places, place_json))
 }
 
 /// `GET /v1/devices/{id}/predict?k=`: the next places, most likely first.
-async fn predict(State(api): State<Api>, caller: Caller, Path(device_id): Path<String>) -> Answer {
-    let message = DevicePredictRequest {
-        device_id,
-        k: caller.number("k")?,
-    };
-    let response = api
-        .service
-        .predict_next(caller.request(message))
-        .await?
-        .into_inner();
-    let predictions: Vec<Value> = response
-        .predictions
-        .iter()
-        .map(|p| json!({ "place": p.place.as_ref().map(place_json), "probability": p.probability }))
-        .collect();
-    Ok(json_response(&json!({ "predictions": predictions })))
+async fn predict(caller: Caller, Path(device_id): Path<String>) -> Answer {
+    let k = caller.number("k")?;
+    let message = DevicePredictRequest { device_id, k };
+    let answer = caller.ask(message, async |s, r| s.predict_next(r).await);
+    Ok(json_list(
+        "predictions",
+        &answer.await?.predictions,
+        prediction_json,
+    ))
 }
 
 /// `DELETE /v1/devices/{id}`: the device's fixes, stats and learned state.
-async fn delete_device(
-    State(api): State<Api>,
-    caller: Caller,
-    Path(device_id): Path<String>,
-) -> Answer {
+async fn delete_device(caller: Caller, Path(device_id): Path<String>) -> Answer {
     let message = DeleteDeviceRequest { device_id };
-    api.service.delete_device(caller.request(message)).await?;
+    caller
+        .ask(message, async |s, r| s.delete_device(r).await)
+        .await?;
     Ok(json_response(&json!({})))
 }
 
@@ -613,6 +607,11 @@ fn day_json(day: &DailyStat) -> Value {
         "firstMs": day.first_ms.to_string(),
         "lastMs": day.last_ms.to_string(),
     })
+}
+
+fn prediction_json(prediction: &Prediction) -> Value {
+    let place = prediction.place.as_ref().map(place_json);
+    json!({ "place": place, "probability": prediction.probability })
 }
 
 pub(super) fn place_json(place: &Place) -> Value {

@@ -9,7 +9,7 @@ use trackmesh_proto::v1::{
     ListGeofencesRequest, gateway_server::Gateway as _,
 };
 
-use super::api::{Answer, Api, Caller, Failure, body, json_response};
+use super::api::{Answer, Api, Caller, Failure, body, json_list, json_response};
 use crate::auth::Scope;
 
 /// A fence's JSON: polygons of 1 000 vertices with long numbers fit with room.
@@ -29,25 +29,26 @@ pub(super) async fn create(State(api): State<Api>, request: Request) -> Answer {
 }
 
 /// `GET /v1/geofences`: the tenant's fences, oldest first.
-pub(super) async fn list(State(api): State<Api>, caller: Caller) -> Answer {
-    let listed = api
-        .service
-        .list_geofences(caller.request(ListGeofencesRequest {}))
-        .await?
-        .into_inner();
-    let fences: Vec<Value> = listed.geofences.iter().map(geofence_json).collect();
-    Ok(json_response(&json!({ "geofences": fences })))
+pub(super) async fn list(caller: Caller) -> Answer {
+    Ok(json_list(
+        "geofences",
+        &fences(&caller).await?,
+        geofence_json,
+    ))
+}
+
+/// The caller's fences.
+async fn fences(caller: &Caller) -> Result<Vec<Geofence>, Failure> {
+    let listed = caller.ask(ListGeofencesRequest {}, async |s, r| {
+        s.list_geofences(r).await
+    });
+    Ok(listed.await?.geofences)
 }
 
 /// `GET /v1/geofences/{id}`.
-pub(super) async fn get(State(api): State<Api>, Path(id): Path<String>, caller: Caller) -> Answer {
-    let listed = api
-        .service
-        .list_geofences(caller.request(ListGeofencesRequest {}))
-        .await?
-        .into_inner();
-    let fence = listed
-        .geofences
+pub(super) async fn get(Path(id): Path<String>, caller: Caller) -> Answer {
+    let fences = fences(&caller).await?;
+    let fence = fences
         .iter()
         .find(|g| g.geofence_id == id)
         .ok_or_else(|| Failure::new(Code::NotFound, format!("geofence_id: no fence {id:?}")))?;
@@ -55,21 +56,14 @@ pub(super) async fn get(State(api): State<Api>, Path(id): Path<String>, caller: 
 }
 
 /// `DELETE /v1/geofences/{id}` (idempotent).
-pub(super) async fn delete(
-    State(api): State<Api>,
-    Path(id): Path<String>,
-    caller: Caller,
-) -> Answer {
-    let deleted = api
-        .service
-        .delete_geofence(caller.request(DeleteGeofenceRequest { geofence_id: id }))
-        .await?
-        .into_inner();
-    Ok(json_response(&json!({ "existed": deleted.existed })))
+pub(super) async fn delete(Path(id): Path<String>, caller: Caller) -> Answer {
+    let message = DeleteGeofenceRequest { geofence_id: id };
+    let deleted = caller.ask(message, async |s, r| s.delete_geofence(r).await);
+    Ok(json_response(&json!({ "existed": deleted.await?.existed })))
 }
 
 /// `GET /v1/events?device_id=&from_ms=&to_ms=&types=ENTER,EXIT`.
-pub(super) async fn events(State(api): State<Api>, caller: Caller) -> Answer {
+pub(super) async fn events(caller: Caller) -> Answer {
     let types = caller
         .param("types")
         .unwrap_or_default()
@@ -93,13 +87,8 @@ pub(super) async fn events(State(api): State<Api>, caller: Caller) -> Answer {
         to_ms: caller.number("to_ms")?,
         types,
     };
-    let events = api
-        .service
-        .get_events(caller.request(query))
-        .await?
-        .into_inner();
-    let events: Vec<Value> = events.events.iter().map(event_json).collect();
-    Ok(json_response(&json!({ "events": events })))
+    let events = caller.ask(query, async |s, r| s.get_events(r).await);
+    Ok(json_list("events", &events.await?.events, event_json))
 }
 
 fn bad(message: impl Into<String>) -> Failure {

@@ -16,53 +16,35 @@ use trackmesh_proto::v1::{
     gateway_server::Gateway as _,
 };
 
-use super::api::{Answer, Api, Caller, Failure, body, code_name, json_response, place_json};
+use super::api::{
+    Answer, Api, Caller, Failure, body, code_name, json_list, json_response, place_json,
+};
 use crate::{auth::Scope, guard::QUERY_MESSAGE_BYTES};
 
 /// `GET /v1/devices/{id}/stays?from=&to=` (Unix ms; `to` 0 or absent: no bound): the closed
 /// stays that overlap the range, in time order.
-pub(super) async fn stays(
-    State(api): State<Api>,
-    caller: Caller,
-    Path(device_id): Path<String>,
-) -> Answer {
+pub(super) async fn stays(caller: Caller, Path(device_id): Path<String>) -> Answer {
+    let (from_ms, to_ms) = caller.range()?;
     let message = GetStaysRequest {
         device_id,
-        from_ms: caller.number("from")?,
-        to_ms: caller.number("to")?,
+        from_ms,
+        to_ms,
     };
-    let stays = api
-        .service
-        .get_stays(caller.request(message))
-        .await?
-        .into_inner()
-        .stays;
-    Ok(json_response(
-        &json!({ "stays": stays.iter().map(stay_json).collect::<Vec<_>>() }),
-    ))
+    let answer = caller.ask(message, async |s, r| s.get_stays(r).await);
+    Ok(json_list("stays", &answer.await?.stays, stay_json))
 }
 
 /// `GET /v1/devices/{id}/trips?from=&to=`: the trips between consecutive stays that overlap
 /// the range, in time order.
-pub(super) async fn trips(
-    State(api): State<Api>,
-    caller: Caller,
-    Path(device_id): Path<String>,
-) -> Answer {
+pub(super) async fn trips(caller: Caller, Path(device_id): Path<String>) -> Answer {
+    let (from_ms, to_ms) = caller.range()?;
     let message = GetTripsRequest {
         device_id,
-        from_ms: caller.number("from")?,
-        to_ms: caller.number("to")?,
+        from_ms,
+        to_ms,
     };
-    let trips = api
-        .service
-        .get_trips(caller.request(message))
-        .await?
-        .into_inner()
-        .trips;
-    Ok(json_response(
-        &json!({ "trips": trips.iter().map(trip_json).collect::<Vec<_>>() }),
-    ))
+    let answer = caller.ask(message, async |s, r| s.get_trips(r).await);
+    Ok(json_list("trips", &answer.await?.trips, trip_json))
 }
 
 /// `POST /v1/relearn` with `{"device_ids":[..]}` or `{"all_devices":true}`, and optionally
