@@ -155,75 +155,35 @@ async fn history_requests_are_refused_naming_the_field() {
     let long = "x".repeat(129);
 
     // gRPC: the field and its rule, before anything reaches a downstream.
-    let errors = [
-        (
-            client
-                .get_stays(GetStaysRequest::default())
-                .await
-                .unwrap_err(),
-            "device_id",
-        ),
-        (
-            client
-                .get_trips(GetTripsRequest {
-                    device_id: long.clone(),
-                    ..GetTripsRequest::default()
-                })
-                .await
-                .unwrap_err(),
-            "device_id",
-        ),
-        (
-            client.relearn(RelearnRequest::default()).await.unwrap_err(),
-            "device_ids",
-        ),
-        (
-            client
-                .relearn(RelearnRequest {
-                    device_ids: vec!["a".into()],
-                    all_devices: true,
-                    ..RelearnRequest::default()
-                })
-                .await
-                .unwrap_err(),
-            "all_devices",
-        ),
-        (
-            client
-                .relearn(RelearnRequest {
-                    device_ids: vec!["a".into(), long.clone()],
-                    ..RelearnRequest::default()
-                })
-                .await
-                .unwrap_err(),
-            "device_ids[1]",
-        ),
-        (
-            client
-                .relearn(RelearnRequest {
-                    all_devices: true,
-                    from_ms: -1,
-                    ..RelearnRequest::default()
-                })
-                .await
-                .unwrap_err(),
-            "from_ms",
-        ),
-        (
-            client.reseed(ReseedRequest::default()).await.unwrap_err(),
-            "device_ids",
-        ),
-        (
-            client
-                .reseed(ReseedRequest {
-                    device_ids: vec!["a".into()],
-                    all_devices: true,
-                })
-                .await
-                .unwrap_err(),
-            "all_devices",
-        ),
+    let stays = client.get_stays(GetStaysRequest::default()).await;
+    let trips = GetTripsRequest {
+        device_id: long.clone(),
+        ..GetTripsRequest::default()
+    };
+    let mut errors = vec![
+        (stays.unwrap_err(), "device_id"),
+        (client.get_trips(trips).await.unwrap_err(), "device_id"),
     ];
+    let relearn = |device_ids: &[&str], all_devices, from_ms| RelearnRequest {
+        device_ids: device_ids.iter().map(|id| (*id).to_owned()).collect(),
+        all_devices,
+        from_ms,
+    };
+    for (request, field) in [
+        (relearn(&[], false, 0), "device_ids"),
+        (relearn(&["a"], true, 0), "all_devices"),
+        (relearn(&["a", &long], false, 0), "device_ids[1]"),
+        (relearn(&[], true, -1), "from_ms"),
+    ] {
+        errors.push((client.relearn(request).await.unwrap_err(), field));
+    }
+    for (all_devices, field) in [(false, "device_ids"), (true, "all_devices")] {
+        let request = ReseedRequest {
+            device_ids: all_devices.then(|| "a".to_owned()).into_iter().collect(),
+            all_devices,
+        };
+        errors.push((client.reseed(request).await.unwrap_err(), field));
+    }
     for (err, field) in errors {
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
         assert!(
