@@ -518,9 +518,8 @@ impl Gateway for GatewayService {
         self.limit(&tenant, 0)?;
         let request = request.into_inner();
         device(&request.device_id)?;
-        let simplify_m = simplify::tolerance("simplify_m", request.simplify_m).map_err(|bad| {
-            Error::from(Invalid::new(bad.field, "a finite number of metres >= 0"))
-        })?;
+        let simplify_m =
+            simplify::tolerance("simplify_m", request.simplify_m).map_err(Error::from)?;
         let query = QueryTrackRequest {
             tenant_id: tenant,
             device_id: request.device_id,

@@ -25,7 +25,7 @@ use std::future::ready;
 use futures::{Stream, StreamExt as _};
 use tonic::Status;
 use trackmesh_proto::v1::{RefinedFix, TrackChunk};
-use trackmesh_shared::geo::EARTH_RADIUS_M;
+use trackmesh_shared::{domain::Invalid, geo::EARTH_RADIUS_M};
 
 /// Fixes of one segment simplified at once (about 5 MB of `RefinedFix`es).
 pub const WINDOW: usize = 32_768;
@@ -33,20 +33,12 @@ pub const WINDOW: usize = 32_768;
 /// Fixes per output chunk, like storage's default `STREAMING_CHUNK_SIZE`.
 const CHUNK: usize = 1000;
 
-/// A tolerance that is not a distance.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{field}: must be a finite number of metres >= 0, got {value}")]
-pub struct BadTolerance {
-    pub field: &'static str,
-    pub value: f64,
-}
-
-/// Checks a tolerance read from parameter `field`.
-pub fn tolerance(field: &'static str, value: f64) -> Result<f64, BadTolerance> {
+/// A tolerance read from parameter `field`: a distance in metres.
+pub fn tolerance(field: &str, value: f64) -> Result<f64, Invalid> {
     if value.is_finite() && value >= 0.0 {
         Ok(value)
     } else {
-        Err(BadTolerance { field, value })
+        Err(Invalid::new(field, "a finite number of metres >= 0"))
     }
 }
 

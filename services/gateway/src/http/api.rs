@@ -399,15 +399,8 @@ impl Caller {
     /// A whole-number parameter; absent: 0 (the gRPC default).
     pub(super) fn number<T: std::str::FromStr + Default>(&self, name: &str) -> Result<T, Failure> {
         self.param(name).map_or(Ok(T::default()), |text| {
-            text.parse().map_err(|_| {
-                Failure::new(
-                    Code::InvalidArgument,
-                    format!(
-                        "{name}: not a whole number ({})",
-                        super::fields::quoted(text)
-                    ),
-                )
-            })
+            let rule = || format!("not a whole number ({})", super::fields::quoted(text));
+            text.parse().map_err(|_| Invalid::new(name, rule()).into())
         })
     }
 
@@ -477,12 +470,10 @@ async fn track(caller: Caller, Path(device_id): Path<String>) -> Answer {
             .ok()
             .and_then(|metres| crate::simplify::tolerance("simplify", metres).ok())
             .ok_or_else(|| {
-                Failure::new(
-                    Code::InvalidArgument,
-                    format!(
-                        "simplify: not a finite number of metres >= 0 ({})",
-                        super::fields::quoted(text)
-                    ),
+                let rule = "not a finite number of metres >= 0";
+                Invalid::new(
+                    "simplify",
+                    format!("{rule} ({})", super::fields::quoted(text)),
                 )
             })?,
     };

@@ -8,8 +8,12 @@ use trackmesh_proto::v1::{
     Circle, DeleteGeofenceRequest, Event, EventType, Geofence, GetEventsRequest,
     ListGeofencesRequest, gateway_server::Gateway as _,
 };
+use trackmesh_shared::domain::Invalid;
 
-use super::api::{Answer, Api, Caller, Failure, body, json_list, json_response};
+use super::{
+    api::{Answer, Api, Caller, Failure, body, json_list, json_response},
+    fields::json,
+};
 use crate::auth::Scope;
 
 /// A fence's JSON: polygons of 1 000 vertices with long numbers fit with room.
@@ -74,13 +78,11 @@ pub(super) async fn events(caller: Caller) -> Answer {
                 .filter(|t| *t != EventType::Unspecified)
                 .map(|t| t as i32)
                 .ok_or_else(|| {
-                    Failure::new(
-                        Code::InvalidArgument,
-                        format!("types: {name:?} is not one of ENTER, EXIT, ARRIVE, DEPART"),
-                    )
+                    let rule = format!("{name:?} is not one of ENTER, EXIT, ARRIVE, DEPART");
+                    Invalid::new("types", rule)
                 })
         })
-        .collect::<Result<Vec<i32>, Failure>>()?;
+        .collect::<Result<Vec<i32>, Invalid>>()?;
     let query = GetEventsRequest {
         device_id: caller.param("device_id").unwrap_or_default().to_owned(),
         from_ms: caller.number("from_ms")?,
@@ -91,17 +93,11 @@ pub(super) async fn events(caller: Caller) -> Answer {
     Ok(json_list("events", &events.await?.events, event_json))
 }
 
-fn bad(message: impl Into<String>) -> Failure {
-    Failure::new(Code::InvalidArgument, message)
-}
-
 /// A `Geofence` in proto3 JSON (lowerCamelCase or the proto names). `polygonGeojson` may be
 /// the GeoJSON text or the geometry object itself.
-fn parse_geofence(body: &[u8]) -> Result<Geofence, Failure> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|err| bad(format!("body: not JSON: {err}")))?;
-    let Value::Object(fields) = value else {
-        return Err(bad("body: a JSON object (a Geofence)"));
+fn parse_geofence(body: &[u8]) -> Result<Geofence, Invalid> {
+    let Value::Object(fields) = json::parse(body)? else {
+        return Err(Invalid::new("body", "a JSON object (a Geofence)"));
     };
     let mut geofence = Geofence::default();
     for (name, value) in &fields {
@@ -112,12 +108,12 @@ fn parse_geofence(body: &[u8]) -> Result<Geofence, Failure> {
                 geofence.polygon_geojson = match value {
                     Value::String(text) => text.clone(),
                     Value::Object(_) => value.to_string(),
-                    _ => return Err(bad(format!("{name}: GeoJSON text or a Polygon object"))),
+                    _ => return Err(Invalid::new(name, "GeoJSON text or a Polygon object")),
                 }
             }
             "deviceIds" | "device_ids" => {
                 let Value::Array(ids) = value else {
-                    return Err(bad(format!("{name}: an array of device ids")));
+                    return Err(Invalid::new(name, "an array of device ids"));
                 };
                 geofence.device_ids = ids
                     .iter()
@@ -126,35 +122,38 @@ fn parse_geofence(body: &[u8]) -> Result<Geofence, Failure> {
             }
             // Assigned by the service; accepted so that a listed fence can be sent back.
             "geofenceId" | "geofence_id" | "createdMs" | "created_ms" => {}
-            _ => return Err(bad(format!("{name}: not a field of Geofence"))),
+            _ => return Err(Invalid::new(name, "not a field of Geofence")),
         }
     }
     Ok(geofence)
 }
 
-fn string(name: &str, value: &Value) -> Result<String, Failure> {
+fn string(name: &str, value: &Value) -> Result<String, Invalid> {
     value
         .as_str()
         .map(str::to_owned)
-        .ok_or_else(|| bad(format!("{name}: a string")))
+        .ok_or_else(|| Invalid::new(name, "a string"))
 }
 
-fn circle(value: &Value) -> Result<Circle, Failure> {
+fn circle(value: &Value) -> Result<Circle, Invalid> {
     let Value::Object(fields) = value else {
-        return Err(bad("circle: an object {lat, lon, radiusM}"));
+        return Err(Invalid::new("circle", "an object {lat, lon, radiusM}"));
     };
-    let number = |names: &[&str]| -> Result<f64, Failure> {
+    let number = |names: &[&str]| -> Result<f64, Invalid> {
         names
             .iter()
             .find_map(|n| fields.get(*n))
             .and_then(Value::as_f64)
-            .ok_or_else(|| bad(format!("circle.{}: a number", names[0])))
+            .ok_or_else(|| Invalid::new(format!("circle.{}", names[0]), "a number"))
     };
     if let Some(name) = fields
         .keys()
         .find(|k| !["lat", "lon", "radiusM", "radius_m"].contains(&k.as_str()))
     {
-        return Err(bad(format!("circle.{name}: not a field of Circle")));
+        return Err(Invalid::new(
+            format!("circle.{name}"),
+            "not a field of Circle",
+        ));
     }
     Ok(Circle {
         lat: number(&["lat"])?,

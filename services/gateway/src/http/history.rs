@@ -10,14 +10,16 @@ use axum::{
 };
 use futures::StreamExt as _;
 use serde_json::{Map, Value, json};
-use tonic::{Code, Status};
+use tonic::Status;
 use trackmesh_proto::v1::{
     GetStaysRequest, GetTripsRequest, RelearnProgress, RelearnRequest, ReseedRequest, Stay, Trip,
     gateway_server::Gateway as _,
 };
+use trackmesh_shared::domain::Invalid;
 
-use super::api::{
-    Answer, Api, Caller, Failure, body, code_name, json_list, json_response, place_json,
+use super::{
+    api::{Answer, Api, Caller, body, code_name, json_list, json_response, place_json},
+    fields::json,
 };
 use crate::{auth::Scope, guard::QUERY_MESSAGE_BYTES};
 
@@ -112,10 +114,6 @@ pub(super) async fn reseed(State(api): State<Api>, request: Request) -> Answer {
     })))
 }
 
-fn bad(message: impl Into<String>) -> Failure {
-    Failure::new(Code::InvalidArgument, message)
-}
-
 /// The fields of a RelearnRequest or ReseedRequest body.
 #[derive(Debug, Default, PartialEq)]
 struct DeviceFields {
@@ -127,15 +125,13 @@ struct DeviceFields {
 /// A RelearnRequest or ReseedRequest (`message`) in proto3 JSON: lowerCamelCase or the proto
 /// names; `from_ms` (when in `extra`) a whole number or its decimal string. An empty body is
 /// an empty message.
-fn parse_devices(body: &[u8], message: &str, extra: &[&str]) -> Result<DeviceFields, Failure> {
+fn parse_devices(body: &[u8], message: &str, extra: &[&str]) -> Result<DeviceFields, Invalid> {
     let mut fields = DeviceFields::default();
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(fields);
     }
-    let value: Value =
-        serde_json::from_slice(body).map_err(|err| bad(format!("body: not JSON: {err}")))?;
-    let Value::Object(members) = value else {
-        return Err(bad(format!("body: a JSON object (a {message})")));
+    let Value::Object(members) = json::parse(body)? else {
+        return Err(Invalid::new("body", format!("a JSON object (a {message})")));
     };
     for (name, value) in &members {
         if value.is_null() {
@@ -144,7 +140,7 @@ fn parse_devices(body: &[u8], message: &str, extra: &[&str]) -> Result<DeviceFie
         match name.as_str() {
             "device_ids" | "deviceIds" => {
                 let Value::Array(ids) = value else {
-                    return Err(bad(format!("{name}: an array of device ids")));
+                    return Err(Invalid::new(name, "an array of device ids"));
                 };
                 fields.device_ids = ids
                     .iter()
@@ -152,35 +148,31 @@ fn parse_devices(body: &[u8], message: &str, extra: &[&str]) -> Result<DeviceFie
                     .map(|(i, id)| {
                         id.as_str()
                             .map(str::to_owned)
-                            .ok_or_else(|| bad(format!("{name}[{i}]: a string")))
+                            .ok_or_else(|| Invalid::new(format!("{name}[{i}]"), "a string"))
                     })
                     .collect::<Result<_, _>>()?;
             }
             "all_devices" | "allDevices" => {
                 fields.all_devices = value
                     .as_bool()
-                    .ok_or_else(|| bad(format!("{name}: true or false")))?;
+                    .ok_or_else(|| Invalid::new(name, "true or false"))?;
             }
             other if extra.contains(&other) => fields.from_ms = whole_number(name, value)?,
-            _ => return Err(bad(format!("{name}: not a field of {message}"))),
+            _ => return Err(Invalid::new(name, format!("not a field of {message}"))),
         }
     }
     Ok(fields)
 }
 
 /// An int64 of proto3 JSON: a number or a decimal string, whole.
-fn whole_number(name: &str, value: &Value) -> Result<i64, Failure> {
+fn whole_number(name: &str, value: &Value) -> Result<i64, Invalid> {
     let parsed = match value {
         Value::Number(number) => number.as_i64(),
         Value::String(text) => text.trim().parse().ok(),
         _ => None,
     };
-    parsed.ok_or_else(|| {
-        bad(format!(
-            "{name}: a whole number of Unix ms ({})",
-            super::fields::quoted(&value.to_string())
-        ))
-    })
+    let quoted = || super::fields::quoted(&value.to_string());
+    parsed.ok_or_else(|| Invalid::new(name, format!("a whole number of Unix ms ({})", quoted())))
 }
 
 // proto3 JSON of the answers: lowerCamelCase names, 64-bit integers as strings.
@@ -237,10 +229,6 @@ fn error_json(status: &Status) -> Value {
 mod tests {
     use super::*;
 
-    fn message(failure: Failure) -> String {
-        format!("{failure:?}")
-    }
-
     #[test]
     fn bodies_in_either_spelling() {
         let fields = parse_devices(
@@ -279,7 +267,9 @@ mod tests {
             (br#"[1]"#, &[], "body: "),
             (br#"{"#, &[], "body: not JSON"),
         ] {
-            let err = message(parse_devices(body, "ReseedRequest", extra).unwrap_err());
+            let err = parse_devices(body, "ReseedRequest", extra)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{field}: {err}");
         }
     }
