@@ -22,6 +22,7 @@ use trackmesh_proto::v1::{
     Fix, GetDeviceStateRequest, IngestRequest, gateway_client::GatewayClient,
     refinement_client::RefinementClient,
 };
+use trackmesh_shared::domain::now_ms;
 
 /// A downstream that answers health checks and nothing else.
 struct Fake {
@@ -208,13 +209,6 @@ fn authorized<T>(message: T, key: &str) -> Request<T> {
     let value: MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
     request.metadata_mut().insert("authorization", value);
     request
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 fn fix(device: &str, lat: f64) -> Fix {

@@ -391,21 +391,11 @@ async fn http(
     key: &str,
     body: &str,
 ) -> (u16, serde_json::Value) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nx-api-key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null),
-    )
+    let head =
+        format!("{method} {path} HTTP/1.1\r\nx-api-key: {key}\r\nContent-Type: application/json");
+    let answer = send(addr, &head, body.as_bytes()).await;
+    let json = serde_json::from_str(answer.body.trim()).unwrap_or(serde_json::Value::Null);
+    (answer.status, json)
 }
 
 #[tokio::test(flavor = "multi_thread")]

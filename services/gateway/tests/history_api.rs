@@ -75,20 +75,7 @@ async fn relearn(client: &mut Client, request: RelearnRequest) -> Vec<RelearnPro
     progress
 }
 
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(self.body.trim())
-            .unwrap_or_else(|err| panic!("{err}: {:?}", self.body))
-    }
-}
-
-/// One HTTP/1.1 request on its own connection (`key` None: no credentials).
+/// One request with a JSON body (`key` None: no credentials).
 async fn http(
     addr: std::net::SocketAddr,
     method: &str,
@@ -96,42 +83,9 @@ async fn http(
     key: Option<&str>,
     body: &str,
 ) -> Answer {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = key.map_or(String::new(), |key| format!("x-api-key: {key}\r\n"));
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Answer {
-        status: head.split_whitespace().nth(1).unwrap().parse().unwrap(),
-        head: head.to_owned(),
-        body: if chunked {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        },
-    }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).unwrap();
-        if size == 0 {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
-    out
+    let auth = key.map_or(String::new(), |key| format!("\r\nx-api-key: {key}"));
+    let head = format!("{method} {path} HTTP/1.1{auth}\r\nContent-Type: application/json");
+    send(addr, &head, body.as_bytes()).await
 }
 
 /// The refusal is a 400 INVALID_ARGUMENT whose message starts with `field`.

@@ -9,61 +9,11 @@ use std::{net::SocketAddr, time::Duration};
 use base64::Engine as _;
 use common::*;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::{Code, Request};
 use trackmesh_proto::v1::{Fix, GetTrackRequest, IngestRequest, ListDevicesRequest, RefinedFix};
 
 /// 2025-06-15T15:06:40Z.
 const T0_S: i64 = 1_750_000_000;
-
-struct Answer {
-    status: u16,
-    headers: String,
-    body: String,
-}
-
-/// One HTTP/1.1 request on its own connection; `head` without the final blank line.
-async fn send(addr: SocketAddr, head: &str, body: &[u8]) -> Answer {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut request = format!(
-        "{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    request.extend_from_slice(body);
-    stream.write_all(&request).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = headers.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = if headers
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Answer {
-        status,
-        headers: headers.to_owned(),
-        body,
-    }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).unwrap();
-        if size == 0 {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
-    out
-}
 
 async fn get(addr: SocketAddr, path: &str, key: &str) -> Answer {
     send(
@@ -383,11 +333,7 @@ async fn bad_requests_are_refused_and_nothing_is_stored() {
     let head = "POST /trackmesh.v1.Nope/Call HTTP/1.1\r\ncontent-type: application/grpc";
     let answer = send(addr, head, b"").await;
     assert_eq!(answer.status, 200);
-    assert!(
-        answer.headers.contains("grpc-status: 12"),
-        "{}",
-        answer.headers
-    );
+    assert!(answer.head.contains("grpc-status: 12"), "{}", answer.head);
     // Over the device protocols' body limit.
     let big = format!("id=bad11&lat=1&lon=2&pad={}", "x".repeat(20_000));
     let head =
@@ -467,7 +413,7 @@ async fn json_queries_answer_what_grpc_answers() {
     )
     .await;
     assert_eq!(answer.status, 200);
-    assert!(answer.headers.contains("text/csv"), "{}", answer.headers);
+    assert!(answer.head.contains("text/csv"), "{}", answer.head);
     assert_eq!(
         answer.body.trim_end().lines().count(),
         1 + 9,
@@ -533,9 +479,9 @@ async fn storage_down_answers_503_with_retry_after() {
     }
     assert_eq!(answer.status, 503, "{}", answer.body);
     assert!(
-        answer.headers.to_ascii_lowercase().contains("retry-after:"),
+        answer.head.to_ascii_lowercase().contains("retry-after:"),
         "{}",
-        answer.headers
+        answer.head
     );
 }
 

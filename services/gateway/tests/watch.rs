@@ -390,21 +390,10 @@ impl Sse {
 }
 
 async fn stream_token(addr: SocketAddr, key: &str) -> (u16, Value) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "POST /v1/live/token HTTP/1.1\r\nHost: {addr}\r\nx-api-key: {key}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut text)
-        .await
-        .unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        serde_json::from_str(body.trim()).unwrap_or(Value::Null),
-    )
+    let head = format!("POST /v1/live/token HTTP/1.1\r\nx-api-key: {key}");
+    let answer = send(addr, &head, b"").await;
+    let json = serde_json::from_str(answer.body.trim()).unwrap_or(Value::Null);
+    (answer.status, json)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -15,6 +15,7 @@ use tonic::{
 use trackmesh_proto::v1::{
     Fix, GetTrackRequest, IngestRequest, IngestResponse, RefinedFix, gateway_client::GatewayClient,
 };
+pub use trackmesh_shared::domain::now_ms;
 
 pub type Client = GatewayClient<InterceptedService<Channel, Auth>>;
 
@@ -265,13 +266,6 @@ pub fn ais(file: &str, devices: &[&str]) -> Vec<Fix> {
     fixes
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 pub fn times(fixes: &[RefinedFix]) -> Vec<i64> {
     fixes
         .iter()
@@ -297,4 +291,60 @@ pub async fn watch(
             Err(status) => panic!("watch: {status:?}"),
         }
     }
+}
+
+/// An HTTP answer: the status, the head (status line and headers) and the body, de-chunked.
+pub struct Answer {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.body.trim())
+            .unwrap_or_else(|err| panic!("{err}: {:?}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request on its own connection; `head` without the final blank line.
+pub async fn send(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> Answer {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = format!(
+        "{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    stream.write_all(&request).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Answer {
+        status: head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+        head: head.to_owned(),
+        body: if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
 }
