@@ -220,6 +220,7 @@ fn decode_fixes(
             let fixes = batch
                 .fixes
                 .into_iter()
+                .map(RefinedFix::from)
                 .filter_map(|fix| {
                     let i = index;
                     index += 1;

@@ -21,7 +21,7 @@ use rdkafka::{
     types::RDKafkaErrorCode,
     util::Timeout,
 };
-use trackmesh_proto::v1::{Geofence, TenantEvents, TenantGeofence};
+use trackmesh_proto::v1::{Geofence, RefinedFix, TenantEvents, TenantGeofence};
 use trackmesh_shared::{domain::DeviceKey, fix_messages, state::StateError};
 
 use crate::{config::LearningConfig, error::Error, model::Outcome, service::LearningService};
@@ -229,7 +229,8 @@ impl Kafka {
                 }
             };
             let mut pause = Duration::from_millis(200);
-            for batch in &batches {
+            for batch in batches {
+                let fixes: Vec<RefinedFix> = batch.fixes.into_iter().map(Into::into).collect();
                 loop {
                     let done = if delete {
                         service
@@ -237,9 +238,7 @@ impl Kafka {
                             .await
                             .map(drop)
                     } else {
-                        service
-                            .observe_chunked(&batch.tenant_id, &batch.fixes)
-                            .await
+                        service.observe_chunked(&batch.tenant_id, &fixes).await
                     };
                     match done {
                         Ok(()) => break,

@@ -22,8 +22,9 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
 };
 use trackmesh_proto::v1::{
-    Fix, FixBatch, QueryTrackRequest, RefinedFix, Verdict, storage_client::StorageClient,
+    Fix, QueryTrackRequest, RefinedFix, Verdict, storage_client::StorageClient,
 };
+use trackmesh_shared::fix_messages::FixBatch;
 
 const ROWS: usize = 1_000_000;
 const DEVICES: usize = 100;
@@ -186,7 +187,10 @@ async fn produce(env: &Env, fixes: &[(String, RefinedFix)]) {
             let batch = FixBatch {
                 tenant_id: env.tenant.clone(),
                 device_id: device.clone(),
-                fixes: std::mem::take(pending),
+                fixes: std::mem::take(pending)
+                    .into_iter()
+                    .map(Into::into)
+                    .collect(),
             };
             messages.push((format!("{}/{device}", env.tenant), batch.encode_to_vec()));
         }

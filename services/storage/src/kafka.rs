@@ -22,9 +22,9 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord, Producer as _},
     util::Timeout,
 };
-use trackmesh_proto::v1::{FixBatch, FixBatches};
 use trackmesh_shared::{
     domain::{DeviceKey, Invalid},
+    fix_messages::{FixBatch, FixBatches},
     telemetry::{self, Extractor, Injector},
 };
 

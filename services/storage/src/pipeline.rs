@@ -17,10 +17,10 @@ use prost::Message as _;
 use rdkafka::consumer::{CommitMode, StreamConsumer};
 use tokio::{sync::watch, time::Instant};
 use tracing::Instrument as _;
-use trackmesh_proto::v1::{Fix, FixBatch, FixBatches, RefinedFix, Verdict};
 use trackmesh_shared::{
     breaker::{Breaker, Permit},
-    domain::DeviceKey,
+    domain::{DeviceKey, Fix, Refined, Verdict},
+    fix_messages::{FixBatch, FixBatches},
     telemetry,
 };
 
@@ -606,7 +606,7 @@ fn decode_batch(batch: FixBatch, message: &Owned) -> Result<Decoded, String> {
 
 fn row(
     batch: &FixBatch,
-    refined: &RefinedFix,
+    refined: &Refined,
     kafka_partition: i32,
     kafka_offset: i64,
 ) -> Result<FixRow, &'static str> {
@@ -638,8 +638,8 @@ fn row(
 }
 
 /// The fix a row was made of, for the dead-letter topic.
-fn refined_fix(row: &FixRow, replay: bool) -> RefinedFix {
-    RefinedFix {
+fn refined_fix(row: &FixRow, replay: bool) -> Refined {
+    Refined {
         fix: Some(Fix {
             device_id: row.device_id.clone(),
             time_ms: row.time_ms,

@@ -7,13 +7,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use trackmesh_proto::v1::{
     DailyStat, DailyStatsRequest, DailyStatsResponse, DeleteHistoryRequest, DeleteHistoryResponse,
-    DeleteStoredDeviceRequest, DeleteStoredDeviceResponse, DeviceSummary, EventType, Fix, FixBatch,
+    DeleteStoredDeviceRequest, DeleteStoredDeviceResponse, DeviceSummary, EventType, Fix,
     GetEventsResponse, GetStaysResponse, GetTripsResponse, ListDevicesResponse,
     ListStoredDevicesRequest, QueryTrackRequest, RefinedFix, StoreRequest, StoreResponse,
     StoredEventsRequest, StoredHistoryRequest, TrackChunk, Verdict, storage_server::Storage,
 };
 use trackmesh_shared::{
     domain::{DeviceId, DeviceKey, Invalid, TenantId},
+    fix_messages::FixBatch,
     geo,
     grpc::Deadline,
 };
@@ -85,7 +86,7 @@ impl StorageService {
             .map(|(device_id, fixes)| FixBatch {
                 tenant_id: tenant.to_owned(),
                 device_id,
-                fixes,
+                fixes: fixes.into_iter().map(Into::into).collect(),
             })
             .collect();
         let timeout = deadline.budget().min(self.produce_timeout);

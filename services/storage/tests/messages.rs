@@ -17,9 +17,10 @@ use rdkafka::{
 use storage::partition_of;
 use tonic::transport::Channel;
 use trackmesh_proto::v1::{
-    Fix, FixBatch, ListStoredDevicesRequest, QueryTrackRequest, RefinedFix, StoreRequest, Verdict,
+    Fix, ListStoredDevicesRequest, QueryTrackRequest, RefinedFix, StoreRequest, Verdict,
     storage_client::StorageClient,
 };
+use trackmesh_shared::fix_messages::FixBatch;
 
 const T0: i64 = 1_750_000_000_000;
 const DEVICES: usize = 300;
@@ -146,7 +147,7 @@ async fn one_device_messages_of_earlier_releases_are_stored_on_the_devices_parti
         let payload = FixBatch {
             tenant_id: tenant.clone(),
             device_id: device.clone(),
-            fixes: vec![fix(device, 0)],
+            fixes: vec![fix(device, 0).into()],
         }
         .encode_to_vec();
         let partition = topic.send(&key, &payload, None, Some("1")).await;

@@ -25,7 +25,7 @@ use trackmesh_proto::v1::{
     DailyStatsRequest, DeleteStoredDeviceRequest, DeviceSummary, Fix, ListStoredDevicesRequest,
     QueryTrackRequest, RefinedFix, SortField, StoreRequest, Verdict, storage_client::StorageClient,
 };
-use trackmesh_shared::config::Duration as ConfigDuration;
+use trackmesh_shared::{config::Duration as ConfigDuration, fix_messages::FixBatch};
 
 const T0: i64 = 1_750_000_000_000;
 const DAY_MS: i64 = 86_400_000;
@@ -739,14 +739,14 @@ async fn rows_clickhouse_refuses_go_to_the_dead_letter_topic_and_the_rest_is_sto
     assert_eq!(daily_total(&mut client, &tenant, "clean").await, 50);
 
     let (payload, reason) = dead_letters(&dlq, 1).await.remove(0);
-    let parked = trackmesh_proto::v1::FixBatch::decode(payload.as_slice()).unwrap();
+    let parked = FixBatch::decode(payload.as_slice()).unwrap();
     assert_eq!(
         (parked.tenant_id.as_str(), parked.device_id.as_str()),
         (tenant.as_str(), "mixed")
     );
     assert_eq!(
         parked.fixes,
-        vec![mixed[17].clone()],
+        vec![mixed[17].clone().into()],
         "the refused fix, whole"
     );
     assert!(
@@ -875,10 +875,10 @@ async fn fixes_still_in_kafka_at_delete_device_are_deleted_too() {
     service.shutdown().await.unwrap();
     let tenant = testkit::unique("t");
     for device in ["gone", "kept"] {
-        let batch = trackmesh_proto::v1::FixBatch {
+        let batch = FixBatch {
             tenant_id: tenant.clone(),
             device_id: device.into(),
-            fixes: track(device, 30, T0),
+            fixes: track(device, 30, T0).into_iter().map(Into::into).collect(),
         };
         let key = format!("{tenant}/{device}");
         topic

@@ -12,10 +12,12 @@ use prost::Message as _;
 use storage::{Config, pack, partition_of, split_batch};
 use tonic::{Code, transport::Channel};
 use trackmesh_proto::v1::{
-    DailyStatsRequest, Fix, FixBatch, QueryTrackRequest, RefinedFix, StoreRequest, Verdict,
+    DailyStatsRequest, Fix, QueryTrackRequest, RefinedFix, StoreRequest, Verdict,
     storage_client::StorageClient,
 };
-use trackmesh_shared::config::Duration as ConfigDuration;
+use trackmesh_shared::{
+    config::Duration as ConfigDuration, domain::Refined, fix_messages::FixBatch,
+};
 
 const T0: i64 = 1_750_000_000_000;
 /// A UUID, the longest device id seen in the field.
@@ -51,6 +53,11 @@ fn track(device: &str, n: usize) -> Vec<RefinedFix> {
             ..RefinedFix::default()
         })
         .collect()
+}
+
+/// Fixes as the fixes topic holds them.
+fn stored(fixes: Vec<RefinedFix>) -> Vec<Refined> {
+    fixes.into_iter().map(Into::into).collect()
 }
 
 fn times(fixes: &[RefinedFix]) -> Vec<i64> {
@@ -133,7 +140,7 @@ async fn ten_thousand_fixes_of_one_device_are_stored_on_the_first_try() {
     let one_message = FixBatch {
         tenant_id: tenant.clone(),
         device_id: UUID.into(),
-        fixes: fixes.clone(),
+        fixes: stored(fixes.clone()),
     };
     assert!(
         one_message.encoded_len() > 1_000_000,
@@ -243,7 +250,7 @@ proptest! {
         fixes in proptest::collection::vec(arb_fix(), 0..400),
         limit in 1_000usize..20_000,
     ) {
-        let batch = FixBatch { tenant_id: "tenant".into(), device_id: "device".into(), fixes };
+        let batch = FixBatch { tenant_id: "tenant".into(), device_id: "device".into(), fixes: stored(fixes) };
         let chunks = split_batch(batch.clone(), limit).unwrap();
         prop_assert!(!chunks.is_empty());
         for chunk in &chunks {
@@ -258,7 +265,7 @@ proptest! {
             grown.fixes.push(pair[1].fixes[0].clone());
             prop_assert!(grown.encoded_len() > limit);
         }
-        let joined: Vec<RefinedFix> = chunks.into_iter().flat_map(|c| c.fixes).collect();
+        let joined: Vec<Refined> = chunks.into_iter().flat_map(|c| c.fixes).collect();
         prop_assert_eq!(joined, batch.fixes);
     }
 
@@ -272,7 +279,7 @@ proptest! {
         let batches: Vec<FixBatch> = devices
             .into_iter()
             .enumerate()
-            .map(|(d, fixes)| FixBatch { tenant_id: "t".into(), device_id: format!("d{d}"), fixes })
+            .map(|(d, fixes)| FixBatch { tenant_id: "t".into(), device_id: format!("d{d}"), fixes: stored(fixes) })
             .collect();
         let messages = pack(batches.clone(), limit).unwrap();
         for message in &messages {
@@ -280,7 +287,7 @@ proptest! {
             prop_assert!(!message.batches.is_empty());
         }
         for batch in &batches {
-            let packed: Vec<RefinedFix> = messages
+            let packed: Vec<Refined> = messages
                 .iter()
                 .flat_map(|m| &m.batches)
                 .filter(|b| b.device_id == batch.device_id)
@@ -308,7 +315,7 @@ fn a_fix_over_the_limit_is_a_clear_error() {
     let batch = FixBatch {
         tenant_id: "t".into(),
         device_id: UUID.into(),
-        fixes,
+        fixes: stored(fixes),
     };
     let error = split_batch(batch, 4_096).unwrap_err().to_string();
     assert!(error.starts_with("fixes: a fix of device"), "{error}");
