@@ -73,7 +73,7 @@ def _config_struct_fields(text: str) -> set[str]:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         body = text[match.end():i - 1]
-        fields |= {f.upper() for f in re.findall(r"^\s*pub (\w+)\s*:", body, re.M)}
+        fields |= {f.upper() for f in re.findall(r"^\s*(?:pub(?:\([^)]*\))?\s+)?(\w+)\s*:", body, re.M)}
     return fields
 
 
@@ -96,7 +96,7 @@ def known_env() -> dict[str, set[str]]:
         for path in (ROOT / crate / "src").rglob("*.rs"):
             text = path.read_text(errors="replace")
             names |= _config_struct_fields(text) | _env_reads(text)
-            if "RedisConfig" in text:
+            if "RedisConfig" in text or "ServiceConfig" in text:
                 names |= redis
         known[binary] = names
     return known

@@ -170,6 +170,10 @@ SOURCE_MACRO = re.compile(
 SOURCE_LITERAL = re.compile(r"\(\s*\"([a-z][a-z0-9_]*_(?:total|seconds|bytes|rows|size))\"\s*,")
 
 
+# Registered at start-up as words: `zero_metrics! { counter … ; gauge … }`.
+SOURCE_ZERO = re.compile(r"\bzero_metrics!\s*\{([^}]*)\}")
+
+
 def source_names(root: Path) -> set[str]:
     """Metric names recorded in the Rust sources (services/, shared/)."""
     names: set[str] = set()
@@ -179,6 +183,10 @@ def source_names(root: Path) -> set[str]:
                 continue
             text = path.read_text(errors="replace")
             found = SOURCE_MACRO.findall(text)
+            for block in SOURCE_ZERO.findall(text):
+                counters, _, gauges = block.partition(";")
+                found += [("counter", name) for name in IDENT.findall(counters)]
+                found += [("gauge", name) for name in IDENT.findall(gauges)]
             if re.search(r"\b(counter|gauge|histogram)!\s*\(\s*[a-z_]+\s*[,)]", text):
                 found += [("counter", name) for name in SOURCE_LITERAL.findall(text)
                           if name.endswith("_total")]
