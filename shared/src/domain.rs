@@ -193,15 +193,21 @@ pub struct Refined {
 }
 
 // Field by field, by value: the two sides may diverge, and nothing is copied on the way.
+// `map` fields are optional messages, `each` fields repeated ones, converted in turn.
 macro_rules! convert {
-    ($($a:ty => $b:ty { $($field:ident),* } $(map $m:ident)?;)*) => {$(
+    ($($a:ty => $b:ty { $($field:ident),* } $(map $($m:ident),*)? $(each $($e:ident),*)?;)*) => {$(
         impl From<$a> for $b {
             fn from(from: $a) -> Self {
-                Self { $($field: from.$field,)* $($m: from.$m.map(Into::into),)? }
+                Self {
+                    $($field: from.$field,)*
+                    $($($m: from.$m.map(Into::into),)*)?
+                    $($($e: from.$e.into_iter().map(Into::into).collect(),)*)?
+                }
             }
         }
     )*};
 }
+pub(crate) use convert;
 convert! {
     proto::Fix => Fix { device_id, time_ms, lat, lon, accuracy_m, speed_mps, heading_deg, altitude_m };
     Fix => proto::Fix { device_id, time_ms, lat, lon, accuracy_m, speed_mps, heading_deg, altitude_m };

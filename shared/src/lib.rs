@@ -1,11 +1,12 @@
-//! What the four trackmesh services share: the domain ids, the device-state store, config,
-//! telemetry, serving, health, shutdown, geo math.
+//! What the four trackmesh services share: the domain ids, the device-state store, the
+//! topics' messages, config, telemetry, serving, health, shutdown, geo math.
 #![forbid(unsafe_code)]
 
 pub mod breaker;
 pub mod config;
 mod conn;
 pub mod domain;
+pub mod event_messages;
 pub mod fix_messages;
 pub mod geo;
 pub mod grpc;

@@ -11,8 +11,8 @@ use rdkafka::{
     error::KafkaError,
     message::{BorrowedMessage, Headers as _},
 };
-use trackmesh_proto::v1::{Event, RefinedFix, TenantEvents};
-use trackmesh_shared::{domain::DeviceKey, fix_messages};
+use trackmesh_proto::v1::{Event, RefinedFix};
+use trackmesh_shared::{domain::DeviceKey, event_messages::TenantEvents, fix_messages};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -242,7 +242,7 @@ fn decode_events(payload: &[u8], seen: &mut Seen) -> Option<TenantEventsBatch> {
     let message = TenantEvents::decode(payload).ok()?;
     let tenant = message.tenant_id;
     let events = (0u32..)
-        .zip(message.events)
+        .zip(message.events.into_iter().map(Event::from))
         .filter(|(_, event)| {
             DeviceKey::parse(&tenant, &event.device_id)
                 .is_ok_and(|key| seen.fresh_event(&key.to_string(), event))

@@ -21,8 +21,8 @@ use rdkafka::{
     consumer::{Consumer as _, StreamConsumer},
 };
 use tokio::sync::{Mutex, watch};
-use trackmesh_proto::v1::{Geofence, TenantGeofence};
-use trackmesh_shared::domain::Invalid;
+use trackmesh_proto::v1::Geofence;
+use trackmesh_shared::{domain::Invalid, event_messages::TenantGeofence};
 
 use crate::{
     error::Error,
@@ -130,7 +130,7 @@ impl Book {
         };
         let geofence = match value.map(TenantGeofence::decode) {
             None => None,
-            Some(Ok(message)) => message.geofence,
+            Some(Ok(message)) => message.geofence.map(Geofence::from),
             Some(Err(err)) => {
                 tracing::warn!(key, error = %err, "undecodable geofence skipped");
                 return;

@@ -21,14 +21,28 @@ use rdkafka::{
     types::RDKafkaErrorCode,
     util::Timeout,
 };
-use trackmesh_proto::v1::{Geofence, RefinedFix, TenantEvents, TenantGeofence};
-use trackmesh_shared::{domain::DeviceKey, fix_messages, state::StateError};
+use trackmesh_proto::v1::{Geofence, RefinedFix};
+use trackmesh_shared::{
+    domain::DeviceKey,
+    event_messages::{TenantEvents, TenantGeofence},
+    fix_messages,
+    state::StateError,
+};
 
 use crate::{config::LearningConfig, error::Error, model::Outcome, service::LearningService};
 
 /// A geofence's key in the geofences topic and in the book: `tenant/geofence_id`.
 pub fn geofence_key(tenant: &str, id: &str) -> String {
     format!("{tenant}/{id}")
+}
+
+/// A fence as the geofences topic carries it.
+pub fn geofence_value(tenant: &str, geofence: &Geofence) -> Vec<u8> {
+    TenantGeofence {
+        tenant_id: tenant.to_owned(),
+        geofence: Some(geofence.clone().into()),
+    }
+    .encode_to_vec()
 }
 
 const PRODUCE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,16 +127,16 @@ impl Kafka {
         }
         let value = TenantEvents {
             tenant_id: key.tenant.to_string(),
-            events: outcome.events.clone(),
+            events: outcome.events.iter().cloned().map(Into::into).collect(),
             stays: outcome
                 .stays
                 .iter()
-                .map(|s| s.to_proto(&key.device))
+                .map(|s| s.to_proto(&key.device).into())
                 .collect(),
             trips: outcome
                 .trips
                 .iter()
-                .map(|t| t.to_proto(&key.device))
+                .map(|t| t.to_proto(&key.device).into())
                 .collect(),
         }
         .encode_to_vec();
@@ -137,13 +151,7 @@ impl Kafka {
         id: &str,
         geofence: Option<&Geofence>,
     ) -> Result<(), Error> {
-        let value = geofence.map(|g| {
-            TenantGeofence {
-                tenant_id: tenant.to_owned(),
-                geofence: Some(g.clone()),
-            }
-            .encode_to_vec()
-        });
+        let value = geofence.map(|g| geofence_value(tenant, g));
         self.send(
             &self.geofences_topic,
             &geofence_key(tenant, id),

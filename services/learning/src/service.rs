@@ -4,7 +4,6 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
-use prost::Message as _;
 use tonic::{Request, Response, Status};
 use trackmesh_proto::v1::{
     DeleteTenantGeofenceRequest, DeleteTenantGeofenceResponse, EventType, Fix, ForgetRequest,
@@ -23,7 +22,7 @@ use crate::{
     error::Error,
     fence::{Fence, Fences},
     geofences::{Book, STALENESS},
-    kafka::{Kafka, geofence_key},
+    kafka::{self, Kafka, geofence_key},
     model::{self, Events, Model, Outcome, Point, Rules},
     rebuild::Rebuilder,
     store::Store,
@@ -108,12 +107,9 @@ impl LearningService {
             .await?;
         // Here at once; the other replicas within STALENESS (see `geofences`).
         let key = geofence_key(tenant, &geofence.geofence_id);
-        let value = TenantGeofence {
-            tenant_id: tenant.to_owned(),
-            geofence: Some(geofence.clone()),
-        }
-        .encode_to_vec();
-        events.book.apply(&key, Some(&value));
+        events
+            .book
+            .apply(&key, Some(&kafka::geofence_value(tenant, &geofence)));
         tracing::info!(tenant = %tenant, geofence = %geofence.geofence_id, "geofence created");
         tokio::time::sleep(STALENESS).await;
         Ok(geofence)

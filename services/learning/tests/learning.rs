@@ -19,11 +19,11 @@ use tonic::{Code, transport::Channel};
 use trackmesh_proto::v1::{
     Fix, ForgetRequest, GetPlacesRequest, GetPlacesResponse, GetProfileRequest, GetProfileResponse,
     ObserveRequest, ObserveResponse, Place, PlaceLabel, PredictNextRequest, PredictNextResponse,
-    RebuildReply, RebuildRequest, RefinedFix, Stay, TenantEvents, Trip, Verdict,
-    learning_client::LearningClient,
+    RebuildReply, RebuildRequest, RefinedFix, Stay, Trip, Verdict, learning_client::LearningClient,
 };
 use trackmesh_shared::{
     config::Duration as ConfigDuration,
+    event_messages::TenantEvents,
     geo,
     redis::{Redis, RedisConfig, Write},
 };
@@ -879,12 +879,14 @@ fn of_key<'a>(
 fn stays_of(messages: &[(String, TenantEvents)], key: &str) -> Vec<Stay> {
     of_key(messages, key)
         .flat_map(|m| m.stays.clone())
+        .map(Stay::from)
         .collect()
 }
 
 fn trips_of(messages: &[(String, TenantEvents)], key: &str) -> Vec<Trip> {
     of_key(messages, key)
         .flat_map(|m| m.trips.clone())
+        .map(Trip::from)
         .collect()
 }
 

@@ -12,10 +12,10 @@ use learning::{Config, run};
 use prost::Message as _;
 use testkit::Service;
 use trackmesh_proto::v1::{
-    Fix, GetPlacesRequest, ObserveRequest, RebuildRequest, RefinedFix, Stay, TenantEvents, Verdict,
+    Fix, GetPlacesRequest, ObserveRequest, RebuildRequest, RefinedFix, Stay, Verdict,
     learning_client::LearningClient,
 };
-use trackmesh_shared::{geo, redis::RedisConfig};
+use trackmesh_shared::{event_messages::TenantEvents, geo, redis::RedisConfig};
 
 const SAMPLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -355,7 +355,7 @@ async fn read_stays(topic: &str, n: usize) -> Vec<Stay> {
             .unwrap_or_else(|_| panic!("{} of {n} stays on {topic}", stays.len()))
             .unwrap();
         let value = TenantEvents::decode(message.payload().unwrap_or_default()).unwrap();
-        stays.extend(value.stays);
+        stays.extend(value.stays.into_iter().map(Stay::from));
     }
     stays
 }

@@ -17,9 +17,10 @@ use rdkafka::{
     consumer::{CommitMode, StreamConsumer},
 };
 use tokio::{sync::watch, time::Instant};
-use trackmesh_proto::v1::{Event, EventType, Fix, Place, Stay, TenantEvents, Trip};
+use trackmesh_proto::v1::{Event, Fix, Place, Stay, Trip};
 use trackmesh_shared::{
     domain::{self, DeviceId, TenantId},
+    event_messages::{self as topic, EventType, TenantEvents},
     geo,
 };
 
@@ -323,7 +324,7 @@ fn check_times(start_ms: i64, end_ms: i64) -> Result<(), String> {
 }
 
 /// A stay as a row, if it can be one.
-fn stay_row(tenant: &str, stay: Stay, version: u64) -> Result<StayRow, String> {
+fn stay_row(tenant: &str, stay: topic::Stay, version: u64) -> Result<StayRow, String> {
     DeviceId::parse("device_id", &stay.device_id).map_err(|err| err.to_string())?;
     check_times(stay.start_ms, stay.end_ms)?;
     if !geo::valid_coordinates(stay.lat, stay.lon) {
@@ -343,10 +344,10 @@ fn stay_row(tenant: &str, stay: Stay, version: u64) -> Result<StayRow, String> {
 }
 
 /// A trip as a row, if it can be one.
-fn trip_row(tenant: &str, trip: Trip, version: u64) -> Result<TripRow, String> {
+fn trip_row(tenant: &str, trip: topic::Trip, version: u64) -> Result<TripRow, String> {
     DeviceId::parse("device_id", &trip.device_id).map_err(|err| err.to_string())?;
     check_times(trip.start_ms, trip.end_ms)?;
-    let place = |name: &str, place: Option<Place>| {
+    let place = |name: &str, place: Option<topic::Place>| {
         let place = place.ok_or_else(|| format!("{name}: required"))?;
         if geo::valid_coordinates(place.lat, place.lon) {
             Ok(place)
@@ -424,7 +425,7 @@ pub fn trip(row: TripRow) -> Trip {
 }
 
 /// An event as a row, if it can be one.
-fn row(tenant: &str, event: Event) -> Result<EventRow, String> {
+fn row(tenant: &str, event: topic::Event) -> Result<EventRow, String> {
     DeviceId::parse("device_id", &event.device_id).map_err(|err| err.to_string())?;
     let event_type = match EventType::try_from(event.r#type) {
         Ok(EventType::Unspecified) | Err(_) => {
@@ -516,13 +517,13 @@ mod tests {
     #[test]
     fn events_round_trip_through_rows() {
         for kind in [EventType::Enter, EventType::Depart] {
-            let stored = row("t", sample(kind)).unwrap();
+            let stored = row("t", sample(kind).into()).unwrap();
             assert_eq!(stored.event_type, kind as u8);
             assert_eq!(event(stored), sample(kind));
         }
         let mut bare = sample(EventType::Exit);
         bare.fix = None;
-        assert_eq!(event(row("t", bare.clone()).unwrap()), bare);
+        assert_eq!(event(row("t", bare.clone().into()).unwrap()), bare);
     }
 
     #[test]
@@ -535,7 +536,9 @@ mod tests {
         no_device.device_id.clear();
         let message = TenantEvents {
             tenant_id: "t".into(),
-            events: vec![unknown, sample(EventType::Arrive), unspecified, no_device],
+            events: [unknown, sample(EventType::Arrive), unspecified, no_device]
+                .map(topic::Event::from)
+                .to_vec(),
             ..TenantEvents::default()
         };
         let (rows, invalid) = rows(&message.encode_to_vec(), 1).unwrap();
@@ -597,10 +600,10 @@ mod tests {
 
     #[test]
     fn stays_and_trips_round_trip_through_rows() {
-        let row = stay_row("t", sample_stay(), 7).unwrap();
+        let row = stay_row("t", sample_stay().into(), 7).unwrap();
         assert_eq!((row.tenant_id.as_str(), row.version), ("t", 7));
         assert_eq!(stay(row), sample_stay());
-        let row = trip_row("t", sample_trip(), 8).unwrap();
+        let row = trip_row("t", sample_trip().into(), 8).unwrap();
         assert_eq!((row.from_place_id.as_str(), row.version), ("p1", 8));
         assert_eq!(trip(row), sample_trip());
     }
@@ -620,8 +623,12 @@ mod tests {
         let message = TenantEvents {
             tenant_id: "t".into(),
             events: vec![],
-            stays: vec![backwards, sample_stay(), nowhere],
-            trips: vec![no_device, no_place, sample_trip(), nan_speed],
+            stays: [backwards, sample_stay(), nowhere]
+                .map(topic::Stay::from)
+                .to_vec(),
+            trips: [no_device, no_place, sample_trip(), nan_speed]
+                .map(topic::Trip::from)
+                .to_vec(),
         };
         let (rows, invalid) = rows(&message.encode_to_vec(), 5).unwrap();
         assert_eq!((rows.stays.len(), rows.trips.len()), (1, 1));

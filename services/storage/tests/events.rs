@@ -12,9 +12,10 @@ use prost::Message as _;
 use testkit::{Backend, Kind};
 use tonic::{Code, transport::Channel};
 use trackmesh_proto::v1::{
-    DeleteStoredDeviceRequest, Event, EventType, Fix, StoredEventsRequest, TenantEvents,
+    DeleteStoredDeviceRequest, Event, EventType, Fix, StoredEventsRequest,
     storage_client::StorageClient,
 };
+use trackmesh_shared::event_messages::TenantEvents;
 
 const T0: i64 = 1_750_000_000_000;
 
@@ -22,7 +23,7 @@ const T0: i64 = 1_750_000_000_000;
 async fn produce_events(topic: &Topic, tenant: &str, events: &[Event]) {
     let message = TenantEvents {
         tenant_id: tenant.into(),
-        events: events.to_vec(),
+        events: events.iter().cloned().map(Into::into).collect(),
         ..TenantEvents::default()
     };
     topic.send_events(&events[0].device_id, message, None).await;
@@ -225,7 +226,7 @@ async fn an_undecodable_message_is_skipped_and_later_events_are_stored() {
         .await;
     let no_tenant = TenantEvents {
         tenant_id: String::new(),
-        events: vec![event(EventType::Enter, "d1", "g0", 0)],
+        events: vec![event(EventType::Enter, "d1", "g0", 0).into()],
         ..TenantEvents::default()
     };
     events

@@ -10,9 +10,10 @@ use std::time::Duration;
 use common::{Topic, config, start, start_with_events};
 use tonic::{Code, transport::Channel};
 use trackmesh_proto::v1::{
-    DeleteHistoryRequest, DeleteStoredDeviceRequest, Place, Stay, StoredHistoryRequest,
-    TenantEvents, Trip, storage_client::StorageClient,
+    DeleteHistoryRequest, DeleteStoredDeviceRequest, Place, Stay, StoredHistoryRequest, Trip,
+    storage_client::StorageClient,
 };
+use trackmesh_shared::event_messages::TenantEvents;
 
 const T0: i64 = 1_750_000_000_000;
 const MIN: i64 = 60_000;
@@ -31,8 +32,8 @@ async fn produce(
     let message = TenantEvents {
         tenant_id: tenant.into(),
         events: vec![],
-        stays: stays.to_vec(),
-        trips: trips.to_vec(),
+        stays: stays.iter().cloned().map(Into::into).collect(),
+        trips: trips.iter().cloned().map(Into::into).collect(),
     };
     events.send_events(device, message, Some(ts)).await;
 }

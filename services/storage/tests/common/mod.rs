@@ -16,8 +16,9 @@ use rdkafka::{
 use storage::{Config, StorageConfig, run};
 use testkit::Service;
 use tonic::transport::Channel;
-use trackmesh_proto::v1::{TenantEvents, storage_client::StorageClient};
+use trackmesh_proto::v1::storage_client::StorageClient;
 use trackmesh_shared::config::{CommonConfig, Duration as ConfigDuration};
+use trackmesh_shared::event_messages::TenantEvents;
 
 /// A storage config of its own: database, topic and group no other test uses.
 pub fn config() -> Config {
