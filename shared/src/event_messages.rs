@@ -32,6 +32,13 @@ pub enum EventType {
     Depart = 4,
 }
 
+impl EventType {
+    /// The name in the public API (`ENTER`, `DEPART`, …), for metrics and logs.
+    pub fn name(self) -> &'static str {
+        proto::EventType::try_from(self as i32).map_or("UNKNOWN", |t| t.as_str_name())
+    }
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Event {
     #[prost(enumeration = "EventType", tag = "1")]

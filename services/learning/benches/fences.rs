@@ -10,7 +10,10 @@ use std::{hint::black_box, time::Instant};
 use learning::fence::{Fence, Fences, evaluate};
 use serde_json::json;
 use testkit::Rng;
-use trackmesh_proto::v1::{Circle, Fix, Geofence};
+use trackmesh_shared::{
+    domain::Fix,
+    event_messages::{Circle, Geofence},
+};
 
 /// South-west corner of the square.
 const LAT0: f64 = 52.0;
@@ -37,14 +40,14 @@ fn fences(count: usize) -> Fences {
         .map(|i| {
             let (n, e) = (rng.range(0.0, SIDE_M), rng.range(0.0, SIDE_M));
             let size = rng.range(50.0, 2000.0);
-            let mut proto = Geofence {
+            let mut geofence = Geofence {
                 geofence_id: format!("fence-{i:05}"),
                 name: format!("fence {i}"),
                 ..Geofence::default()
             };
             if i.is_multiple_of(2) {
                 let (lat, lon) = at(n, e);
-                proto.circle = Some(Circle {
+                geofence.circle = Some(Circle {
                     lat,
                     lon,
                     radius_m: size,
@@ -52,10 +55,10 @@ fn fences(count: usize) -> Fences {
             } else {
                 let vertices = 4 + (rng.u64() % 37) as usize;
                 let ring = rng.star(vertices, size, |dn, de| at(n + dn, e + de));
-                proto.polygon_geojson =
+                geofence.polygon_geojson =
                     json!({"type": "Polygon", "coordinates": [ring]}).to_string();
             }
-            Fence::new(&proto).unwrap()
+            Fence::new(&geofence).unwrap()
         })
         .collect();
     Fences::new(list)

@@ -14,9 +14,9 @@ use rstar::{
     primitives::{GeomWithData, Rectangle},
 };
 use serde_json::Value;
-use trackmesh_proto::v1::{Event, EventType, Fix, Geofence};
 use trackmesh_shared::{
-    domain::{DeviceId, Invalid},
+    domain::{DeviceId, Fix, Invalid},
+    event_messages::{Event, EventType, Geofence},
     geo,
 };
 
@@ -125,17 +125,17 @@ pub struct Fence {
 }
 
 impl Fence {
-    /// Validates a proto `Geofence`. The error names the proto field (`name`, `circle`,
+    /// Validates a `Geofence`. The error names the field (`name`, `circle`,
     /// `circle.lat`, `circle.lon`, `circle.radius_m`, `polygon_geojson`, `device_ids`) and the
     /// rule it breaks. The id is taken as it is (the caller assigns it).
-    pub fn new(proto: &Geofence) -> Result<Fence, Invalid> {
-        if proto.name.chars().count() > MAX_NAME_CHARS {
+    pub fn new(geofence: &Geofence) -> Result<Fence, Invalid> {
+        if geofence.name.chars().count() > MAX_NAME_CHARS {
             return Err(Invalid::new(
                 "name",
                 format!("longer than {MAX_NAME_CHARS} characters"),
             ));
         }
-        let (shape, bbox) = match (&proto.circle, proto.polygon_geojson.is_empty()) {
+        let (shape, bbox) = match (&geofence.circle, geofence.polygon_geojson.is_empty()) {
             (Some(_), false) => {
                 return Err(Invalid::new(
                     "circle",
@@ -181,31 +181,31 @@ impl Fence {
                 )
             }
             (None, false) => {
-                let rings = parse_polygon(&proto.polygon_geojson)
+                let rings = parse_polygon(&geofence.polygon_geojson)
                     .map_err(|rule| Invalid::new("polygon_geojson", rule))?;
                 let bbox = ring_bbox(&rings[0]);
                 (Shape::Polygon { rings }, bbox)
             }
         };
-        if proto.device_ids.len() > MAX_DEVICE_IDS {
+        if geofence.device_ids.len() > MAX_DEVICE_IDS {
             return Err(Invalid::new(
                 "device_ids",
                 format!(
                     "more than {MAX_DEVICE_IDS} devices ({})",
-                    proto.device_ids.len()
+                    geofence.device_ids.len()
                 ),
             ));
         }
-        for (i, device) in proto.device_ids.iter().enumerate() {
+        for (i, device) in geofence.device_ids.iter().enumerate() {
             DeviceId::check(device)
                 .map_err(|rule| Invalid::new("device_ids", format!("device_ids[{i}]: {rule}")))?;
         }
-        let mut devices = proto.device_ids.clone();
+        let mut devices = geofence.device_ids.clone();
         devices.sort_unstable();
         devices.dedup();
         Ok(Fence {
-            id: proto.geofence_id.clone(),
-            name: proto.name.clone(),
+            id: geofence.geofence_id.clone(),
+            name: geofence.name.clone(),
             shape,
             bbox,
             devices,
@@ -703,7 +703,7 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
     use testkit::Rng;
-    use trackmesh_proto::v1::Circle;
+    use trackmesh_shared::event_messages::Circle;
 
     const T0: i64 = 1_750_000_000_000;
     const LAT: f64 = 40.0;
@@ -717,7 +717,7 @@ mod tests {
         )
     }
 
-    fn circle_proto(id: &str, lat: f64, lon: f64, radius_m: f64) -> Geofence {
+    fn circle_fence(id: &str, lat: f64, lon: f64, radius_m: f64) -> Geofence {
         Geofence {
             geofence_id: id.into(),
             name: format!("circle {id}"),
@@ -726,7 +726,7 @@ mod tests {
         }
     }
 
-    fn polygon_proto(id: &str, rings: &[Vec<[f64; 2]>]) -> Geofence {
+    fn polygon_fence(id: &str, rings: &[Vec<[f64; 2]>]) -> Geofence {
         Geofence {
             geofence_id: id.into(),
             name: format!("polygon {id}"),
@@ -775,8 +775,8 @@ mod tests {
         out
     }
 
-    fn one(proto: Geofence) -> Fences {
-        Fences::new(vec![Fence::new(&proto).unwrap()])
+    fn one(geofence: Geofence) -> Fences {
+        Fences::new(vec![Fence::new(&geofence).unwrap()])
     }
 
     /// A U opening north, 300 m wide and 300 m tall, arms 100 m wide: metres (east, north).
@@ -802,8 +802,8 @@ mod tests {
         ])
     }
 
-    fn rejects(proto: &Geofence, field: &str, rule: &str) {
-        match Fence::new(proto) {
+    fn rejects(geofence: &Geofence, field: &str, rule: &str) {
+        match Fence::new(geofence) {
             Ok(_) => panic!("accepted, expected {field}: {rule}"),
             Err(Invalid { field: f, rule: r }) => {
                 assert_eq!(f, field, "{r}");
@@ -822,7 +822,7 @@ mod tests {
 
     #[test]
     fn validation_names_field_and_rule() {
-        let ok = circle_proto("c", LAT, LON, 100.0);
+        let ok = circle_fence("c", LAT, LON, 100.0);
         assert!(Fence::new(&ok).is_ok());
         rejects(
             &Geofence {
@@ -849,7 +849,7 @@ mod tests {
         );
         rejects(
             &Geofence {
-                polygon_geojson: polygon_proto("p", &[square(0.0, 0.0, 10.0)]).polygon_geojson,
+                polygon_geojson: polygon_fence("p", &[square(0.0, 0.0, 10.0)]).polygon_geojson,
                 ..ok.clone()
             },
             "circle",
@@ -865,9 +865,9 @@ mod tests {
             (0.0, 0.0, 1_000_000.5, "circle.radius_m"),
             (0.0, 0.0, f64::NAN, "circle.radius_m"),
         ] {
-            rejects(&circle_proto("c", lat, lon, radius), field, "must be");
+            rejects(&circle_fence("c", lat, lon, radius), field, "must be");
         }
-        assert!(Fence::new(&circle_proto("c", 90.0, 180.0, 1_000_000.0)).is_ok());
+        assert!(Fence::new(&circle_fence("c", 90.0, 180.0, 1_000_000.0)).is_ok());
 
         let p = "polygon_geojson";
         for (geojson, rule) in [
@@ -929,17 +929,17 @@ mod tests {
         }
         let outer = square(0.0, 0.0, 1000.0);
         rejects(
-            &polygon_proto("p", &[outer.clone(), square(2000.0, 0.0, 100.0)]),
+            &polygon_fence("p", &[outer.clone(), square(2000.0, 0.0, 100.0)]),
             p,
             "ring 1 (a hole) is not inside ring 0",
         );
         rejects(
-            &polygon_proto("p", &[outer.clone(), square(900.0, 100.0, 300.0)]),
+            &polygon_fence("p", &[outer.clone(), square(900.0, 100.0, 300.0)]),
             p,
             "rings 0 and 1 cross or touch",
         );
         rejects(
-            &polygon_proto(
+            &polygon_fence(
                 "p",
                 &[
                     outer.clone(),
@@ -960,9 +960,9 @@ mod tests {
             ring.push(ring[0]);
             ring
         };
-        assert!(Fence::new(&polygon_proto("p", &[big(1000)])).is_ok());
+        assert!(Fence::new(&polygon_fence("p", &[big(1000)])).is_ok());
         rejects(
-            &polygon_proto("p", &[big(1001)]),
+            &polygon_fence("p", &[big(1001)]),
             p,
             "more than 1000 vertices in all rings",
         );
@@ -972,9 +972,9 @@ mod tests {
             "longer than 262144 bytes",
         );
         // Valid: concave, with a hole, with an altitude, with a repeated vertex.
-        assert!(Fence::new(&polygon_proto("u", &[u_shape()])).is_ok());
+        assert!(Fence::new(&polygon_fence("u", &[u_shape()])).is_ok());
         assert!(
-            Fence::new(&polygon_proto(
+            Fence::new(&polygon_fence(
                 "h",
                 &[outer.clone(), square(100.0, 100.0, 500.0)]
             ))
@@ -1013,7 +1013,7 @@ mod tests {
 
     #[test]
     fn circle_track_enters_and_exits() {
-        let fences = one(circle_proto("c", LAT, LON, 200.0));
+        let fences = one(circle_fence("c", LAT, LON, 200.0));
         // West to east through the centre, 50 m a fix, then back.
         let mut fixes: Vec<Fix> = (0..=12)
             .map(|k| {
@@ -1047,7 +1047,7 @@ mod tests {
 
     #[test]
     fn concave_polygon_track_enters_each_arm() {
-        let fences = one(polygon_proto("u", &[u_shape()]));
+        let fences = one(polygon_fence("u", &[u_shape()]));
         // Eastwards at 200 m north, through the left arm, the notch, the right arm.
         let fixes: Vec<Fix> = (0..=8)
             .map(|k| {
@@ -1091,7 +1091,7 @@ mod tests {
 
     #[test]
     fn hole_is_outside() {
-        let fences = one(polygon_proto(
+        let fences = one(polygon_fence(
             "h",
             &[square(0.0, 0.0, 900.0), square(300.0, 300.0, 300.0)],
         ));
@@ -1119,9 +1119,9 @@ mod tests {
     /// Fixes alternating 5 m either side of the boundary of a 100 m circle and of a square.
     fn jitter(accuracy: Option<f32>) -> (Fences, Vec<Fix>) {
         let fences = Fences::new(vec![
-            Fence::new(&circle_proto("c", LAT, LON, 100.0)).unwrap(),
+            Fence::new(&circle_fence("c", LAT, LON, 100.0)).unwrap(),
             // Its west edge at 2 km east, shared by no circle point.
-            Fence::new(&polygon_proto("s", &[square(2000.0, -500.0, 1000.0)])).unwrap(),
+            Fence::new(&polygon_fence("s", &[square(2000.0, -500.0, 1000.0)])).unwrap(),
         ]);
         let fixes = (0..40)
             .map(|k| {
@@ -1176,7 +1176,7 @@ mod tests {
 
     #[test]
     fn dwell_confirms_only_after_min_dwell() {
-        let fences = one(circle_proto("c", LAT, LON, 100.0));
+        let fences = one(circle_fence("c", LAT, LON, 100.0));
         let inside = offset(LAT, LON, 0.0, 0.0);
         let outside = offset(LAT, LON, 500.0, 0.0);
         let mut fixes = Vec::new();
@@ -1210,8 +1210,8 @@ mod tests {
 
     #[test]
     fn deleted_fence_state_is_dropped_silently() {
-        let a = Fence::new(&circle_proto("a", LAT, LON, 100.0)).unwrap();
-        let b = Fence::new(&circle_proto("b", LAT, LON, 100.0)).unwrap();
+        let a = Fence::new(&circle_fence("a", LAT, LON, 100.0)).unwrap();
+        let b = Fence::new(&circle_fence("b", LAT, LON, 100.0)).unwrap();
         let at = offset(LAT, LON, 0.0, 0.0);
         let mut states = Vec::new();
         let both = Fences::new(vec![b.clone(), a]);
@@ -1241,7 +1241,7 @@ mod tests {
     fn device_filter_is_honoured() {
         let fence = Fence::new(&Geofence {
             device_ids: vec!["z".into(), "dev".into(), "z".into()],
-            ..circle_proto("c", LAT, LON, 100.0)
+            ..circle_fence("c", LAT, LON, 100.0)
         })
         .unwrap();
         assert!(fence.applies_to("dev") && fence.applies_to("z") && !fence.applies_to("other"));
@@ -1253,7 +1253,7 @@ mod tests {
         assert_eq!(evaluate(&mut states, &fences, "dev", &at, 0).len(), 1);
         // Unfiltered fences apply to all.
         assert!(
-            Fence::new(&circle_proto("c", 0.0, 0.0, 1.0))
+            Fence::new(&circle_fence("c", 0.0, 0.0, 1.0))
                 .unwrap()
                 .applies_to("any")
         );
@@ -1276,7 +1276,7 @@ mod tests {
     /// A star-shaped polygon of 3 to 22 vertices around a centre.
     fn star(rng: &mut Rng, id: &str, lat: f64, lon: f64, size_m: f64) -> Geofence {
         let n = 3 + (rng.u64() % 20) as usize;
-        polygon_proto(id, &[rng.star(n, size_m, |n, e| offset(lat, lon, n, e))])
+        polygon_fence(id, &[rng.star(n, size_m, |n, e| offset(lat, lon, n, e))])
     }
 
     /// The R-tree path gives what testing every fence gives, on tracks with accuracies, also
@@ -1302,13 +1302,13 @@ mod tests {
                 };
                 let id = format!("f{:03}", list.len());
                 let size = rng.range(50.0, 3000.0);
-                let proto = if rng.u64().is_multiple_of(2) {
-                    circle_proto(&id, lat, lon, size)
+                let geofence = if rng.u64().is_multiple_of(2) {
+                    circle_fence(&id, lat, lon, size)
                 } else {
                     star(&mut rng, &id, lat, lon, size)
                 };
                 // Stars drawn across the antimeridian are refused; draw another.
-                if let Ok(fence) = Fence::new(&proto) {
+                if let Ok(fence) = Fence::new(&geofence) {
                     list.push(fence);
                 }
             }
@@ -1407,7 +1407,7 @@ mod tests {
                 circles
                     .iter()
                     .enumerate()
-                    .map(|(c, &(lat, lon, r))| Fence::new(&circle_proto(&format!("c{c}"), lat, lon, r)).unwrap())
+                    .map(|(c, &(lat, lon, r))| Fence::new(&circle_fence(&format!("c{c}"), lat, lon, r)).unwrap())
                     .collect(),
             );
             let mut states = Vec::new();

@@ -21,8 +21,10 @@ use rdkafka::{
     consumer::{Consumer as _, StreamConsumer},
 };
 use tokio::sync::{Mutex, watch};
-use trackmesh_proto::v1::Geofence;
-use trackmesh_shared::{domain::Invalid, event_messages::TenantGeofence};
+use trackmesh_shared::{
+    domain::Invalid,
+    event_messages::{Geofence, TenantGeofence},
+};
 
 use crate::{
     error::Error,
@@ -35,7 +37,7 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 pub const STALENESS: Duration = Duration::from_secs(2);
 
 struct Tenant {
-    protos: BTreeMap<String, Geofence>,
+    geofences: BTreeMap<String, Geofence>,
     compiled: Arc<Fences>,
 }
 
@@ -130,7 +132,7 @@ impl Book {
         };
         let geofence = match value.map(TenantGeofence::decode) {
             None => None,
-            Some(Ok(message)) => message.geofence.map(Geofence::from),
+            Some(Ok(message)) => message.geofence,
             Some(Err(err)) => {
                 tracing::warn!(key, error = %err, "undecodable geofence skipped");
                 return;
@@ -141,17 +143,17 @@ impl Book {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = tenants.entry(tenant.to_owned()).or_insert_with(|| Tenant {
-            protos: BTreeMap::new(),
+            geofences: BTreeMap::new(),
             compiled: Arc::new(Fences::new(Vec::new())),
         });
         match geofence {
-            Some(geofence) => entry.protos.insert(id.to_owned(), geofence),
-            None => entry.protos.remove(id),
+            Some(geofence) => entry.geofences.insert(id.to_owned(), geofence),
+            None => entry.geofences.remove(id),
         };
         let compiled: Vec<Fence> = entry
-            .protos
+            .geofences
             .values()
-            .filter_map(|proto| match Fence::new(proto) {
+            .filter_map(|geofence| match Fence::new(geofence) {
                 Ok(fence) => Some(fence),
                 Err(Invalid { field, rule }) => {
                     // Checked at creation; a rule made stricter later skips old fences.
@@ -237,7 +239,7 @@ impl Book {
         let tenants = self.read_tenants();
         tenants
             .get(tenant)
-            .filter(|t| !t.protos.is_empty())
+            .filter(|t| !t.geofences.is_empty())
             .map(|t| Arc::clone(&t.compiled))
     }
 
@@ -246,7 +248,7 @@ impl Book {
         let tenants = self.read_tenants();
         let mut list: Vec<Geofence> = tenants
             .get(tenant)
-            .map(|t| t.protos.values().cloned().collect())
+            .map(|t| t.geofences.values().cloned().collect())
             .unwrap_or_default();
         list.sort_by(|a, b| (a.created_ms, &a.geofence_id).cmp(&(b.created_ms, &b.geofence_id)));
         list
@@ -256,11 +258,11 @@ impl Book {
         let tenants = self.read_tenants();
         tenants
             .get(tenant)
-            .is_some_and(|t| t.protos.contains_key(id))
+            .is_some_and(|t| t.geofences.contains_key(id))
     }
 
     pub fn count(&self, tenant: &str) -> usize {
         let tenants = self.read_tenants();
-        tenants.get(tenant).map_or(0, |t| t.protos.len())
+        tenants.get(tenant).map_or(0, |t| t.geofences.len())
     }
 }

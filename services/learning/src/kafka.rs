@@ -21,10 +21,9 @@ use rdkafka::{
     types::RDKafkaErrorCode,
     util::Timeout,
 };
-use trackmesh_proto::v1::{Geofence, RefinedFix};
 use trackmesh_shared::{
     domain::DeviceKey,
-    event_messages::{TenantEvents, TenantGeofence},
+    event_messages::{Geofence, TenantEvents, TenantGeofence},
     fix_messages,
     state::StateError,
 };
@@ -40,7 +39,7 @@ pub fn geofence_key(tenant: &str, id: &str) -> String {
 pub fn geofence_value(tenant: &str, geofence: &Geofence) -> Vec<u8> {
     TenantGeofence {
         tenant_id: tenant.to_owned(),
-        geofence: Some(geofence.clone().into()),
+        geofence: Some(geofence.clone()),
     }
     .encode_to_vec()
 }
@@ -127,16 +126,16 @@ impl Kafka {
         }
         let value = TenantEvents {
             tenant_id: key.tenant.to_string(),
-            events: outcome.events.iter().cloned().map(Into::into).collect(),
+            events: outcome.events.clone(),
             stays: outcome
                 .stays
                 .iter()
-                .map(|s| s.to_proto(&key.device).into())
+                .map(|s| s.to_stay(&key.device))
                 .collect(),
             trips: outcome
                 .trips
                 .iter()
-                .map(|t| t.to_proto(&key.device).into())
+                .map(|t| t.to_trip(&key.device))
                 .collect(),
         }
         .encode_to_vec();
@@ -238,7 +237,6 @@ impl Kafka {
             };
             let mut pause = Duration::from_millis(200);
             for batch in batches {
-                let fixes: Vec<RefinedFix> = batch.fixes.into_iter().map(Into::into).collect();
                 loop {
                     let done = if delete {
                         service
@@ -246,7 +244,9 @@ impl Kafka {
                             .await
                             .map(drop)
                     } else {
-                        service.observe_chunked(&batch.tenant_id, &fixes).await
+                        service
+                            .observe_chunked(&batch.tenant_id, &batch.fixes)
+                            .await
                     };
                     match done {
                         Ok(()) => break,

@@ -18,8 +18,11 @@
 //! ends at the current candidate's anchor; a candidate that closes as no stay folds its own
 //! path (kept in the candidate) into it.
 
-use trackmesh_proto::v1::{Event, EventType, Fix, Place, PlaceLabel, Stay, Trip};
-use trackmesh_shared::geo;
+use trackmesh_shared::{
+    domain::Fix,
+    event_messages::{Event, EventType, Place, PlaceLabel, Stay, Trip},
+    geo,
+};
 
 use crate::{
     calendar::{Calendar, HOURS_PER_WEEK},
@@ -780,7 +783,7 @@ pub fn place_name(id: u32) -> String {
 }
 
 impl PlaceState {
-    pub fn to_proto(&self, label: PlaceLabel) -> Place {
+    pub fn to_place(&self, label: PlaceLabel) -> Place {
         Place {
             place_id: place_name(self.id),
             lat: self.lat,
@@ -800,7 +803,7 @@ impl PlaceState {
 }
 
 impl ClosedTrip {
-    pub fn to_proto(&self, device: &str) -> Trip {
+    pub fn to_trip(&self, device: &str) -> Trip {
         let place = |stay: &StayState| Place {
             place_id: place_name(stay.place_id),
             lat: stay.lat,
@@ -828,7 +831,7 @@ impl ClosedTrip {
 }
 
 impl StayState {
-    pub fn to_proto(&self, device: &str) -> Stay {
+    pub fn to_stay(&self, device: &str) -> Stay {
         Stay {
             place_id: if self.place_id == 0 {
                 String::new()

@@ -4,9 +4,9 @@
 
 use futures::Stream;
 use tonic::{Status, Streaming};
-use trackmesh_proto::v1::{RebuildReply, RebuildRequest, RefinedFix};
+use trackmesh_proto::v1::{RebuildReply, RebuildRequest};
 use trackmesh_shared::{
-    domain::{DeviceKey, Invalid},
+    domain::{DeviceKey, Invalid, Refined},
     state::Decided,
 };
 
@@ -92,15 +92,17 @@ impl Rebuild {
                 }
             }
             let key = DeviceKey::parse(&tenant, &device).map_err(Error::from)?;
-            if !request.fixes.is_empty() {
-                self.learn(key, &request.fixes).await?;
+            let learned = !request.fixes.is_empty();
+            if learned {
+                let fixes: Vec<Refined> = request.fixes.into_iter().map(Into::into).collect();
+                self.learn(key, &fixes).await?;
             }
             if request.done {
                 let reply = self.finish(key, request.force).await?;
                 self.finished = reply.replaced;
                 return Ok(Some(reply));
             }
-            if !request.fixes.is_empty() {
+            if learned {
                 return Ok(Some(self.progress()));
             }
         }
@@ -109,7 +111,7 @@ impl Rebuild {
 
     /// Learns one chunk (no events) and sends the stays and trips it closed to the events
     /// topic before answering, so that a rebuild that replaced the model has sent them all.
-    async fn learn(&mut self, key: DeviceKey<'_>, fixes: &[RefinedFix]) -> Result<(), Error> {
+    async fn learn(&mut self, key: DeviceKey<'_>, fixes: &[Refined]) -> Result<(), Error> {
         let (mut by_device, _) = group(fixes)?;
         if let Some(other) = by_device.keys().find(|d| **d != key.device) {
             let rule = format!(

@@ -6,14 +6,15 @@ use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use tonic::{Request, Response, Status};
 use trackmesh_proto::v1::{
-    DeleteTenantGeofenceRequest, DeleteTenantGeofenceResponse, EventType, Fix, ForgetRequest,
-    ForgetResponse, Geofence, GetPlacesRequest, GetPlacesResponse, GetProfileRequest,
-    GetProfileResponse, ListTenantGeofencesResponse, ObserveRequest, ObserveResponse,
-    PredictNextRequest, PredictNextResponse, Prediction, RebuildReply, RebuildRequest, RefinedFix,
-    TenantGeofence, TenantGeofencesRequest, Verdict, learning_server::Learning,
+    self as proto, DeleteTenantGeofenceRequest, DeleteTenantGeofenceResponse, ForgetRequest,
+    ForgetResponse, GetPlacesRequest, GetPlacesResponse, GetProfileRequest, GetProfileResponse,
+    ListTenantGeofencesResponse, ObserveRequest, ObserveResponse, PredictNextRequest,
+    PredictNextResponse, Prediction, RebuildReply, RebuildRequest, TenantGeofence,
+    TenantGeofencesRequest, learning_server::Learning,
 };
 use trackmesh_shared::{
-    domain::{DeviceId, DeviceKey, Invalid, TenantId, now_ms},
+    domain::{DeviceId, DeviceKey, Fix, Invalid, Refined, TenantId, Verdict, now_ms},
+    event_messages::Geofence,
     geo,
     state::{Decided, Loaded},
 };
@@ -64,7 +65,7 @@ impl LearningService {
 
     /// `observe` in calls of at most MAX_BATCH fixes (the fixes topic's messages may hold
     /// more).
-    pub async fn observe_chunked(&self, tenant: &str, fixes: &[RefinedFix]) -> Result<(), Error> {
+    pub async fn observe_chunked(&self, tenant: &str, fixes: &[Refined]) -> Result<(), Error> {
         for chunk in fixes.chunks(self.max_batch.max(1)) {
             self.observe_fixes(tenant, chunk).await?;
         }
@@ -88,12 +89,14 @@ impl LearningService {
         Ok(ForgetResponse { existed })
     }
 
-    async fn create_geofence(&self, request: TenantGeofence) -> Result<Geofence, Error> {
+    async fn create_geofence(&self, request: TenantGeofence) -> Result<proto::Geofence, Error> {
         let tenant = &*TenantId::parse(&request.tenant_id)?;
         let events = self.events()?;
-        let mut geofence = request
-            .geofence
-            .ok_or_else(|| Invalid::new("geofence", "required"))?;
+        let mut geofence = Geofence::from(
+            request
+                .geofence
+                .ok_or_else(|| Invalid::new("geofence", "required"))?,
+        );
         geofence.geofence_id = format!("gf-{:016x}", fastrand::u64(..));
         geofence.created_ms = now_ms();
         Fence::new(&geofence)?;
@@ -112,7 +115,7 @@ impl LearningService {
             .apply(&key, Some(&kafka::geofence_value(tenant, &geofence)));
         tracing::info!(tenant = %tenant, geofence = %geofence.geofence_id, "geofence created");
         tokio::time::sleep(STALENESS).await;
-        Ok(geofence)
+        Ok(geofence.into())
     }
 
     async fn list_geofences(
@@ -123,7 +126,12 @@ impl LearningService {
         let events = self.events()?;
         events.book.fresh().await?;
         Ok(ListTenantGeofencesResponse {
-            geofences: events.book.list(&tenant),
+            geofences: events
+                .book
+                .list(&tenant)
+                .into_iter()
+                .map(Into::into)
+                .collect(),
         })
     }
 
@@ -152,7 +160,7 @@ impl LearningService {
     pub async fn observe_fixes(
         &self,
         tenant: &str,
-        fixes: &[RefinedFix],
+        fixes: &[Refined],
     ) -> Result<ObserveResponse, Error> {
         let started = Instant::now();
         let result = self.observe_inner(tenant, fixes).await;
@@ -164,7 +172,7 @@ impl LearningService {
     async fn observe_inner(
         &self,
         tenant: &str,
-        fixes: &[RefinedFix],
+        fixes: &[Refined],
     ) -> Result<ObserveResponse, Error> {
         let tenant = TenantId::parse(tenant)?;
         if fixes.len() > self.max_batch {
@@ -241,8 +249,7 @@ impl LearningService {
             });
             futures::future::try_join_all(sent).await?;
             for event in decided.iter().flat_map(|d| &d.outcome.events) {
-                let kind = EventType::try_from(event.r#type).unwrap_or_default();
-                metrics::counter!("learning_events_total", "type" => kind.as_str_name())
+                metrics::counter!("learning_events_total", "type" => event.r#type().name())
                     .increment(1);
             }
         }
@@ -250,7 +257,8 @@ impl LearningService {
     }
 
     async fn observe(&self, request: ObserveRequest) -> Result<ObserveResponse, Error> {
-        self.observe_fixes(&request.tenant_id, &request.fixes).await
+        let fixes: Vec<Refined> = request.fixes.into_iter().map(Into::into).collect();
+        self.observe_fixes(&request.tenant_id, &fixes).await
     }
 
     async fn get_places(&self, request: GetPlacesRequest) -> Result<GetPlacesResponse, Error> {
@@ -268,7 +276,7 @@ impl LearningService {
             places: places
                 .into_iter()
                 .take(k)
-                .map(|p| p.to_proto(labels.of(p.id)))
+                .map(|p| p.to_place(labels.of(p.id)).into())
                 .collect(),
         })
     }
@@ -286,8 +294,7 @@ impl LearningService {
             request.k as usize
         };
         let forecast = model::predict(&model, &self.rules, k);
-        let place =
-            |id| model::place_by_id(&model, id).map(|place| place.to_proto(labels.of(place.id)));
+        let place = |id| model::place_by_id(&model, id).map(|p| p.to_place(labels.of(p.id)).into());
         let predictions: Vec<Prediction> = forecast
             .next
             .iter()
@@ -311,7 +318,7 @@ impl LearningService {
         let labels = model::labels(model, &self.rules);
         let place = |id: Option<u32>| {
             id.and_then(|id| model::place_by_id(model, id))
-                .map(|place| place.to_proto(labels.of(place.id)))
+                .map(|place| place.to_place(labels.of(place.id)).into())
         };
         Ok(GetProfileResponse {
             found: loaded.version > 0,
@@ -320,9 +327,9 @@ impl LearningService {
             places: u32::try_from(model.places.len()).unwrap_or(u32::MAX),
             stays: model.stays,
             fixes_observed: model.fixes_observed,
-            last_stay: model.last_stay.as_ref().map(|s| s.to_proto(device)),
+            last_stay: model.last_stay.as_ref().map(|s| s.to_stay(device).into()),
             watermark_ms: model.watermark_ms,
-            current_stay: model::current_stay(model, &self.rules).map(|s| s.to_proto(device)),
+            current_stay: model::current_stay(model, &self.rules).map(|s| s.to_stay(device).into()),
         })
     }
 }
@@ -332,7 +339,7 @@ type DeviceFixes<'a> = (Vec<Point>, Vec<&'a Fix>);
 
 /// Accepted fixes per device, checked; and how many fixes were not accepted.
 pub(crate) fn group(
-    fixes: &[RefinedFix],
+    fixes: &[Refined],
 ) -> Result<(BTreeMap<DeviceId<'_>, DeviceFixes<'_>>, u32), Invalid> {
     let mut by_device: BTreeMap<DeviceId<'_>, DeviceFixes<'_>> = BTreeMap::new();
     let mut not_accepted = 0u32;
@@ -373,7 +380,7 @@ fn add(response: &mut ObserveResponse, device: &str, outcome: Outcome) {
     response.places_evicted += outcome.places_evicted;
     response
         .stays
-        .extend(outcome.stays.iter().map(|stay| stay.to_proto(device)));
+        .extend(outcome.stays.iter().map(|stay| stay.to_stay(device).into()));
     if !outcome.trips.is_empty() {
         metrics::counter!("learning_trips_total").increment(outcome.trips.len() as u64);
     }
@@ -409,7 +416,7 @@ trackmesh_shared::unary_methods! {
         predict_next(PredictNextRequest) -> PredictNextResponse;
         get_profile(GetProfileRequest) -> GetProfileResponse;
         forget(ForgetRequest) -> ForgetResponse;
-        create_geofence(TenantGeofence) -> Geofence;
+        create_geofence(TenantGeofence) -> proto::Geofence;
         list_geofences(TenantGeofencesRequest) -> ListTenantGeofencesResponse;
         delete_geofence(DeleteTenantGeofenceRequest) -> DeleteTenantGeofenceResponse;
     }

@@ -828,8 +828,16 @@ fn offline(fixes: &[RefinedFix], rules: &Rules) -> (Model, Vec<Stay>, Vec<Trip>)
     let device = &fixes[0].fix.as_ref().unwrap().device_id;
     let mut model = Model::default();
     let outcome = model::observe(&mut model, &points, rules);
-    let stays = outcome.stays.iter().map(|s| s.to_proto(device)).collect();
-    let trips = outcome.trips.iter().map(|t| t.to_proto(device)).collect();
+    let stays = outcome
+        .stays
+        .iter()
+        .map(|s| Stay::from(s.to_stay(device)))
+        .collect();
+    let trips = outcome
+        .trips
+        .iter()
+        .map(|t| Trip::from(t.to_trip(device)))
+        .collect();
     (model, stays, trips)
 }
 

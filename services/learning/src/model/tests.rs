@@ -276,25 +276,28 @@ fn trip_runs_from_the_end_of_one_stay_to_the_start_of_the_next() {
     assert!((distance - 4_200.0).abs() < 1.0, "{distance}");
     assert_eq!(trip.max_speed_kmh, fastest);
 
-    let proto = trip.to_proto("v1");
-    assert_eq!((proto.start_ms, proto.end_ms), (home.end_ms, work.start_ms));
-    let from = proto.from_place.expect("from place");
+    let message = trip.to_trip("v1");
+    assert_eq!(
+        (message.start_ms, message.end_ms),
+        (home.end_ms, work.start_ms)
+    );
+    let from = message.from_place.expect("from place");
     assert_eq!(
         (from.place_id.as_str(), from.lat, from.lon),
         ("p1", home.lat, home.lon)
     );
-    let to = proto.to_place.expect("to place");
+    let to = message.to_place.expect("to place");
     assert_eq!(
         (to.place_id.as_str(), to.lat, to.lon),
         ("p2", work.lat, work.lon)
     );
     // 4.2 km in 8 minutes.
     assert!(
-        (proto.mean_speed_kmh - 31.5).abs() < 0.01,
+        (message.mean_speed_kmh - 31.5).abs() < 0.01,
         "{}",
-        proto.mean_speed_kmh
+        message.mean_speed_kmh
     );
-    assert_eq!((proto.fixes, proto.device_id.as_str()), (5, "v1"));
+    assert_eq!((message.fixes, message.device_id.as_str()), (5, "v1"));
 
     // The next trip has begun at work's end: the fix that left.
     let open = model.trip.expect("trip in progress");
@@ -346,7 +349,7 @@ fn a_stay_straight_after_a_stay_is_a_trip_of_one_fix() {
     points.push(at(T0 + 70 * MINUTE_MS, 5_000.0, 0.0));
     let (_, outcome) = run(&points, &rules());
     assert_eq!(outcome.stays.len(), 2);
-    let trip = outcome.trips[0].to_proto("v1");
+    let trip = outcome.trips[0].to_trip("v1");
     assert_eq!(
         (trip.start_ms, trip.end_ms, trip.fixes),
         (T0 + 31 * MINUTE_MS, T0 + 31 * MINUTE_MS, 1)
