@@ -108,11 +108,11 @@ impl<T: prost::Message + Default> StateStore<T> {
     }
 
     pub fn key(&self, key: DeviceKey<'_>) -> String {
-        format!("{}{{{key}}}", self.prefix)
+        hash_key(self.prefix, key)
     }
 
     pub fn log_key(&self, key: DeviceKey<'_>) -> Option<String> {
-        self.log.map(|(prefix, _)| format!("{prefix}{{{key}}}"))
+        self.log.map(|(prefix, _)| hash_key(prefix, key))
     }
 
     /// The states of `devices`, in order, in one round trip.
@@ -156,10 +156,10 @@ impl<T: prost::Message + Default> StateStore<T> {
     pub async fn save(
         &self,
         tenant: TenantId<'_>,
-        saves: &[Save<'_, T>],
+        saves: Vec<Save<'_, T>>,
     ) -> Result<Vec<bool>, StateError> {
         let writes: Vec<Write> = saves
-            .iter()
+            .into_iter()
             .map(|save| {
                 let key = DeviceKey::new(tenant, save.device);
                 Write {
@@ -168,8 +168,8 @@ impl<T: prost::Message + Default> StateStore<T> {
                     data: save.state.encode_to_vec(),
                     ttl: self.ttl,
                     log: self.log.map(|(prefix, max_bytes)| Log {
-                        key: format!("{prefix}{{{key}}}"),
-                        append: save.log.clone(),
+                        key: hash_key(prefix, key),
+                        append: save.log,
                         max_bytes,
                     }),
                 }
@@ -206,19 +206,19 @@ impl<T: prost::Message + Default> StateStore<T> {
                 return Ok(settled);
             }
             let loaded = self.load(tenant, &todo).await?;
-            let decided = decide(todo.into_iter().zip(loaded).collect()).await?;
+            let mut decided = decide(todo.into_iter().zip(loaded).collect()).await?;
             let saves: Vec<Save<'_, T>> = decided
-                .iter()
+                .iter_mut()
                 .filter_map(|d| {
                     Some(Save {
                         device: d.device,
                         expected: d.version,
                         state: d.state.as_ref()?,
-                        log: d.log.clone(),
+                        log: std::mem::take(&mut d.log),
                     })
                 })
                 .collect();
-            let mut applied = self.save(tenant, &saves).await?.into_iter();
+            let mut applied = self.save(tenant, saves).await?.into_iter();
             todo = Vec::new();
             for decided in decided {
                 if decided.state.is_some() && !applied.next().unwrap_or(false) {
@@ -240,6 +240,11 @@ impl<T: prost::Message + Default> StateStore<T> {
             None => Ok(settled),
         }
     }
+}
+
+/// `{prefix}{tenant/device}`, in one allocation: built for every device of every call.
+fn hash_key(prefix: &str, key: DeviceKey<'_>) -> String {
+    [prefix, "{", &key.tenant, "/", &key.device, "}"].concat()
 }
 
 fn corrupt(device: DeviceId<'_>, reason: impl ToString) -> StateError {

@@ -352,7 +352,7 @@ pub(crate) fn group(
         let Some(fix) = &refined.fix else {
             return Err(Invalid::new(field(""), "required for an accepted fix"));
         };
-        let device = DeviceId::parse(field(".device_id"), &fix.device_id)?;
+        let device = DeviceId::parse(format_args!("fixes[{index}].fix.device_id"), &fix.device_id)?;
         if fix.time_ms <= 0 {
             return Err(Invalid::new(
                 field(".time_ms"),

@@ -87,10 +87,13 @@ impl RefinementService {
             }
             recovered.extend(outcome.recovered);
         }
-        let results: Vec<Refined> = results.into_iter().map(Option::unwrap_or_default).collect();
-        count(&results, &recovered);
+        // Every fix has its result by now.
+        count(results.iter().flatten(), &recovered);
         Ok(RefineResponse {
-            results: results.into_iter().map(Into::into).collect(),
+            results: results
+                .into_iter()
+                .map(|result| result.unwrap_or_default().into())
+                .collect(),
             recovered: recovered.into_iter().map(Into::into).collect(),
         })
     }
@@ -110,7 +113,8 @@ impl RefinementService {
             let Some(fix) = &seed.fix else {
                 return Err(Invalid::new(field("fix"), "required").into());
             };
-            let device = DeviceId::parse(field("fix.device_id"), &fix.device_id)?;
+            let device =
+                DeviceId::parse(format_args!("fixes[{index}].fix.device_id"), &fix.device_id)?;
             if seed.verdict() != Verdict::Accepted {
                 return Err(Invalid::new(
                     field("verdict"),
@@ -157,7 +161,7 @@ impl RefinementService {
                 log: store::encode(&[Record::of(seed)]),
             })
             .collect();
-        let applied = self.store.save(tenant, &saves).await?;
+        let applied = self.store.save(tenant, saves).await?;
         let seeded = applied.iter().filter(|applied| **applied).count();
         let kept = fixes.len() - seeded;
         metrics::counter!("refinement_seeded_total").increment(seeded as u64);
@@ -259,7 +263,7 @@ trackmesh_shared::unary_methods! {
 }
 
 /// Verdict counters, one increment per verdict and batch rather than per fix.
-fn count(results: &[Refined], recovered: &[Refined]) {
+fn count<'a>(results: impl Iterator<Item = &'a Refined>, recovered: &[Refined]) {
     let mut counts = [0u64; 10];
     let mut replays = 0u64;
     for result in results {

@@ -428,7 +428,7 @@ fn check_storable(index: usize, refined: &RefinedFix) -> Result<(), Invalid> {
             "only ACCEPTED fixes are stored",
         ));
     }
-    DeviceId::parse(field("fix.device_id"), &fix.device_id)?;
+    DeviceId::parse(format_args!("fixes[{index}].fix.device_id"), &fix.device_id)?;
     if !geo::valid_coordinates(fix.lat, fix.lon) {
         return Err(Invalid::new(
             field("fix.lat"),
